@@ -1,0 +1,33 @@
+"""pip-installable core library and command-line tools (no ROS needed).
+
+ROS users build this package with colcon (ament_cmake, see CMakeLists.txt); this file serves
+`pip install .` for the core (`import trident_ros.pipeline`, `trident-segment`, `trident-bench`).
+"""
+from setuptools import setup
+
+setup(
+    name='trident_ros',
+    version='0.1.0',
+    description='Training-free open-vocabulary semantic segmentation (Trident) for robots',
+    license='Apache-2.0',
+    python_requires='>=3.10',
+    packages=['trident_ros'],
+    install_requires=[
+        'torch>=2.1',
+        'torchvision>=0.16',
+        'open_clip_torch>=2.23',
+        'timm>=0.9.16',
+        'segment-anything>=1.0',
+        'numpy>=1.23',
+        'opencv-python-headless>=4.8',
+        'tqdm>=4.60',
+        'PyYAML>=6.0',
+    ],
+    extras_require={'test': ['pytest>=8,<9', 'psutil']},
+    entry_points={
+        'console_scripts': [
+            'trident-segment = trident_ros.cli:main',
+            'trident-bench = trident_ros.bench:main',
+        ],
+    },
+)

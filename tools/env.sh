@@ -1,0 +1,17 @@
+# Source this (bash) after tools/setup.sh: the venv, the ROS 2 wheels' prefix, this package's colcon
+# install, and DDS settings that keep traffic on this machine and let camera-sized messages through.
+# Everything set here can be overridden by exporting it before sourcing.
+_trident_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+_trident_venv=${TRIDENT_VENV:-$_trident_root/.venv}
+export VIRTUAL_ENV="$_trident_venv"
+export PATH="$_trident_venv/bin:$PATH"
+export AMENT_PREFIX_PATH="${AMENT_PREFIX_PATH:+$AMENT_PREFIX_PATH:}$_trident_venv"
+export CMAKE_PREFIX_PATH="${CMAKE_PREFIX_PATH:+$CMAKE_PREFIX_PATH:}$_trident_venv"
+if [ -f "$_trident_root/install/setup.bash" ]; then
+  # shellcheck disable=SC1091
+  COLCON_CURRENT_PREFIX="$_trident_root/install" . "$_trident_root/install/setup.bash"
+fi
+export ROS_AUTOMATIC_DISCOVERY_RANGE=${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}
+export FASTDDS_DEFAULT_PROFILES_FILE=${FASTDDS_DEFAULT_PROFILES_FILE:-$_trident_root/config/fastdds_large_data.xml}
+export RMW_IMPLEMENTATION=${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}
+unset _trident_root _trident_venv

@@ -1,0 +1,168 @@
+"""One configuration dataclass for the whole pipeline, with the reference defaults and validation."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+SAM_MODELS = ('vit_b', 'vit_l', 'vit_h')
+DEVICES = ('auto', 'cpu', 'cuda')
+MODEL_SCALES = ('full', 'tiny')
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the reason."""
+
+
+@dataclass
+class TridentConfig:
+    """Everything the Trident pipeline can be told. Defaults are the reference's (Trident, base).
+
+    Model fields name upstream architectures: ``clip_model``/``clip_pretrained`` for open_clip,
+    ``dino_model`` for timm, ``sam_model`` for segment-anything's registry.
+    """
+
+    # --- models and weights -------------------------------------------------------------------
+    clip_model: str = field(default='ViT-B-16', metadata={
+        'help': 'open_clip architecture of the CLIP branch (QuickGELU is forced, as OpenAI weights need)'})
+    clip_pretrained: str = field(default='openai', metadata={
+        'help': "open_clip pretrained tag, or a local .pt/.bin/.safetensors file of CLIP weights"})
+    dino_model: str = field(default='vit_base_patch16_224.dino', metadata={
+        'help': 'timm name of the DINO ViT whose patch features guide CLIP attention'})
+    dino_checkpoint: str = field(default='', metadata={
+        'help': 'local file of DINO weights; empty: timm/hub cache, else weights_dir'})
+    sam_model: str = field(default='vit_b', metadata={'help': 'SAM image encoder: vit_b, vit_l or vit_h'})
+    sam_checkpoint: str = field(default='', metadata={
+        'help': 'SAM checkpoint file; empty: the official file name in weights_dir'})
+    weights_dir: str = field(default='', metadata={
+        'help': 'where weights are looked up/downloaded; empty: $TRIDENT_WEIGHTS_DIR, else ~/.cache/trident_ros'})
+    download: bool = field(default=True, metadata={'help': 'download missing weights from their official URLs'})
+    random_weights: bool = field(default=False, metadata={
+        'help': 'SMOKE TEST ONLY: random weights, labels are meaningless'})
+    model_scale: str = field(default='full', metadata={
+        'help': "'full': the paper's architectures; 'tiny': small configurations of the same architectures "
+                '(tests and smoke runs, random weights only)'})
+
+    # --- where it runs --------------------------------------------------------------------------
+    device: str = field(default='auto', metadata={'help': 'auto (CUDA if available), cuda, cuda:N or cpu'})
+    fp16: bool = field(default=True, metadata={'help': 'half precision for the encoders on CUDA (CPU: fp32)'})
+
+    # --- image side -----------------------------------------------------------------------------
+    input_short_side: int = field(default=448, metadata={
+        'help': 'the CLIP/DINO branch sees the image rescaled to this short side (0: original size)'})
+    max_long_side: int = field(default=2048, metadata={'help': 'cap on the long side of that rescale'})
+    slide_crop: int = field(default=336, metadata={'help': 'sliding-window crop size in pixels'})
+    slide_stride: int = field(default=224, metadata={'help': 'sliding-window stride in pixels (<= slide_crop)'})
+    beta: float = field(default=1.2, metadata={'help': 'DINO similarity mean offset factor'})
+    gamma: float = field(default=3.0, metadata={'help': 'DINO similarity sharpening factor'})
+    cos_fac: float = field(default=1.2, metadata={'help': 'SAM aggregation threshold factor on mean value cosine'})
+    refine_neg_cos: bool = field(default=True, metadata={
+        'help': 'keep a negative SAM threshold (false: a negative threshold becomes 0.6)'})
+    aggregation_chunk: int = field(default=512, metadata={
+        'help': 'query rows per chunk of the SAM aggregation (memory bound; result does not depend on it)'})
+
+    # --- labelling and refinement ---------------------------------------------------------------
+    logit_scale: float = field(default=40.0, metadata={'help': 'softmax temperature on cosine logits'})
+    prob_thd: float = field(default=0.2, metadata={'help': 'pixels whose best class probability is lower stay unlabeled (0)'})
+    refine: bool = field(default=True, metadata={'help': 'refine the coarse segmentation by prompting SAM'})
+    coarse_thresh: float = field(default=0.2, metadata={'help': 'refinement drops classes whose best probability is lower'})
+    minimal_area: int = field(default=225, metadata={'help': 'smallest region (pixels, half resolution) that prompts SAM'})
+    sam_mask_coff: float = field(default=0.005, metadata={'help': 'mask-prompt value factor'})
+    sam_iou_thresh: float = field(default=0.8, metadata={'help': "keep a SAM mask whose predicted IoU exceeds this"})
+
+    # --- vocabulary -------------------------------------------------------------------------------
+    text_cache_size: int = field(default=1024, metadata={'help': 'text features kept per name (LRU)'})
+    max_classes: int = field(default=1000, metadata={'help': 'largest vocabulary accepted'})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        def fail(name: str, why: str) -> None:
+            raise ConfigError(f'{name}={getattr(self, name)!r}: {why}')
+
+        if self.sam_model not in SAM_MODELS:
+            fail('sam_model', f'must be one of {", ".join(SAM_MODELS)}')
+        if self.model_scale not in MODEL_SCALES:
+            fail('model_scale', f'must be one of {", ".join(MODEL_SCALES)}')
+        if self.model_scale == 'tiny' and not self.random_weights:
+            fail('model_scale', "'tiny' architectures have no trained weights: set random_weights too")
+        if not (self.device in DEVICES or (self.device.startswith('cuda:') and self.device[5:].isdigit())):
+            fail('device', 'must be auto, cpu, cuda or cuda:N')
+        for name in ('slide_crop', 'slide_stride', 'aggregation_chunk', 'text_cache_size', 'max_classes',
+                     'max_long_side'):
+            if getattr(self, name) <= 0:
+                fail(name, 'must be positive')
+        if self.slide_stride > self.slide_crop:
+            fail('slide_stride', f'must not exceed slide_crop={self.slide_crop} (windows would leave gaps)')
+        if self.slide_crop % 16:
+            fail('slide_crop', 'must be a multiple of the patch size 16')
+        if self.input_short_side < 0:
+            fail('input_short_side', 'must be >= 0 (0: original size)')
+        for name in ('prob_thd', 'coarse_thresh', 'sam_iou_thresh'):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                fail(name, 'must be in [0, 1]')
+        for name in ('logit_scale', 'gamma', 'cos_fac'):
+            if not getattr(self, name) > 0:
+                fail(name, 'must be > 0')
+        if self.beta < 0 or self.sam_mask_coff < 0:
+            fail('beta' if self.beta < 0 else 'sam_mask_coff', 'must be >= 0')
+        if self.minimal_area < 1:
+            fail('minimal_area', 'must be >= 1')
+        for name in ('sam_checkpoint', 'dino_checkpoint'):
+            path = getattr(self, name)
+            if path and not Path(path).expanduser().is_file():
+                fail(name, 'no such file')
+
+    def replace(self, **changes: Any) -> 'TridentConfig':
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> 'TridentConfig':
+        """Build from a mapping (e.g. YAML); unknown keys are an error, values are type-checked."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f'unknown config keys: {", ".join(unknown)}')
+        typed = {}
+        for name, value in values.items():
+            default = known[name].default
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ConfigError(f'{name}={value!r}: must be true or false')
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f'{name}={value!r}: must be a number')
+                if isinstance(default, int) and not float(value).is_integer():
+                    raise ConfigError(f'{name}={value!r}: must be an integer')
+                value = type(default)(value)
+            if isinstance(default, str) and not isinstance(value, str):
+                raise ConfigError(f'{name}={value!r}: must be a string')
+            typed[name] = value
+        return cls(**typed)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> 'TridentConfig':
+        """Load a YAML mapping of config keys (a ROS params file's ``ros__parameters`` also works)."""
+        import yaml
+
+        with open(path, encoding='utf-8') as stream:
+            data = yaml.safe_load(stream) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f'{path}: expected a mapping of config keys')
+        # accept a ROS 2 parameters file: {node_name: {ros__parameters: {...}}}
+        for value in data.values():
+            if isinstance(value, dict) and 'ros__parameters' in value:
+                data = {k: v for k, v in value['ros__parameters'].items() if k in {f.name for f in dataclasses.fields(cls)}}
+                break
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def describe(name: str) -> str:
+        """The help text of field ``name``."""
+        return {f.name: f.metadata.get('help', '') for f in dataclasses.fields(TridentConfig)}[name]
