@@ -4,7 +4,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck disable=SC1091
-. "$root/tools/env.sh"
+set +u; . "$root/tools/env.sh"; set -u
 export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-$(( (RANDOM % 100) + 100 ))}
 export ROS_LOG_DIR=${ROS_LOG_DIR:-$root/log/ros}
 cd "$root"

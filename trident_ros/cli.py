@@ -1,0 +1,166 @@
+"""`trident-segment`: segment images, folders of images or a video file with an open vocabulary.
+
+For every input frame it writes ``<name>_overlay.png`` (class colours + legend), ``<name>_labels.png``
+(0 = unlabeled, class_id = vocabulary index + 1; 16-bit past 255 classes) and ``<name>_masks.json``
+(per-class label, class_id, score, area, bbox), and logs a per-class summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .config import ConfigError, TridentConfig
+from .labelling import Segmentation, overlay
+from .vocabulary import VocabularyError
+from .weights import WeightsError
+
+logger = logging.getLogger('trident_ros.cli')
+
+IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp'}
+VIDEO_SUFFIXES = {'.mp4', '.avi', '.mov', '.mkv', '.webm'}
+RANDOM_WEIGHTS_BANNER = (
+    '\n' + '!' * 78 + '\n'
+    '!!  SMOKE TEST: RANDOM WEIGHTS. The pipeline runs, but LABELS ARE MEANINGLESS.  !!\n'
+    + '!' * 78)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='trident-segment', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('inputs', nargs='+', type=Path, help='image files, folders of images, or video files')
+    parser.add_argument('-v', '--vocabulary', required=True,
+                        help="classes separated by ',', synonyms of a class by ';' (e.g. 'sofa; couch, door')")
+    parser.add_argument('-o', '--output', type=Path, default=Path('trident_out'), help='output folder')
+    parser.add_argument('--config', type=Path, help='YAML of TridentConfig fields (or a ROS params file)')
+    parser.add_argument('--device', help='auto, cpu, cuda or cuda:N (overrides the config)')
+    parser.add_argument('--no-refine', action='store_true', help='skip SAM refinement')
+    parser.add_argument('--video-stride', type=int, default=1, help='use every Nth video frame')
+    parser.add_argument('--random-weights', action='store_true',
+                        help='SMOKE TEST: random weights, no files needed; labels are meaningless')
+    parser.add_argument('--tiny', action='store_true',
+                        help='with --random-weights: small test architectures (seconds on a CPU)')
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> TridentConfig:
+    config = TridentConfig.from_yaml(args.config) if args.config else TridentConfig()
+    changes = {}
+    if args.device:
+        changes['device'] = args.device
+    if args.no_refine:
+        changes['refine'] = False
+    if args.random_weights:
+        changes['random_weights'] = True
+    if args.tiny:
+        if not args.random_weights:
+            raise ConfigError('--tiny needs --random-weights (tiny architectures have no trained weights)')
+        changes['model_scale'] = 'tiny'
+    return config.replace(**changes)
+
+
+def iter_frames(inputs: list[Path], video_stride: int) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, (H, W, 3) uint8 RGB) for every image file and video frame among ``inputs``."""
+    for path in inputs:
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            yield from iter_frames(files, video_stride)
+        elif path.suffix.lower() in VIDEO_SUFFIXES:
+            capture = cv2.VideoCapture(str(path))
+            index = 0
+            while True:
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                if index % video_stride == 0:
+                    yield f'{path.stem}_{index:06d}', cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                index += 1
+            capture.release()
+        else:
+            frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if frame is None:
+                logger.warning('skipping %s: not a readable image', path)
+                continue
+            yield path.stem, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+
+def count_frames(inputs: list[Path], video_stride: int) -> int | None:
+    total = 0
+    for path in inputs:
+        if path.is_dir():
+            total += sum(1 for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.suffix.lower() in VIDEO_SUFFIXES:
+            capture = cv2.VideoCapture(str(path))
+            frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+            capture.release()
+            total += (frames + video_stride - 1) // video_stride
+        else:
+            total += 1
+    return total or None
+
+
+def write_outputs(output: Path, name: str, image: np.ndarray, segmentation: Segmentation) -> None:
+    """Write the overlay PNG, the label PNG and the per-class JSON of one frame."""
+    overlay_rgb = overlay(image, segmentation.labels, segmentation.vocabulary)
+    cv2.imwrite(str(output / f'{name}_overlay.png'), cv2.cvtColor(overlay_rgb, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(output / f'{name}_labels.png'), segmentation.labels)
+    summary = {
+        'image': name,
+        'size': list(segmentation.labels.shape),
+        'vocabulary': segmentation.vocabulary,
+        'masks': [{'label': m.label, 'class_id': m.class_id, 'score': round(float(m.score), 4), 'area': int(m.area),
+                   'bbox': [int(v) for v in m.bbox]} for m in segmentation.masks],
+        'timings_s': {k: round(v, 4) for k, v in segmentation.timings.items()},
+    }
+    (output / f'{name}_masks.json').write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding='utf-8')
+
+
+def summarize(name: str, segmentation: Segmentation) -> str:
+    total = segmentation.labels.size
+    parts = [f'{m.label} {100.0 * m.area / total:.1f}% (score {m.score:.2f})' for m in segmentation.masks]
+    return f'{name}: ' + (', '.join(parts) if parts else 'nothing labeled')
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format='[%(levelname)s] %(name)s: %(message)s')
+    args = parse_args(argv)
+    try:
+        config = build_config(args)
+        if config.random_weights:
+            logger.warning(RANDOM_WEIGHTS_BANNER)
+        from .pipeline import TridentPipeline
+
+        pipeline = TridentPipeline(config)
+        logger.info('models: %s', pipeline.describe())
+        vocabulary = pipeline.encode_vocabulary(args.vocabulary)
+    except (ConfigError, WeightsError, VocabularyError) as error:
+        logger.error('%s', error)
+        return 2
+    for warning in vocabulary.warnings:
+        logger.warning('vocabulary: %s', warning)
+    args.output.mkdir(parents=True, exist_ok=True)
+    frames = 0
+    for name, image in tqdm(iter_frames(args.inputs, args.video_stride), total=count_frames(args.inputs, args.video_stride),
+                            unit='frame', disable=None):
+        segmentation = pipeline.label(pipeline.encode_image(image), vocabulary)
+        write_outputs(args.output, name, image, segmentation)
+        logger.info('%s', summarize(name, segmentation))
+        frames += 1
+    if frames == 0:
+        logger.error('no readable image or video frame in %s', ', '.join(map(str, args.inputs)))
+        return 1
+    logger.info('wrote %d frame(s) to %s', frames, args.output)
+    if config.random_weights:
+        logger.warning(RANDOM_WEIGHTS_BANNER)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

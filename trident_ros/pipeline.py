@@ -1,0 +1,186 @@
+"""The Trident pipeline: the stages in order, split into an image side and a vocabulary side.
+
+``encode_image`` runs every image encoder once per frame and keeps what labelling needs;
+``encode_vocabulary`` turns a vocabulary into text features (cached per name); ``label`` combines
+the two without running any image encoder, so a new vocabulary relabels the last frame cheaply.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .aggregation import aggregate_with_sam
+from .config import ConfigError, TridentConfig
+from .labelling import Segmentation, class_masks, class_probabilities, label_map
+from .models import SamImage, TridentModels, load_models
+from .refinement import RefinementParams, refine_with_sam
+from .sliding_window import dino_guided_attention, resize_for_windows, window_boxes
+from .splice import splice_windows
+from .vocabulary import TextFeatureCache, Vocabulary, encode_vocabulary, parse_vocabulary
+
+logger = logging.getLogger(__name__)
+
+# Fields that change which models are loaded (or how): they need a new pipeline.
+MODEL_FIELDS = frozenset({
+    'clip_model', 'clip_pretrained', 'dino_model', 'dino_checkpoint', 'sam_model', 'sam_checkpoint',
+    'weights_dir', 'download', 'random_weights', 'model_scale', 'device', 'fp16', 'text_cache_size'})
+
+
+@dataclass
+class ImageFeatures:
+    """The image side of one frame: everything labelling and refinement need.
+
+    Attributes:
+        dense: (E, hs, ws) L2-normalised dense CLIP features on the SAM token grid.
+        sam_image: SAM image embedding and sizes (for refinement); None when refinement is off.
+        original_size: (H, W) of the input image; outputs are at this size.
+        timings: seconds per image-side stage.
+    """
+
+    dense: torch.Tensor
+    sam_image: SamImage | None
+    original_size: tuple[int, int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class TridentPipeline:
+    """Trident on loaded models. Thread-compatible (one caller at a time), not thread-safe."""
+
+    def __init__(self, config: TridentConfig, models: TridentModels | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.models = models if models is not None else load_models(config)
+        self.text_cache = TextFeatureCache(self.models.clip.model, self.models.tokenizer, self.models.device,
+                                           self.models.dtype, config.text_cache_size)
+        self.image_encoder_calls = 0
+
+    def describe(self) -> str:
+        """Which weights, device and dtype are in use (one line, for logs)."""
+        return self.models.describe()
+
+    def apply_label_config(self, config: TridentConfig) -> list[str]:
+        """Adopt every field of ``config`` that needs no model reload, at once.
+
+        Returns the names of changed fields that DO need a reload (those are not applied).
+        """
+        config.validate()
+        changed = [f.name for f in dataclasses.fields(config)
+                   if getattr(config, f.name) != getattr(self.config, f.name)]
+        reload = [name for name in changed if name in MODEL_FIELDS]
+        live = {name: getattr(config, name) for name in changed if name not in MODEL_FIELDS}
+        if live:
+            self.config = self.config.replace(**live)
+        return reload
+
+    @contextlib.contextmanager
+    def _stage(self, timings: dict[str, float], name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.models.device.type == 'cuda':
+            torch.cuda.synchronize(self.models.device)
+        timings[name] = time.perf_counter() - start
+
+    @torch.inference_mode()
+    def encode_image(self, image: np.ndarray) -> ImageFeatures:
+        """Run the image encoders on one frame.
+
+        Args:
+            image: (H, W, 3) uint8 RGB.
+        Returns:
+            ImageFeatures with dense features (E, hs, ws) on the SAM token grid.
+        """
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f'expected an (H, W, 3) uint8 RGB array, got {getattr(image, "shape", None)} '
+                             f'{getattr(image, "dtype", type(image).__name__)}')
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise ValueError(f'empty image {image.shape}')
+        cfg, models = self.config, self.models
+        timings: dict[str, float] = {}
+        self.image_encoder_calls += 1
+
+        with self._stage(timings, 'sam_encoder'):
+            sam_image = models.sam.encode(image)
+        with self._stage(timings, 'windows'):
+            rgb = torch.from_numpy(np.ascontiguousarray(image)).to(models.device).permute(2, 0, 1)
+            resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, cfg.slide_crop)
+            boxes = window_boxes(resized.shape[1], resized.shape[2], cfg.slide_crop, cfg.slide_stride)
+            crops = torch.stack([resized[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes]).float().div_(255)
+        with self._stage(timings, 'dino'):
+            dino = models.dino.patch_features(_normalise(crops, models.dino.mean, models.dino.std, models.dtype))
+        with self._stage(timings, 'clip'):
+            values, clip_grid = models.clip.last_block_values(
+                _normalise(crops, models.clip.mean, models.clip.std, models.dtype))
+            dino_grid = (cfg.slide_crop // models.dino.patch_size,) * 2
+            attended = dino_guided_attention(dino, values, clip_grid, dino_grid, cfg.beta, cfg.gamma)
+            tokens = models.clip.attention_output(attended)  # (B, Nd, D)
+        with self._stage(timings, 'splice'):
+            tokens = tokens.transpose(1, 2).reshape(len(boxes), -1, *dino_grid)
+            patch = cfg.slide_crop // dino_grid[0]
+            spliced = splice_windows(tokens, boxes, (resized.shape[1] // patch, resized.shape[2] // patch), patch)
+        with self._stage(timings, 'aggregation'):
+            aggregated = aggregate_with_sam(spliced, sam_image.attention, cfg.cos_fac, cfg.refine_neg_cos,
+                                            cfg.aggregation_chunk)
+        with self._stage(timings, 'projection'):
+            dense = models.clip.project(aggregated.permute(1, 2, 0))  # (hs, ws, E)
+            dense = F.normalize(dense.float(), dim=-1).permute(2, 0, 1).contiguous()
+        # The attention capture (q, k, v of the whole grid) is only needed for aggregation.
+        sam_image = dataclasses.replace(sam_image, attention=None)
+        return ImageFeatures(dense=dense, sam_image=sam_image, original_size=image.shape[:2], timings=timings)
+
+    def encode_vocabulary(self, vocabulary: str | Sequence[Sequence[str]]) -> Vocabulary:
+        """Text features for a vocabulary: ``"sofa; couch, door"`` or ``[['sofa', 'couch'], ['door']]``.
+
+        Only names not already cached are encoded. Raises ``VocabularyError`` for an unusable
+        vocabulary; the returned Vocabulary's ``warnings`` say what was dropped or truncated.
+        """
+        with torch.inference_mode():
+            if isinstance(vocabulary, str):
+                parsed = parse_vocabulary(vocabulary, max_classes=self.config.max_classes)
+            else:
+                parsed = parse_vocabulary(', '.join('; '.join(names) for names in vocabulary),
+                                          max_classes=self.config.max_classes)
+            result = encode_vocabulary(parsed.classes, self.text_cache)
+            result.warnings = list(parsed.warnings) + list(result.warnings)
+            return result
+
+    @torch.inference_mode()
+    def label(self, features: ImageFeatures, vocabulary: Vocabulary) -> Segmentation:
+        """Label a frame's cached image features with a vocabulary (no image encoder runs)."""
+        cfg = self.config
+        timings: dict[str, float] = {}
+        with self._stage(timings, 'labelling'):
+            probs = class_probabilities(features.dense, vocabulary, features.original_size, cfg.logit_scale)
+        if cfg.refine:
+            if features.sam_image is None:
+                raise ConfigError('refine=True needs the SAM image embedding, which this frame has not')
+            with self._stage(timings, 'refinement'):
+                probs = refine_with_sam(probs, self.models.sam.model, features.sam_image.embedding,
+                                        features.sam_image.input_size, features.original_size,
+                                        RefinementParams(cfg.coarse_thresh, cfg.minimal_area, cfg.sam_mask_coff,
+                                                         cfg.sam_iou_thresh))
+        with self._stage(timings, 'masks'):
+            labels, confidence = label_map(probs, cfg.prob_thd)
+            masks = class_masks(labels, probs, vocabulary.names)
+        return Segmentation(labels=labels, confidence=confidence, masks=masks, vocabulary=list(vocabulary.names),
+                            timings={**features.timings, **timings})
+
+    def segment(self, image: np.ndarray, vocabulary: str | Vocabulary) -> Segmentation:
+        """Both sides in one call: encode ``image``, then label it with ``vocabulary``."""
+        if isinstance(vocabulary, str):
+            vocabulary = self.encode_vocabulary(vocabulary)
+        return self.label(self.encode_image(image), vocabulary)
+
+
+def _normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> normalised, in the encoders' dtype."""
+    mean_t = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return ((images - mean_t) / std_t).to(dtype)
