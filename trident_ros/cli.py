@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import ConfigError, TridentConfig
-from .labelling import Segmentation, overlay
+from .labelling import Segmentation
 from .vocabulary import VocabularyError
 from .weights import WeightsError
 
@@ -108,7 +108,7 @@ def count_frames(inputs: list[Path], video_stride: int) -> int | None:
 
 def write_outputs(output: Path, name: str, image: np.ndarray, segmentation: Segmentation) -> None:
     """Write the overlay PNG, the label PNG and the per-class JSON of one frame."""
-    overlay_rgb = overlay(image, segmentation.labels, segmentation.vocabulary)
+    overlay_rgb = segmentation.overlay(image)
     cv2.imwrite(str(output / f'{name}_overlay.png'), cv2.cvtColor(overlay_rgb, cv2.COLOR_RGB2BGR))
     cv2.imwrite(str(output / f'{name}_labels.png'), segmentation.labels)
     summary = {

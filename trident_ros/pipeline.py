@@ -158,17 +158,20 @@ class TridentPipeline:
         timings: dict[str, float] = {}
         with self._stage(timings, 'labelling'):
             probs = class_probabilities(features.dense, vocabulary, features.original_size, cfg.logit_scale)
+        refined = None
         if cfg.refine:
             if features.sam_image is None:
                 raise ConfigError('refine=True needs the SAM image embedding, which this frame has not')
             with self._stage(timings, 'refinement'):
-                probs = refine_with_sam(probs, self.models.sam.model, features.sam_image.embedding,
-                                        features.sam_image.input_size, features.original_size,
-                                        RefinementParams(cfg.coarse_thresh, cfg.minimal_area, cfg.sam_mask_coff,
-                                                         cfg.sam_iou_thresh))
+                sam_image = features.sam_image
+                refinement = refine_with_sam(probs, self.models.sam.model, sam_image.embedding, sam_image.input_size,
+                                             sam_image.rounded_size,
+                                             RefinementParams(cfg.coarse_thresh, cfg.minimal_area, cfg.sam_mask_coff,
+                                                              cfg.sam_iou_thresh))
+                probs, refined = refinement.scores, refinement.refined
         with self._stage(timings, 'masks'):
-            labels, confidence = label_map(probs, cfg.prob_thd)
-            masks = class_masks(labels, probs, vocabulary.names)
+            labels, confidence = label_map(probs, cfg.prob_thd, exempt=refined)
+            masks = class_masks(labels, confidence, vocabulary.names)
         return Segmentation(labels=labels, confidence=confidence, masks=masks, vocabulary=list(vocabulary.names),
                             timings={**features.timings, **timings})
 

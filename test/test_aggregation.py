@@ -1,0 +1,141 @@
+"""Chunked SAM-attention aggregation against the reference's whole-matrix formula (get_sam_sim).
+
+Memory is not measured here (hard to do honestly on CPU); the chunked function only ever holds
+(heads, chunk, N) blocks, which the chunk sizes 1 and > N below exercise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trident_ros.aggregation import aggregate_with_sam
+
+
+@dataclass
+class AttentionCapture:
+    """Last-block q, k, v of a G x G grid; attention rows softmaxed over the whole padded grid."""
+
+    q: torch.Tensor  # (heads, G, G, hd)
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: tuple[int, int]
+
+    def full_attention(self) -> torch.Tensor:
+        heads = self.q.shape[0]
+        q = self.q.reshape(heads, -1, self.q.shape[-1])
+        k = self.k.reshape(heads, -1, self.k.shape[-1])
+        return torch.softmax(q @ k.transpose(1, 2) * q.shape[-1] ** -0.5, dim=-1)
+
+    def attention_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.full_attention()[:, rows]
+
+
+def make_capture(grid: int, valid: tuple[int, int], heads: int = 3, head_dim: int = 4, seed: int = 0,
+                 dtype: torch.dtype = torch.float64) -> AttentionCapture:
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(heads, grid, grid, head_dim, generator=generator, dtype=dtype) for _ in range(3))
+    return AttentionCapture(q, k, v, valid)
+
+
+def naive_aggregation(features: torch.Tensor, capture: AttentionCapture, cos_fac: float, refine_neg_cos: bool,
+                      tau_cap: float = 0.9) -> torch.Tensor:
+    """The reference: crop attention (after the full softmax) and values to the valid grid, whole matrices."""
+    hs, ws = capture.valid
+    heads, grid = capture.v.shape[:2]
+    attn = capture.full_attention().reshape(heads, grid, grid, grid, grid)[:, :hs, :ws, :hs, :ws]
+    attn = attn.reshape(heads, hs * ws, hs * ws)
+    v = F.normalize(capture.v[:, :hs, :ws].reshape(heads, hs * ws, -1), dim=-1)
+    sim = v @ v.transpose(1, 2)
+    tau = cos_fac * sim.mean(dim=0, keepdim=True).mean(dim=-1, keepdim=True)
+    if not refine_neg_cos:
+        tau = torch.where(tau < 0.0, 0.6, tau)
+    tau = torch.where(tau > tau_cap, tau_cap, tau)
+    refined = torch.where(sim > tau, attn, torch.zeros_like(attn)).mean(dim=0)
+    weights = refined / refined.sum(dim=-1, keepdim=True)
+    dense = F.interpolate(features[None], size=(hs, ws), mode='bilinear', align_corners=False)[0]
+    return (weights @ dense.reshape(features.shape[0], -1).T).T.reshape(-1, hs, ws)
+
+
+@pytest.mark.parametrize('chunk', [1, 7, 30, 35, 1000])
+@pytest.mark.parametrize('refine_neg_cos', [True, False])
+def test_chunked_equals_naive(chunk: int, refine_neg_cos: bool) -> None:
+    capture = make_capture(grid=8, valid=(5, 7))
+    features = torch.randn(6, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = aggregate_with_sam(features, capture, 1.2, refine_neg_cos, chunk)
+    assert out.shape == (6, 5, 7)
+    torch.testing.assert_close(out, naive_aggregation(features, capture, 1.2, refine_neg_cos))
+
+
+def test_full_grid_without_padding() -> None:
+    capture = make_capture(grid=6, valid=(6, 6), seed=2)
+    features = torch.randn(4, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(aggregate_with_sam(features, capture, 1.2, True, 8),
+                               naive_aggregation(features, capture, 1.2, True))
+
+
+def test_negative_tau_rule() -> None:
+    """Two opposite clusters of 2-d values: the 5 minority queries have a negative mean cosine."""
+    capture = make_capture(grid=4, valid=(4, 4), heads=2, head_dim=2, seed=3)
+    angle = torch.linspace(-0.3, 0.3, 16, dtype=torch.float64)
+    angle[:5] = torch.pi + torch.tensor([-1.2, -0.6, 0.0, 0.6, 1.2], dtype=torch.float64)
+    direction = torch.stack([angle.cos(), angle.sin()], dim=-1).reshape(1, 4, 4, 2)
+    capture.v = direction * torch.rand(2, 4, 4, 1, dtype=torch.float64).add(0.5)
+    features = torch.randn(3, 4, 4, dtype=torch.float64)
+    keep_negative = aggregate_with_sam(features, capture, 1.2, True, 5)
+    replace_negative = aggregate_with_sam(features, capture, 1.2, False, 5)
+    torch.testing.assert_close(keep_negative, naive_aggregation(features, capture, 1.2, True))
+    torch.testing.assert_close(replace_negative, naive_aggregation(features, capture, 1.2, False))
+    minority = torch.zeros(16, dtype=torch.bool)
+    minority[:5] = True
+    minority = minority.reshape(4, 4)
+    # a minority query keeps minority keys with cosine 0.36 under tau < 0, not under tau = 0.6
+    assert not torch.allclose(keep_negative[:, minority], replace_negative[:, minority])
+    torch.testing.assert_close(keep_negative[:, ~minority], replace_negative[:, ~minority])
+
+
+def test_tau_cap() -> None:
+    """Nearly parallel values: cos_fac * mean cosine > 1 would keep nothing; the 0.9 cap keeps them."""
+    capture = make_capture(grid=4, valid=(3, 4), seed=4)
+    capture.v = capture.v[:, :1, :1] + 0.05 * capture.v
+    features = torch.randn(3, 3, 4, dtype=torch.float64)
+    out = aggregate_with_sam(features, capture, 1.2, True, 4)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, naive_aggregation(features, capture, 1.2, True))
+    assert torch.isnan(naive_aggregation(features, capture, 1.2, True, tau_cap=2.0)).all()
+
+
+def test_softmax_is_over_padded_grid_and_values_are_cropped() -> None:
+    capture = make_capture(grid=6, valid=(4, 5), seed=5)
+    features = torch.randn(3, 4, 5, dtype=torch.float64)
+    base = aggregate_with_sam(features, capture, 1.2, True, 6)
+    capture.v[:, 4:] = 0  # padded values take no part
+    capture.v[:, :, 5:] = 0
+    torch.testing.assert_close(aggregate_with_sam(features, capture, 1.2, True, 6), base)
+    capture.k[:, 5:] *= 3  # padded keys change the softmax normalisation of every row
+    assert not torch.allclose(aggregate_with_sam(features, capture, 1.2, True, 6), base)
+
+
+def test_empty_row_keeps_own_feature() -> None:
+    capture = make_capture(grid=4, valid=(4, 4), seed=6)
+    capture.v[:, 1, 2] = 0  # cosine 0 with everything, tau 0: nothing is kept for this query
+    features = torch.randn(3, 4, 4, dtype=torch.float64)
+    out = aggregate_with_sam(features, capture, 1.2, True, 3)
+    torch.testing.assert_close(out[:, 1, 2], features[:, 1, 2])
+    naive = naive_aggregation(features, capture, 1.2, True)
+    assert torch.isnan(naive[:, 1, 2]).all()
+    others = torch.ones(4, 4, dtype=torch.bool)
+    others[1, 2] = False
+    torch.testing.assert_close(out[:, others], naive[:, others])
+
+
+def test_fp16_keeps_dtype() -> None:
+    capture = make_capture(grid=4, valid=(4, 3), seed=7, dtype=torch.float32)
+    features = torch.randn(5, 4, 3)
+    full = aggregate_with_sam(features, capture, 1.2, True, 5)
+    half_capture = AttentionCapture(capture.q.half(), capture.k.half(), capture.v.half(), capture.valid)
+    half = aggregate_with_sam(features.half(), half_capture, 1.2, True, 5)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), full, atol=2e-2, rtol=2e-2)

@@ -1,0 +1,284 @@
+"""The encoder wrappers against the unmodified upstream modules, on tiny random configurations."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from segment_anything import SamPredictor
+from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+from timm.layers import resample_abs_pos_embed
+
+from trident_ros.config import TridentConfig
+from trident_ros.models import (ClipDense, DinoPatches, SamAttentionCapture, SamEncoder, TridentModels,
+                                interpolate_pos_embed, load_models)
+
+TINY = TridentConfig(model_scale='tiny', random_weights=True, device='cpu')
+
+
+@pytest.fixture(scope='module')
+def models() -> TridentModels:
+    return load_models(TINY)
+
+
+@pytest.fixture
+def logged() -> list[logging.LogRecord]:
+    """Records of ``trident_ros.models``'s logger, from the logger itself (the launch_testing pytest
+    plugin installs a logger class that does not propagate, so ``caplog`` would miss them)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger('trident_ros.models')
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def dino_formula(pos: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """DINO's ``interpolate_pos_encoding`` written out: ``pos (1, 1 + n*n, D)`` -> ``(1, 1 + rows*cols, D)``."""
+    n = int(math.sqrt(pos.shape[1] - 1))
+    grid = pos[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((rows + 0.1) / n, (cols + 0.1) / n), mode='bicubic')
+    return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], dim=1)
+
+
+def block_input(module: torch.nn.Module, run) -> torch.Tensor:
+    """The (first) positional input of ``module`` during ``run()``."""
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+# --- load_models ------------------------------------------------------------------------------------
+
+def test_tiny_models_types_modes_and_description(models):
+    assert isinstance(models.clip, ClipDense) and isinstance(models.dino, DinoPatches)
+    assert isinstance(models.sam, SamEncoder)
+    assert models.device == torch.device('cpu') and models.dtype == torch.float32
+    for module in (models.clip.model, models.dino.model, models.sam.model):
+        assert not module.training
+        assert not any(p.requires_grad for p in module.parameters())
+    # same architectures as the real ones: QuickGELU CLIP, real tokenizer, timm ViT, SAM with global last block
+    assert type(models.clip.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == 'QuickGELU'
+    assert models.clip.model.vocab_size == 49408 and models.tokenizer(['a cat']).shape == (1, 77)
+    assert type(models.dino.model).__name__ == 'VisionTransformer'
+    blocks = models.sam.model.image_encoder.blocks
+    assert blocks[0].window_size > 0 and blocks[-1].window_size == 0
+    text = models.describe()
+    assert 'RANDOM' in text and 'cpu' in text and 'float32' in text
+
+
+def test_random_weights_logs_a_loud_warning(logged):
+    load_models(TINY)
+    warnings = [r.getMessage() for r in logged if r.levelno >= logging.WARNING]
+    assert any('RANDOM WEIGHTS' in m and 'MEANINGLESS' in m for m in warnings)
+
+
+def test_load_models_is_deterministic_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = load_models(TINY)
+    assert torch.equal(torch.rand(3), expected_next)
+    second = load_models(TINY)
+    for a, b in ((first.clip.model, second.clip.model), (first.dino.model, second.dino.model),
+                 (first.sam.model, second.sam.model)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --- CLIP -------------------------------------------------------------------------------------------
+
+def test_clip_values_at_native_size_match_the_upstream_forward(models):
+    clip = models.clip
+    crops = torch.randn(2, 3, 224, 224)
+    before = clip.model.encode_image(crops)
+    x = block_input(clip.visual.transformer.resblocks[-1], lambda: clip.model.encode_image(crops))  # (B, 1+N, D)
+    values, grid = clip.last_block_values(crops)
+    block = clip.last_block
+    dim, heads = clip.width, clip.heads
+    v = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)[..., 2 * dim:]
+    expected = v[:, 1:].reshape(2, 14 * 14, heads, dim // heads).permute(0, 2, 1, 3)
+    assert grid == (14, 14) and values.shape == (2, heads, 196, dim // heads)
+    torch.testing.assert_close(values, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(clip.model.encode_image(crops), before)  # the wrapper leaves CLIP untouched
+
+
+def test_clip_values_at_336_use_the_reference_position_interpolation(models):
+    clip = models.clip
+    crops = torch.randn(1, 3, 336, 336)
+    # upstream CLIP whose position embedding is replaced by DINO's formula at 21 x 21
+    reference = copy.deepcopy(clip.model)
+    pos = reference.visual.positional_embedding.detach()[None]
+    reference.visual.positional_embedding = torch.nn.Parameter(dino_formula(pos, 21, 21)[0])
+    x = block_input(reference.visual.transformer.resblocks[-1], lambda: reference.encode_image(crops))
+    block = reference.visual.transformer.resblocks[-1]
+    dim, heads = clip.width, clip.heads
+    v = F.linear(block.ln_1(x[:, 1:]), block.attn.in_proj_weight, block.attn.in_proj_bias)[..., 2 * dim:]
+    values, grid = clip.last_block_values(crops)
+    assert grid == (21, 21)
+    torch.testing.assert_close(values, v.reshape(1, 441, heads, dim // heads).permute(0, 2, 1, 3),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_clip_attention_output_and_projection_are_the_upstream_layers(models):
+    clip = models.clip
+    x = torch.randn(3, 5, clip.width)
+    out = clip.attention_output(x)
+    torch.testing.assert_close(out, x @ clip.last_block.attn.out_proj.weight.T + clip.last_block.attn.out_proj.bias)
+    projected = clip.project(out)
+    expected = F.layer_norm(out, (clip.width,), clip.visual.ln_post.weight, clip.visual.ln_post.bias,
+                            clip.visual.ln_post.eps) @ clip.visual.proj
+    assert projected.shape == (3, 5, clip.embed_dim)
+    torch.testing.assert_close(projected, expected)
+    # the pooled image embedding is ln_post + proj of the class token
+    crops = torch.randn(1, 3, 224, 224)
+    final = block_input(clip.visual.ln_post, lambda: clip.model.encode_image(crops))
+    torch.testing.assert_close(clip.project(final[:, 0]), clip.model.encode_image(crops))
+
+
+def test_crop_sides_must_be_patch_multiples(models):
+    with pytest.raises(ValueError, match='multiple of the patch size'):
+        models.clip.last_block_values(torch.randn(1, 3, 100, 112))
+    with pytest.raises(ValueError, match='multiple of the patch size'):
+        models.dino.patch_features(torch.randn(1, 3, 112, 100))
+
+
+# --- DINO -------------------------------------------------------------------------------------------
+
+def test_dino_features_at_224_equal_timm_forward_features(models):
+    crops = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = models.dino.model.forward_features(crops)[:, 1:]
+    features = models.dino.patch_features(crops)
+    assert features.shape == (2, 196, models.dino.dim) and features.dtype == torch.float32
+    assert torch.equal(features, expected)
+
+
+def test_position_interpolation_is_dinos_rule_not_timms():
+    torch.manual_seed(0)
+    pos = torch.randn(1, 1 + 14 * 14, 24)
+    ours = interpolate_pos_embed(pos[0, 1:], (21, 21))
+    assert torch.equal(ours, dino_formula(pos, 21, 21)[0, 1:])
+    timm_resized = resample_abs_pos_embed(pos, new_size=(21, 21), old_size=(14, 14), num_prefix_tokens=1)[0, 1:]
+    assert (ours - timm_resized).abs().max() > 1e-2
+    # non-square grids, and the identity at the native grid
+    assert interpolate_pos_embed(pos[0, 1:], (14, 21)).shape == (14 * 21, 24)
+    assert torch.equal(interpolate_pos_embed(pos[0, 1:], (14, 14)), pos[0, 1:])
+
+
+def test_dino_features_at_336_use_dinos_interpolation(models):
+    crops = torch.randn(1, 3, 336, 336)
+    reference = copy.deepcopy(models.dino.model)
+    reference.pos_embed = torch.nn.Parameter(dino_formula(reference.pos_embed.detach(), 21, 21))
+    reference.patch_embed.strict_img_size = False
+    with torch.no_grad():
+        expected = reference.forward_features(crops)[:, 1:]
+    features = models.dino.patch_features(crops)
+    assert features.shape == (1, 441, models.dino.dim)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+
+
+# --- SAM --------------------------------------------------------------------------------------------
+
+def test_sam_embedding_is_the_predictors_bit_for_bit(models):
+    image = random_image(96, 128)  # sides already multiples of 16: no rounding resize
+    encoded = models.sam.encode(image)
+    predictor = SamPredictor(models.sam.model)
+    with torch.no_grad():
+        predictor.set_image(image)
+    assert torch.equal(encoded.embedding, predictor.features)
+    assert encoded.input_size == tuple(predictor.input_size) == (192, 256)
+    assert encoded.original_size == encoded.rounded_size == (96, 128)
+
+
+def test_sam_rounds_sides_to_multiples_of_16_first(models):
+    import cv2
+
+    image = random_image(100, 150, seed=1)
+    encoded = models.sam.encode(image)
+    assert encoded.original_size == (100, 150) and encoded.rounded_size == (112, 160)
+    predictor = SamPredictor(models.sam.model)
+    with torch.no_grad():
+        predictor.set_image(cv2.resize(image, (160, 112)))
+    assert torch.equal(encoded.embedding, predictor.features)
+    # 112 x 160 -> longest side 256: 179 x 256; unpadded token grid 179 // 16 x 256 // 16
+    assert encoded.input_size == (179, 256) and encoded.attention.valid == (11, 16)
+
+
+def upstream_last_attention(sam: SamEncoder, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input, softmax attention and output of the last encoder block's ``attn``, recomputed in the test
+    from the block's own weights and segment-anything's ``add_decomposed_rel_pos``."""
+    attn = sam.model.image_encoder.blocks[-1].attn
+    outputs: list[torch.Tensor] = []
+    handle = attn.register_forward_hook(lambda mod, args, out: outputs.append(out.detach().clone()))
+    try:
+        x = block_input(attn, lambda: SamPredictor(sam.model).set_image(image))
+    finally:
+        handle.remove()
+    _, h, w, _ = x.shape
+    qkv = attn.qkv(x).reshape(1, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, _ = qkv.reshape(3, attn.num_heads, h * w, -1).unbind(0)
+    logits = add_decomposed_rel_pos((q * attn.scale) @ k.transpose(-2, -1), q, attn.rel_pos_h, attn.rel_pos_w,
+                                    (h, w), (h, w))
+    return x, logits.softmax(dim=-1), outputs[0]
+
+
+def test_attention_rows_equal_the_upstream_block_attention(models):
+    image = random_image(96, 128, seed=2)
+    _, expected, block_output = upstream_last_attention(models.sam, image)
+    capture = models.sam.encode(image).attention
+    heads, g = capture.heads, capture.grid[0]
+    assert capture.grid == (16, 16) and capture.q.shape == capture.v.shape == (heads, 16, 16, 16)
+    everything = capture.attention_rows(torch.arange(g * g))
+    assert everything.shape == (heads, g * g, g * g)
+    torch.testing.assert_close(everything, expected, rtol=1e-5, atol=1e-6)
+    # the captured v, with that attention, reproduces the block's own output
+    attn = models.sam.model.image_encoder.blocks[-1].attn
+    mixed = (everything @ capture.v.reshape(heads, g * g, -1)).permute(1, 0, 2).reshape(1, g, g, -1)
+    torch.testing.assert_close(attn.proj(mixed), block_output, rtol=1e-5, atol=1e-5)
+    # chunks (including an uneven last one and scattered rows) equal the full result
+    chunks = torch.cat([capture.attention_rows(rows) for rows in torch.arange(g * g).split(100)], dim=1)
+    torch.testing.assert_close(chunks, everything, rtol=0, atol=1e-7)
+    scattered = torch.tensor([255, 0, 17, 130])
+    torch.testing.assert_close(capture.attention_rows(scattered), everything[:, scattered], rtol=0, atol=1e-7)
+
+
+def test_capture_fields_and_hook_removed(models):
+    image = random_image(64, 64, seed=3)
+    encoded = models.sam.encode(image)
+    capture = encoded.attention
+    assert isinstance(capture, SamAttentionCapture)
+    assert capture.rel_h.shape == capture.rel_w.shape == (16, 16, 16)
+    assert capture.valid == (16, 16) and encoded.embedding.shape == (1, 32, 16, 16)
+    assert math.isclose(capture.scale, 16 ** -0.5)
+    assert not models.sam.last_attn.qkv._forward_hooks
+
+
+def test_sam_rejects_non_uint8_rgb(models):
+    with pytest.raises(ValueError, match='uint8'):
+        models.sam.encode(np.zeros((32, 32, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match='uint8'):
+        models.sam.encode(np.zeros((32, 32), dtype=np.uint8))
+
+
+def test_prepare_gives_the_encoder_input_the_predictor_uses(models):
+    image = random_image(96, 128, seed=4)
+    prepared = models.sam.prepare(image)
+    predictor_input = block_input(models.sam.model.image_encoder,
+                                  lambda: SamPredictor(models.sam.model).set_image(image))
+    assert prepared.shape == (1, 3, 256, 256) and prepared.dtype == models.sam.dtype
+    assert torch.equal(prepared, predictor_input)

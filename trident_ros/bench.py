@@ -1,0 +1,304 @@
+"""`trident-bench`: how fast is Trident here, and how close to the cost of its encoders?
+
+Runs the pipeline (random weights: cost does not depend on weight values) on a given or generated
+image, warm-up then N repetitions, and reports per-stage median/min times, the encoders-only time
+(the same SAM/DINO/CLIP forwards, timed alone in the same run), the overhead ratio (full frame /
+encoders-only), the relabel ratio (vocabulary change on a cached frame / full frame), text-feature
+time against open_clip's standard ``encode_text`` path, the aggregation step's peak extra memory
+and the process's peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .aggregation import aggregate_with_sam
+from .config import TridentConfig
+from .pipeline import TridentPipeline, _normalise
+from .sliding_window import resize_for_windows, window_boxes
+from .vocabulary import IMAGENET_TEMPLATES, TextFeatureCache
+
+logger = logging.getLogger('trident_ros.bench')
+
+BENCH_NAMES = ('door', 'chair', 'table', 'person')
+NEW_NAMES = ('sofa', 'window', 'plant', 'floor')
+
+
+@dataclass
+class Timing:
+    """Seconds of each repetition of one measured thing."""
+
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+
+class PeakRss:
+    """Samples this process's RSS in a thread; ``extra`` = peak above the RSS at entry (bytes).
+
+    On the CPU torch's allocator returns big blocks to the OS, so RSS follows tensor memory; the
+    sampling interval (0.5 ms) can miss very short peaks, so this is a lower bound.
+    """
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self.base = self.peak = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(0.0005)
+
+    def __enter__(self) -> 'PeakRss':
+        self.base = self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8: smooth colour blobs (not noise, so SAM regions are image-like)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(height // 40, 2), max(width // 40, 2), 3), dtype=np.uint8)
+    import cv2
+
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def encoders_only(pipeline: TridentPipeline, image: np.ndarray) -> Callable[[], object]:
+    """The encoder forwards a frame needs, without any other stage: SAM's image encoder on the
+    prepared input, DINO and CLIP over the same crops (CLIP up to its last block's values)."""
+    cfg, models = pipeline.config, pipeline.models
+    sam_input = models.sam.prepare(image)
+    rgb = torch.from_numpy(image).to(models.device).permute(2, 0, 1)
+    resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, cfg.slide_crop)
+    boxes = window_boxes(resized.shape[1], resized.shape[2], cfg.slide_crop, cfg.slide_stride)
+    crops = torch.stack([resized[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes]).float().div_(255)
+    dino_in = _normalise(crops, models.dino.mean, models.dino.std, models.dtype)
+    clip_in = _normalise(crops, models.clip.mean, models.clip.std, models.dtype)
+
+    def run() -> None:
+        with torch.inference_mode():
+            models.sam.model.image_encoder(sam_input)
+            models.dino.patch_features(dino_in)
+            models.clip.last_block_values(clip_in)
+    return run
+
+
+@torch.inference_mode()
+def text_timings(pipeline: TridentPipeline, names: tuple[str, ...]) -> tuple[float, float]:
+    """(ours, open_clip standard) seconds to get text features of ``names`` not yet cached."""
+    models = pipeline.models
+    cache = TextFeatureCache(models.clip.model, models.tokenizer, models.device, models.dtype, 64)
+    ours = time_call(lambda: cache.features(list(names)), models.device)
+    prompts = [template(name) for name in names for template in IMAGENET_TEMPLATES]
+    tokens = models.tokenizer(prompts).to(models.device)
+    standard = time_call(lambda: models.clip.model.encode_text(tokens), models.device)
+    return ours, standard
+
+
+def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup: int) -> dict:
+    pipeline = TridentPipeline(config)
+    device = pipeline.models.device
+    vocabulary = pipeline.encode_vocabulary(', '.join(BENCH_NAMES))
+    relabel_vocabulary = pipeline.encode_vocabulary(', '.join(reversed(BENCH_NAMES)))
+    refine_on, refine_off = config.replace(refine=True), config.replace(refine=False)
+    encoders = encoders_only(pipeline, image)
+    stages: dict[str, Timing] = {}
+    results = {name: Timing() for name in ('encoders_only', 'image_side', 'full_refine_off', 'full_refine_on',
+                                           'relabel_refine_off', 'relabel_refine_on')}
+    for rep in range(warmup + repeat):
+        measured = rep >= warmup
+        t_enc = time_call(encoders, device)
+        features = {}
+        t_img = time_call(lambda: features.setdefault('f', pipeline.encode_image(image)), device)
+        labels = {}
+        for mode, cfg in (('off', refine_off), ('on', refine_on)):
+            pipeline.apply_label_config(cfg)
+            t_label = time_call(lambda: labels.setdefault(mode, pipeline.label(features['f'], vocabulary)), device)
+            t_relabel = time_call(lambda: pipeline.label(features['f'], relabel_vocabulary), device)
+            if measured:
+                results[f'full_refine_{mode}'].samples.append(t_img + t_label)
+                results[f'relabel_refine_{mode}'].samples.append(t_relabel)
+        if measured:
+            results['encoders_only'].samples.append(t_enc)
+            results['image_side'].samples.append(t_img)
+            for name, seconds in labels['on'].timings.items():
+                stages.setdefault(name, Timing()).samples.append(seconds)
+    pipeline.apply_label_config(config)
+
+    text_ours, text_standard = text_timings(pipeline, NEW_NAMES)
+    aggregation_extra, aggregation_seconds = aggregation_memory(pipeline, image)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report = {
+        'device': str(device),
+        'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else _cpu_name(),
+        'dtype': str(pipeline.models.dtype).replace('torch.', ''),
+        'threads': torch.get_num_threads(),
+        'torch': torch.__version__,
+        'model_scale': config.model_scale,
+        'image_size': [int(image.shape[1]), int(image.shape[0])],
+        'repeat': repeat,
+        'stages_s': {name: {'median': t.median, 'min': t.min} for name, t in stages.items()},
+        'totals_s': {name: {'median': t.median, 'min': t.min} for name, t in results.items()},
+        'overhead_ratio_refine_off': results['full_refine_off'].median / results['encoders_only'].median,
+        'overhead_ratio_refine_on': results['full_refine_on'].median / results['encoders_only'].median,
+        'relabel_ratio_refine_off': results['relabel_refine_off'].median / results['full_refine_off'].median,
+        'relabel_ratio_refine_on': results['relabel_refine_on'].median / results['full_refine_on'].median,
+        'text_new_names_s': text_ours,
+        'text_open_clip_standard_s': text_standard,
+        'text_ratio': text_ours / text_standard,
+        'aggregation_s': aggregation_seconds,
+        'aggregation_peak_extra_bytes': aggregation_extra,
+        'aggregation_memory_method': ('torch.cuda.max_memory_allocated' if device.type == 'cuda'
+                                      else 'RSS sampled every 0.5 ms (psutil), peak minus start'),
+        'peak_rss_bytes': peak_rss,
+    }
+    return report
+
+
+@torch.inference_mode()
+def aggregation_memory(pipeline: TridentPipeline, image: np.ndarray) -> tuple[int, float]:
+    """Peak extra memory (bytes) and time of the aggregation step on this frame's SAM attention."""
+    models, cfg = pipeline.models, pipeline.config
+    sam_image = models.sam.encode(image)
+    hs, ws = sam_image.attention.valid
+    width = models.clip.model.visual.transformer.width
+    spliced = torch.randn(width, hs * 2, ws * 2, device=models.device, dtype=models.dtype)
+    device = models.device
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        aggregate_with_sam(spliced, sam_image.attention, cfg.cos_fac, cfg.refine_neg_cos, cfg.aggregation_chunk)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, time.perf_counter() - start
+    with PeakRss() as peak:
+        start = time.perf_counter()
+        aggregate_with_sam(spliced, sam_image.attention, cfg.cos_fac, cfg.refine_neg_cos, cfg.aggregation_chunk)
+        seconds = time.perf_counter() - start
+    return peak.extra, seconds
+
+
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as stream:
+            for line in stream:
+                if line.startswith('model name'):
+                    return f'{line.split(":", 1)[1].strip()} ({os.cpu_count()} cores)'
+    except OSError:
+        pass
+    return f'CPU ({os.cpu_count()} cores)'
+
+
+def format_table(report: dict) -> str:
+    ms = lambda s: f'{1000 * s:9.1f}'  # noqa: E731
+    lines = [
+        f"device: {report['device']} ({report['device_name']}), dtype {report['dtype']}, "
+        f"threads {report['threads']}, torch {report['torch']}, models {report['model_scale']}, "
+        f"image {report['image_size'][0]}x{report['image_size'][1]}, repetitions {report['repeat']}",
+        '',
+        f"{'stage':<22}{'median ms':>10}{'min ms':>10}",
+    ]
+    for name, t in report['stages_s'].items():
+        lines.append(f'{name:<22}{ms(t["median"])} {ms(t["min"])}')
+    lines += ['', f"{'total':<22}{'median ms':>10}{'min ms':>10}"]
+    for name, t in report['totals_s'].items():
+        lines.append(f'{name:<22}{ms(t["median"])} {ms(t["min"])}')
+    lines += [
+        '',
+        f"overhead ratio (full frame / encoders-only): refine off {report['overhead_ratio_refine_off']:.3f}, "
+        f"refine on {report['overhead_ratio_refine_on']:.3f}",
+        f"relabel ratio (vocabulary change / full frame): refine off {report['relabel_ratio_refine_off']:.4f}, "
+        f"refine on {report['relabel_ratio_refine_on']:.4f}",
+        f"text features, {len(NEW_NAMES)} new names x {len(IMAGENET_TEMPLATES)} templates: "
+        f"{ms(report['text_new_names_s']).strip()} ms vs open_clip encode_text {ms(report['text_open_clip_standard_s']).strip()} ms "
+        f"(ratio {report['text_ratio']:.3f})",
+        f"aggregation: {ms(report['aggregation_s']).strip()} ms, peak extra memory "
+        f"{report['aggregation_peak_extra_bytes'] / 2**20:.1f} MiB ({report['aggregation_memory_method']})",
+        f"peak RSS of the process (models included): {report['peak_rss_bytes'] / 2**30:.2f} GiB",
+    ]
+    return '\n'.join(lines)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, height = (int(v) for v in text.lower().split('x'))
+    return width, height
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='trident-bench', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--size', type=parse_size, default=(640, 480), help='generated image WIDTHxHEIGHT')
+    parser.add_argument('--image', help='benchmark on this image file instead')
+    parser.add_argument('--repeat', type=int, default=3)
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--device', default='auto')
+    parser.add_argument('--fp32', action='store_true', help='no fp16 on CUDA')
+    parser.add_argument('--tiny', action='store_true', help='small test architectures (seconds)')
+    parser.add_argument('--json', action='store_true', help='print the report as JSON')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format='[%(levelname)s] %(name)s: %(message)s')
+    config = TridentConfig(random_weights=True, model_scale='tiny' if args.tiny else 'full', device=args.device,
+                           fp16=not args.fp32)
+    if args.image:
+        import cv2
+
+        bgr = cv2.imread(args.image, cv2.IMREAD_COLOR)
+        if bgr is None:
+            parser.error(f'cannot read {args.image}')
+        image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    else:
+        image = synthetic_image(*args.size)
+    report = run_benchmark(config, image, args.repeat, args.warmup)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
