@@ -12,6 +12,7 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.10',
     packages=['trident_ros'],
+    package_data={'trident_ros': ['data/*.png']},
     install_requires=[
         'torch>=2.1',
         'torchvision>=0.16',

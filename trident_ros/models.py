@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -455,23 +456,39 @@ def _is_local_file(value: str) -> bool:
     return Path(value).suffix in _WEIGHT_SUFFIXES or '/' in value or value.startswith('~')
 
 
-def _build_full_pretrained(config: TridentConfig, device: torch.device,
-                           dtype: torch.dtype) -> tuple[nn.Module, nn.Module, nn.Module, str]:
-    """The paper's architectures with their weights; files are resolved before anything is built."""
-    from segment_anything import sam_model_registry
+@dataclass
+class WeightSources:
+    """Where each model's weights come from, all checked present (see :func:`fetch_weights`)."""
 
+    sam: Path
+    dino: Path | None  # None: timm's hub cache (already fetched)
+    clip: str  # a local file, or an open_clip pretrained tag whose file is in the hub cache
+
+    def describe(self, config: TridentConfig) -> str:
+        return (f'CLIP {config.clip_model} ({self.clip}), DINO {config.dino_model} '
+                f'({self.dino or "timm hub cache"}), SAM {config.sam_model} ({self.sam})')
+
+
+def fetch_weights(config: TridentConfig) -> WeightSources:
+    """Find (or download, where allowed and reachable) every weight file ``config`` needs.
+
+    Raises one :class:`WeightsError` that names EVERY missing file and where to put it, so a
+    user offline learns all of them at once. Nothing is built here.
+    """
     problems: list[str] = []
 
     def attempt(load: Callable[[], T]) -> T | None:
-        """Run one weight lookup/load; collect its WeightsError so that all missing files are named."""
         try:
             return load()
         except WeightsError as error:
-            problems.append(str(error))
+            problems.append(str(error).replace(f'\n  {SMOKE_HINT}', ''))
             return None
 
     sam_path = attempt(lambda: resolve_sam_checkpoint(config))
+    dino_problems = len(problems)
     dino_path = attempt(lambda: dino_checkpoint(config))
+    if dino_path is None and len(problems) == dino_problems:
+        attempt(lambda: _fetch_hub_weights(config, 'timm'))
     clip_source = config.clip_pretrained
     if _is_local_file(clip_source):
         clip_file = Path(clip_source).expanduser()
@@ -479,41 +496,73 @@ def _build_full_pretrained(config: TridentConfig, device: torch.device,
             problems.append(f'clip_pretrained {clip_file} does not exist (a local CLIP weight file, or an '
                             "open_clip tag such as 'openai').")
         clip_source = str(clip_file)
-
+    else:
+        attempt(lambda: _fetch_hub_weights(config, 'open_clip'))
     if problems:
-        # Something is missing already: name the hub weights that are not cached either, without
-        # building (or downloading) anything, so one message lists every file to fetch.
-        if dino_path is None and not _hub_cached(config.dino_model, 'timm'):
-            problems.append(str(dino_weights_error(config, FileNotFoundError('not in the local hub cache'))))
-        if not _is_local_file(clip_source) and not _hub_cached(config.clip_model, config.clip_pretrained):
-            problems.append(str(clip_weights_error(config, FileNotFoundError('not in the local hub cache'))))
-        raise WeightsError('\n'.join(p.replace(f'\n  {SMOKE_HINT}', '') for p in problems) + f'\n  {SMOKE_HINT}')
-
-    sam = sam_model_registry[config.sam_model](checkpoint=None)
-    load_into(sam, sam_path, f'SAM {config.sam_model}')
-    dino = _build_dino(config, dino_path)
-    clip = _build_clip(config, clip_source, device, dtype)
-    weights = (f'CLIP {config.clip_model} ({clip_source}), DINO {config.dino_model} '
-               f'({dino_path or "timm pretrained"}), SAM {config.sam_model} ({sam_path})')
-    return clip, dino, sam, weights
+        raise WeightsError('\n'.join(problems) + f'\n  {SMOKE_HINT}')
+    return WeightSources(sam=sam_path, dino=dino_path, clip=clip_source)
 
 
-def _hub_cached(model: str, source: str) -> bool:
-    """Whether the Hugging Face hub file of a timm model (source 'timm') or of an open_clip
-    pretrained tag is in the local hub cache (no network)."""
-    from huggingface_hub import try_to_load_from_cache
+def _fetch_hub_weights(config: TridentConfig, library: str) -> Path:
+    """The Hugging Face hub file timm (DINO) or open_clip (CLIP) loads for ``config``: from the
+    local hub cache, else downloaded (timm/open_clip then find it in the same cache)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    if source == 'timm':
+    if library == 'timm':
         import timm
 
-        repo = getattr(timm.models.get_pretrained_cfg(model), 'hf_hub_id', None)
-        files = ('model.safetensors', 'pytorch_model.bin')
+        repo = getattr(timm.models.get_pretrained_cfg(config.dino_model), 'hf_hub_id', None)
+        names, make_error = ('model.safetensors', 'pytorch_model.bin'), dino_weights_error
     else:
         import open_clip
 
-        repo = (open_clip.get_pretrained_cfg(model, source) or {}).get('hf_hub', '').rstrip('/')
-        files = ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin')
-    return bool(repo) and any(isinstance(try_to_load_from_cache(repo, name), str) for name in files)
+        repo = (open_clip.get_pretrained_cfg(config.clip_model, config.clip_pretrained) or {}).get('hf_hub', '')
+        repo = repo.rstrip('/')
+        names, make_error = ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin'), clip_weights_error
+    if not repo:
+        raise make_error(config, FileNotFoundError(f'no Hugging Face hub file is known for these {library} weights'))
+    for name in names:
+        cached = try_to_load_from_cache(repo, name)
+        if isinstance(cached, str):
+            return Path(cached)
+    if not _hub_reachable():
+        raise make_error(config, ConnectionError('the Hugging Face hub is unreachable (or HF_HUB_OFFLINE is set) and '
+                                                 'the file is not in its local cache'))
+    last_error: Exception = FileNotFoundError(repo)
+    for name in names:
+        try:
+            return Path(hf_hub_download(repo, name))
+        except Exception as error:  # offline, missing entry, HTTP errors: try the next name
+            last_error = error
+    raise make_error(config, last_error)
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (the hub client would retry for ~25 s per file)."""
+    import socket
+    import urllib.parse
+
+    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on'):
+        return False
+    endpoint = urllib.parse.urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co'))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _build_full_pretrained(config: TridentConfig, device: torch.device,
+                           dtype: torch.dtype) -> tuple[nn.Module, nn.Module, nn.Module, str]:
+    """The paper's architectures with their weights; every file is found before anything is built."""
+    from segment_anything import sam_model_registry
+
+    sources = fetch_weights(config)
+    sam = sam_model_registry[config.sam_model](checkpoint=None)
+    load_into(sam, sources.sam, f'SAM {config.sam_model}')
+    dino = _build_dino(config, sources.dino)
+    clip = _build_clip(config, sources.clip, device, dtype)
+    return clip, dino, sam, sources.describe(config)
 
 
 def _build_dino(config: TridentConfig, dino_path: Path | None) -> nn.Module:
