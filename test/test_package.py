@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ROS_ONLY_MODULES = {'node', 'conversions', 'fake_camera'}
+ROS_ONLY_MODULES = {'node', 'conversions', 'fake_camera', 'demo'}
 ROS_PACKAGES = ('rclpy', 'rosidl_runtime_py', 'rosidl_parser', 'sensor_msgs', 'std_msgs', 'builtin_interfaces',
                 'diagnostic_msgs', 'lifecycle_msgs', 'cv_bridge', 'rosbags', 'launch', 'launch_ros')
 

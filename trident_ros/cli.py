@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .config import ConfigError, TridentConfig
+from .config import METHODS, ConfigError, TridentConfig
 from .labelling import Segmentation
 from .vocabulary import VocabularyError
 from .weights import WeightsError
@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('-o', '--output', type=Path, default=Path('trident_out'), help='output folder')
     parser.add_argument('--config', type=Path, help='YAML of TridentConfig fields (or a ROS params file)')
     parser.add_argument('--device', help='auto, cpu, cuda or cuda:N (overrides the config)')
+    parser.add_argument('--method', choices=METHODS,
+                        help='trident (default, most accurate) ... maskclip (fastest, CLIP only): see the README')
     parser.add_argument('--no-refine', action='store_true', help='skip SAM refinement')
     parser.add_argument('--video-stride', type=int, default=1, help='use every Nth video frame')
     parser.add_argument('--random-weights', action='store_true',
@@ -55,6 +57,8 @@ def build_config(args: argparse.Namespace) -> TridentConfig:
     changes = {}
     if args.device:
         changes['device'] = args.device
+    if args.method:
+        changes['method'] = args.method
     if args.no_refine:
         changes['refine'] = False
     if args.random_weights:

@@ -9,6 +9,10 @@ from typing import Any, Mapping
 SAM_MODELS = ('vit_b', 'vit_l', 'vit_h')
 DEVICES = ('auto', 'cpu', 'cuda')
 MODEL_SCALES = ('full', 'tiny')
+METHODS = ('trident', 'trident_fast', 'proxy', 'maskclip', 'sclip', 'clearclip', 'naclip')
+"""Segmentation methods, slowest and most accurate first (see :mod:`trident_ros.clip_attention`)."""
+CLIP_ONLY_METHODS = ('maskclip', 'sclip', 'clearclip', 'naclip')
+"""Methods that change only CLIP's last block: no DINO, no SAM; windows ``clip_slide_crop/stride``."""
 
 
 class ConfigError(ValueError):
@@ -22,6 +26,13 @@ class TridentConfig:
     Model fields name upstream architectures: ``clip_model``/``clip_pretrained`` for open_clip,
     ``dino_model`` for timm, ``sam_model`` for segment-anything's registry.
     """
+
+    # --- method ---------------------------------------------------------------------------------
+    method: str = field(default='trident', metadata={
+        'help': 'segmentation method, slowest/most accurate first: trident (CLIP+DINO+SAM, SAM aggregation and '
+                'refinement), trident_fast (no SAM refinement), proxy (CLIP+DINO, ProxyCLIP-style, no SAM), '
+                'then CLIP only (one CLIP last-block rule, no DINO/SAM): maskclip, sclip, clearclip, naclip. '
+                'Only the models a method needs are loaded; refine applies to trident only'})
 
     # --- models and weights -------------------------------------------------------------------
     clip_model: str = field(default='ViT-B-16', metadata={
@@ -52,8 +63,15 @@ class TridentConfig:
     input_short_side: int = field(default=448, metadata={
         'help': 'the CLIP/DINO branch sees the image rescaled to this short side (0: original size)'})
     max_long_side: int = field(default=2048, metadata={'help': 'cap on the long side of that rescale'})
-    slide_crop: int = field(default=336, metadata={'help': 'sliding-window crop size in pixels'})
-    slide_stride: int = field(default=224, metadata={'help': 'sliding-window stride in pixels (<= slide_crop)'})
+    slide_crop: int = field(default=336, metadata={
+        'help': 'sliding-window crop size in pixels (trident, trident_fast, proxy)'})
+    slide_stride: int = field(default=224, metadata={
+        'help': 'sliding-window stride in pixels (<= slide_crop; trident, trident_fast, proxy)'})
+    clip_slide_crop: int = field(default=224, metadata={
+        'help': 'sliding-window crop size of the CLIP-only methods (maskclip, sclip, clearclip, naclip; '
+                "their references' 224, ClearCLIP's code 448)"})
+    clip_slide_stride: int = field(default=112, metadata={
+        'help': 'sliding-window stride of the CLIP-only methods (<= clip_slide_crop)'})
     beta: float = field(default=1.2, metadata={'help': 'DINO similarity mean offset factor'})
     gamma: float = field(default=3.0, metadata={'help': 'DINO similarity sharpening factor'})
     cos_fac: float = field(default=1.2, metadata={'help': 'SAM aggregation threshold factor on mean value cosine'})
@@ -65,7 +83,8 @@ class TridentConfig:
     # --- labelling and refinement ---------------------------------------------------------------
     logit_scale: float = field(default=40.0, metadata={'help': 'softmax temperature on cosine logits'})
     prob_thd: float = field(default=0.2, metadata={'help': 'pixels whose best class probability is lower stay unlabeled (0)'})
-    refine: bool = field(default=True, metadata={'help': 'refine the coarse segmentation by prompting SAM'})
+    refine: bool = field(default=True, metadata={
+        'help': 'refine the coarse segmentation by prompting SAM (method trident only)'})
     coarse_thresh: float = field(default=0.2, metadata={'help': 'refinement drops classes whose best probability is lower'})
     minimal_area: int = field(default=225, metadata={'help': 'smallest region (pixels, half resolution) that prompts SAM'})
     sam_mask_coff: float = field(default=0.005, metadata={'help': 'mask-prompt value factor'})
@@ -83,6 +102,8 @@ class TridentConfig:
         def fail(name: str, why: str) -> None:
             raise ConfigError(f'{name}={getattr(self, name)!r}: {why}')
 
+        if self.method not in METHODS:
+            fail('method', f'must be one of {", ".join(METHODS)}')
         if self.sam_model not in SAM_MODELS:
             fail('sam_model', f'must be one of {", ".join(SAM_MODELS)}')
         if self.model_scale not in MODEL_SCALES:
@@ -91,14 +112,15 @@ class TridentConfig:
             fail('model_scale', "'tiny' architectures have no trained weights: set random_weights too")
         if not (self.device in DEVICES or (self.device.startswith('cuda:') and self.device[5:].isdigit())):
             fail('device', 'must be auto, cpu, cuda or cuda:N')
-        for name in ('slide_crop', 'slide_stride', 'aggregation_chunk', 'text_cache_size', 'max_classes',
-                     'max_long_side'):
+        for name in ('slide_crop', 'slide_stride', 'clip_slide_crop', 'clip_slide_stride', 'aggregation_chunk',
+                     'text_cache_size', 'max_classes', 'max_long_side'):
             if getattr(self, name) <= 0:
                 fail(name, 'must be positive')
-        if self.slide_stride > self.slide_crop:
-            fail('slide_stride', f'must not exceed slide_crop={self.slide_crop} (windows would leave gaps)')
-        if self.slide_crop % 16:
-            fail('slide_crop', 'must be a multiple of the patch size 16')
+        for crop, stride in (('slide_crop', 'slide_stride'), ('clip_slide_crop', 'clip_slide_stride')):
+            if getattr(self, stride) > getattr(self, crop):
+                fail(stride, f'must not exceed {crop}={getattr(self, crop)} (windows would leave gaps)')
+            if getattr(self, crop) % 16:
+                fail(crop, 'must be a multiple of the patch size 16')
         if self.input_short_side < 0:
             fail('input_short_side', 'must be >= 0 (0: original size)')
         for name in ('prob_thd', 'coarse_thresh', 'sam_iou_thresh'):

@@ -4,7 +4,10 @@ The wrappers only reuse the upstream modules and their weights: :class:`ClipDens
 vision tower up to the value path of its last block, :class:`DinoPatches` gives DINO's normed
 last-layer patch tokens with DINO's own position-embedding interpolation, and :class:`SamEncoder`
 runs SAM's image encoder while a forward hook keeps the last block's q, k, v, from which
-:class:`SamAttentionCapture` recomputes attention rows on demand.
+:class:`SamAttentionCapture` recomputes attention rows on demand. :class:`SamChunkedAttention`
+and :class:`SamChunkedMlp` stand in for each encoder block's ``attn`` and ``mlp`` (same weights,
+same result) so that the global blocks never hold their whole ``(heads, 4096, 4096)`` attention
+matrix.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TridentConfig
+from .config import CLIP_ONLY_METHODS, TridentConfig
 from .weights import (SMOKE_HINT, WeightsError, clip_weights_error, dino_checkpoint, dino_weights_error, load_into,
                       resolve_sam_checkpoint)
 
@@ -68,6 +71,23 @@ def _patch_grid(images: torch.Tensor, patch: int, what: str) -> tuple[int, int]:
     if h % patch or w % patch:
         raise ValueError(f'{what}: crop size {h}x{w} is not a multiple of the patch size {patch}')
     return h // patch, w // patch
+
+
+@dataclass
+class ClipLastBlock:
+    """What enters CLIP's last block for a batch of crops, and its attention inputs.
+
+    ``x``: ``(B, 1 + gh*gw, D)`` tokens entering the block, class token first (the residual stream);
+    ``q``, ``k``, ``v``: ``(B, heads, 1 + gh*gw, D/heads)``, the block's in-projection of ``ln_1(x)``
+    split into heads (no scaling applied); ``scale``: ``(D/heads) ** -0.5``; ``grid``: ``(gh, gw)``.
+    """
+
+    x: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    grid: tuple[int, int]
 
 
 class ClipDense:
@@ -130,6 +150,36 @@ class ClipDense:
         v = F.linear(self.last_block.ln_1(x[:, 1:]), attn.in_proj_weight[2 * dim:], attn.in_proj_bias[2 * dim:])
         batch, tokens, _ = v.shape
         return v.reshape(batch, tokens, self.heads, dim // self.heads).permute(0, 2, 1, 3), grid
+
+    @torch.inference_mode()
+    def last_block_qkv(self, crops: torch.Tensor) -> ClipLastBlock:
+        """The last block's input and its query, key and value heads, class token included.
+
+        Every block but the last runs as usual (position embedding interpolated to the crop).
+
+        :param crops: ``(B, 3, h, w)``, CLIP-normalised, ``h`` and ``w`` multiples of the patch size.
+        :returns: :class:`ClipLastBlock` (token 0 is the class token).
+        """
+        x, grid = self._tokens_before_last_block(crops)
+        attn = self.last_block.attn
+        qkv = F.linear(self.last_block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, T, 3D)
+        batch, tokens, _ = qkv.shape
+        head_dim = self.width // self.heads
+        q, k, v = qkv.reshape(batch, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return ClipLastBlock(x=x, q=q, k=k, v=v, scale=head_dim ** -0.5, grid=grid)
+
+    @torch.inference_mode()
+    def residual_feed_forward(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the last block after its attention: the residual, then the feed-forward branch.
+
+        ``h = x + ls_1(attended)``; returns ``h + ls_2(mlp(ln_2(h)))`` (``ls_*``: identity for OpenAI CLIP).
+
+        :param x: ``(..., D)`` the block's input; :param attended: ``(..., D)`` attention output
+            (after ``out_proj``). :returns: ``(..., D)``.
+        """
+        block = self.last_block
+        h = x + block.ls_1(attended.to(x.dtype))
+        return h + block.ls_2(block.mlp(block.ln_2(h)))
 
     @torch.inference_mode()
     def attention_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +262,9 @@ class SamAttentionCapture:
     def attention_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Softmax attention of the query tokens ``rows`` over all keys, as the upstream block computes.
 
-        ``softmax(q*scale @ k^T + rel_h[row of query, row of key] + rel_w[col of query, col of key])``.
+        ``softmax(q*scale @ k^T + rel_h[row of query, row of key] + rel_w[col of query, col of key])``,
+        the terms added in segment-anything's order. Holds at most two ``(heads, R, G*G)`` tensors
+        (the logits and their softmax).
 
         :param rows: ``(R,)`` LongTensor of flat indices into the ``G*G`` grid.
         :returns: ``(heads, R, G*G)``.
@@ -224,8 +276,129 @@ class SamAttentionCapture:
         attn = (q * self.scale) @ k.transpose(-2, -1)
         bias_h = torch.einsum('hrc,rkc->hrk', q, self.rel_h[rows // gw])
         bias_w = torch.einsum('hrc,rkc->hrk', q, self.rel_w[rows % gw])
-        attn = attn.view(heads, len(rows), gh, gw) + bias_h[..., :, None] + bias_w[..., None, :]
-        return attn.view(heads, len(rows), gh * gw).softmax(dim=-1)
+        grid = attn.view(heads, len(rows), gh, gw)
+        grid += bias_h[..., :, None]
+        grid += bias_w[..., None, :]
+        return attn.softmax(dim=-1)
+
+
+SAM_BLOCK_ELEMENTS = 1 << 21
+"""Most elements of the attention logits (or MLP hidden units) the chunked SAM encoder blocks
+compute at once on the CPU: 8 MiB in fp32. An attention block is never smaller than one image row
+(the full-size global blocks: 12 heads x 64 x 4096 = 3.1 M logits)."""
+SAM_BLOCK_ELEMENTS_CUDA = 1 << 25
+"""The same on CUDA (64 MiB in fp16: 10 image rows of a global block), where many small blocks
+would cost kernel launches (not measured: no GPU was available to this project so far)."""
+
+
+class SamChunkedAttention(nn.Module):
+    """segment-anything's image-encoder ``Attention``, computed a block of query rows at a time.
+
+    Built from an upstream ``Attention``, it holds that module's own ``qkv``, ``proj``, ``rel_pos_h``
+    and ``rel_pos_w`` (the same objects, so the same weights and ``state_dict`` names) and computes what
+    the upstream ``forward`` does -- ``(q * scale) @ k^T``, the decomposed relative-position terms added
+    in the same order, softmax, ``@ v``, ``proj`` -- on blocks of whole image rows (global blocks) or
+    of several windows (window blocks) holding at most ``max_elements`` logits, reading q, k, v as
+    views of the ``qkv`` output. The upstream module holds the whole ``(B*heads, H*W, H*W)`` logits and
+    two same-size copies: 2.3 GB per global block of SAM ViT-B at 1024 x 1024 in fp32. Every query row
+    goes through the same operations, so the output equals the upstream module's (bit for bit on this
+    project's CPU; see test_models.py and docs/performance.md).
+    """
+
+    def __init__(self, upstream: nn.Module, max_elements: int = SAM_BLOCK_ELEMENTS) -> None:
+        super().__init__()
+        if max_elements < 1:
+            raise ValueError(f'max_elements must be >= 1, got {max_elements}')
+        self.num_heads: int = upstream.num_heads
+        self.scale: float = upstream.scale
+        self.use_rel_pos: bool = upstream.use_rel_pos
+        if self.use_rel_pos:
+            self.rel_pos_h = upstream.rel_pos_h
+            self.rel_pos_w = upstream.rel_pos_w
+        self.qkv = upstream.qkv
+        self.proj = upstream.proj
+        self.max_elements = max_elements
+
+    def extra_repr(self) -> str:
+        return f'num_heads={self.num_heads}, use_rel_pos={self.use_rel_pos}, max_elements={self.max_elements}'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:param x: ``(B, H, W, C)`` tokens (B: windows of a window block, 1 for a global block).
+        :returns: ``(B, H, W, C)``, as the upstream ``Attention``."""
+        from segment_anything.modeling.image_encoder import get_rel_pos
+
+        batch, height, width, channels = x.shape
+        heads, count = self.num_heads, height * width
+        qkv = self.qkv(x).reshape(batch, count, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, H*W, hd) views
+        if self.use_rel_pos:
+            rel_h = get_rel_pos(height, height, self.rel_pos_h)  # (H, H, hd)
+            rel_w = get_rel_pos(width, width, self.rel_pos_w)  # (W, W, hd)
+        out = x.new_empty(batch, count, heads, channels // heads)
+        for images, rows in self.blocks(batch, height, width):
+            tokens = slice(rows.start * width, rows.stop * width)
+            q_part = q[images, :, tokens]  # (b, heads, rows*W, hd)
+            attn = (q_part * self.scale) @ k[images].transpose(-2, -1)  # (b, heads, rows*W, H*W)
+            if self.use_rel_pos:
+                grid_q = q_part.reshape(-1, rows.stop - rows.start, width, q.shape[-1])
+                logits = attn.view(-1, rows.stop - rows.start, width, height, width)
+                logits += torch.einsum('bhwc,hkc->bhwk', grid_q, rel_h[rows])[..., :, None]
+                logits += torch.einsum('bhwc,wkc->bhwk', grid_q, rel_w)[..., None, :]
+            out[images, tokens] = (attn.softmax(dim=-1) @ v[images]).transpose(1, 2)
+        return self.proj(out.view(batch, height, width, channels))
+
+    def blocks(self, batch: int, height: int, width: int) -> list[tuple[slice, slice]]:
+        """``(images, image rows)`` blocks covering the input, each at most ``max_elements`` logits
+        (but at least one image row of one image)."""
+        per_row = self.num_heads * width * height * width
+        rows_per_block = max(1, self.max_elements // per_row)
+        if rows_per_block < height:
+            return [(slice(b, b + 1), slice(y, min(y + rows_per_block, height)))
+                    for b in range(batch) for y in range(0, height, rows_per_block)]
+        images_per_block = max(1, rows_per_block // height)
+        return [(slice(b, min(b + images_per_block, batch)), slice(0, height))
+                for b in range(0, batch, images_per_block)]
+
+
+class SamChunkedMlp(nn.Module):
+    """segment-anything's ``MLPBlock`` (``lin2(act(lin1(x)))``), a block of tokens at a time.
+
+    Holds the upstream module's own ``lin1``, ``act`` and ``lin2`` (same weights, same ``state_dict``
+    names); at most ``max_elements`` hidden units exist at once instead of two ``(tokens, 4*C)``
+    tensors (100 MB at 64 x 64 tokens for SAM ViT-B). Each token goes through the same operations.
+    """
+
+    def __init__(self, upstream: nn.Module, max_elements: int = SAM_BLOCK_ELEMENTS) -> None:
+        super().__init__()
+        if max_elements < 1:
+            raise ValueError(f'max_elements must be >= 1, got {max_elements}')
+        self.lin1 = upstream.lin1
+        self.lin2 = upstream.lin2
+        self.act = upstream.act
+        self.max_elements = max_elements
+
+    def extra_repr(self) -> str:
+        return f'max_elements={self.max_elements}'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:param x: ``(..., C)``. :returns: ``(..., C_out)``, as the upstream ``MLPBlock``."""
+        tokens = x.reshape(-1, x.shape[-1])
+        out = x.new_empty(tokens.shape[0], self.lin2.out_features)
+        step = max(1, self.max_elements // self.lin1.out_features)
+        for start in range(0, tokens.shape[0], step):
+            out[start:start + step] = self.lin2(self.act(self.lin1(tokens[start:start + step])))
+        return out.view(*x.shape[:-1], -1)
+
+
+def use_chunked_blocks(encoder: nn.Module, max_elements: int = SAM_BLOCK_ELEMENTS) -> None:
+    """Put a :class:`SamChunkedAttention` and a :class:`SamChunkedMlp` in place of the ``attn`` and
+    ``mlp`` of every block of a segment-anything ``ImageEncoderViT`` (global and window blocks;
+    modules already converted are left alone)."""
+    for block in encoder.blocks:
+        if not isinstance(block.attn, SamChunkedAttention):
+            block.attn = SamChunkedAttention(block.attn, max_elements)
+        if not isinstance(block.mlp, SamChunkedMlp):
+            block.mlp = SamChunkedMlp(block.mlp, max_elements)
 
 
 @dataclass
@@ -250,14 +423,24 @@ class SamEncoder:
 
     :meth:`encode` prepares the image as the reference does (sides rounded up to multiples of 16 by
     a bilinear resize, then the predictor's ``ResizeLongestSide``, normalisation and padding) and
-    runs the unmodified encoder; a forward hook on the last block's ``attn.qkv`` keeps its output.
+    runs the encoder; a forward hook on the last block's ``attn.qkv`` keeps its output. With
+    ``chunked`` (default) every encoder block's ``attn`` and ``mlp`` are replaced, in ``model``
+    itself, by :class:`SamChunkedAttention` and :class:`SamChunkedMlp` around them (same weights,
+    same output, a fraction of the memory: :func:`use_chunked_blocks`), computing at most
+    ``block_elements`` logits at once (default: :data:`SAM_BLOCK_ELEMENTS`, on CUDA
+    :data:`SAM_BLOCK_ELEMENTS_CUDA`; the model's device when this is built decides).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, chunked: bool = True, block_elements: int | None = None) -> None:
         from segment_anything.utils.transforms import ResizeLongestSide
 
         self.model = model
         encoder = model.image_encoder
+        if chunked:
+            if block_elements is None:
+                on_cuda = encoder.patch_embed.proj.weight.device.type == 'cuda'
+                block_elements = SAM_BLOCK_ELEMENTS_CUDA if on_cuda else SAM_BLOCK_ELEMENTS
+            use_chunked_blocks(encoder, block_elements)
         self.last_attn = encoder.blocks[-1].attn
         if encoder.blocks[-1].window_size != 0 or not self.last_attn.use_rel_pos:
             raise ValueError('SamEncoder needs a global-attention last block with relative positions')
@@ -282,7 +465,11 @@ class SamEncoder:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f'SamEncoder: expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}')
         height, width = image.shape[:2]
-        rounded = (-(-height // SAM_ROUND) * SAM_ROUND, -(-width // SAM_ROUND) * SAM_ROUND)
+        # Extreme aspect ratios (e.g. 1x10000): the short side is raised so that, after the
+        # longest-side transform, it still spans one SAM patch (the reference would crash there).
+        long_side = -(-max(height, width) // SAM_ROUND) * SAM_ROUND
+        floor = -(-long_side * self.patch_size // self.transform.target_length)
+        rounded = (-(-max(height, floor) // SAM_ROUND) * SAM_ROUND, -(-max(width, floor) // SAM_ROUND) * SAM_ROUND)
         if rounded != (height, width):
             import cv2
 
@@ -334,17 +521,35 @@ class SamEncoder:
             valid=(input_size[0] // self.patch_size, input_size[1] // self.patch_size))
 
 
+METHOD_MODELS: dict[str, tuple[str, ...]] = {
+    'trident': ('clip', 'dino', 'sam'),
+    'trident_fast': ('clip', 'dino', 'sam'),
+    'proxy': ('clip', 'dino'),
+    **{method: ('clip',) for method in CLIP_ONLY_METHODS},
+}
+"""The models each ``TridentConfig.method`` needs; :func:`load_models` builds only these."""
+
+
 @dataclass
 class TridentModels:
-    """The loaded encoders, the CLIP tokenizer, and where/how they run."""
+    """The loaded encoders, the CLIP tokenizer, and where/how they run.
+
+    ``dino`` and ``sam`` are None when the configured method does not need them (see
+    :data:`METHOD_MODELS`): a CLIP-only method loads neither, ``proxy`` loads no SAM.
+    """
 
     clip: ClipDense
-    dino: DinoPatches
-    sam: SamEncoder
+    dino: DinoPatches | None
+    sam: SamEncoder | None
     tokenizer: Callable[..., torch.Tensor]
     device: torch.device
     dtype: torch.dtype
     weights: str
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """Names of the loaded models, e.g. ``('clip', 'dino')``."""
+        return tuple(name for name in ('clip', 'dino', 'sam') if getattr(self, name) is not None)
 
     def describe(self) -> str:
         """One log line: which weights, device and dtype."""
@@ -362,7 +567,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_models(config: TridentConfig) -> TridentModels:
-    """Build CLIP, DINO and SAM for ``config``, in eval mode, on its device and dtype.
+    """Build the models ``config.method`` needs (CLIP; DINO, SAM where the method uses them, see
+    :data:`METHOD_MODELS`), in eval mode, on its device and dtype.
 
     ``config.random_weights``: random weights (a fixed seed, so runs repeat), nothing is read or
     downloaded, and a loud warning says that labels are meaningless. Otherwise every weight file is
@@ -374,21 +580,27 @@ def load_models(config: TridentConfig) -> TridentModels:
 
     device = resolve_device(config.device)
     dtype = torch.float16 if device.type == 'cuda' and config.fp16 else torch.float32
+    needed = METHOD_MODELS[config.method]
     if config.random_weights:
-        log.warning('*** RANDOM WEIGHTS (smoke test): CLIP, DINO and SAM are untrained, every label and '
-                    'mask is MEANINGLESS. Turn random_weights off for real segmentation. ***')
+        names = {'clip': 'CLIP', 'dino': 'DINO', 'sam': 'SAM'}
+        log.warning('*** RANDOM WEIGHTS (smoke test): %s untrained, every label and mask is MEANINGLESS. '
+                    'Turn random_weights off for real segmentation. ***', ', '.join(names[n] for n in needed))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_RANDOM_WEIGHTS_SEED)
             build = _build_tiny if config.model_scale == 'tiny' else _build_full_random
-            clip, dino, sam = build(config)
-        weights = f'RANDOM ({config.model_scale} {config.clip_model} / {config.dino_model} / SAM {config.sam_model})'
+            clip, dino, sam = build(config, needed)
+        described = {'clip': config.clip_model, 'dino': config.dino_model, 'sam': f'SAM {config.sam_model}'}
+        weights = f'RANDOM ({config.model_scale} {" / ".join(described[n] for n in needed)})'
     else:
         clip, dino, sam, weights = _build_full_pretrained(config, device, dtype)
     clip = _finish(clip, device, dtype, clip_model=True)
-    dino = _finish(dino, device, dtype)
-    sam = _finish(sam, device, torch.float32)
-    sam.image_encoder.to(dtype)
-    return TridentModels(clip=ClipDense(clip), dino=DinoPatches(dino), sam=SamEncoder(sam),
+    if dino is not None:
+        dino = _finish(dino, device, dtype)
+    if sam is not None:
+        sam = _finish(sam, device, torch.float32)
+        sam.image_encoder.to(dtype)
+    return TridentModels(clip=ClipDense(clip), dino=DinoPatches(dino) if dino is not None else None,
+                         sam=SamEncoder(sam) if sam is not None else None,
                          tokenizer=open_clip.get_tokenizer(config.clip_model), device=device, dtype=dtype,
                          weights=weights)
 
@@ -406,8 +618,11 @@ def _finish(model: nn.Module, device: torch.device, dtype: torch.dtype, clip_mod
     return model
 
 
-def _build_tiny(config: TridentConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """Small configurations of the same architectures (random weights, about a second on a CPU)."""
+def _build_tiny(config: TridentConfig,
+                needed: tuple[str, ...]) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
+    """Small configurations of the same architectures (random weights, about a second on a CPU);
+    DINO and SAM only if ``needed`` names them (None otherwise). Built in the order CLIP, DINO, SAM,
+    so a model's random weights do not depend on which others are built after it."""
     import timm
     from open_clip import CLIP, CLIPTextCfg, CLIPVisionCfg
 
@@ -415,9 +630,9 @@ def _build_tiny(config: TridentConfig) -> tuple[nn.Module, nn.Module, nn.Module]
                 vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=16, image_size=224),
                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=2),
                 quick_gelu=True)
-    dino = timm.create_model(config.dino_model, pretrained=False, embed_dim=48, depth=2, num_heads=2,
-                             patch_size=16, img_size=224)
-    return clip, dino, _tiny_sam()
+    dino = (timm.create_model(config.dino_model, pretrained=False, embed_dim=48, depth=2, num_heads=2,
+                              patch_size=16, img_size=224) if 'dino' in needed else None)
+    return clip, dino, _tiny_sam() if 'sam' in needed else None
 
 
 def _tiny_sam() -> nn.Module:
@@ -441,15 +656,18 @@ def _tiny_sam() -> nn.Module:
         pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
 
 
-def _build_full_random(config: TridentConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """The paper's architectures with random weights (no file, no network)."""
+def _build_full_random(config: TridentConfig,
+                       needed: tuple[str, ...]) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
+    """The paper's architectures with random weights (no file, no network); DINO and SAM only if
+    ``needed`` names them (None otherwise)."""
     import open_clip
     import timm
     from segment_anything import sam_model_registry
 
     clip = open_clip.create_model(config.clip_model, pretrained=None, force_quick_gelu=True)
-    dino = timm.create_model(config.dino_model, pretrained=False)
-    return clip, dino, sam_model_registry[config.sam_model](checkpoint=None)
+    dino = timm.create_model(config.dino_model, pretrained=False) if 'dino' in needed else None
+    sam = sam_model_registry[config.sam_model](checkpoint=None) if 'sam' in needed else None
+    return clip, dino, sam
 
 
 def _is_local_file(value: str) -> bool:
@@ -458,24 +676,31 @@ def _is_local_file(value: str) -> bool:
 
 @dataclass
 class WeightSources:
-    """Where each model's weights come from, all checked present (see :func:`fetch_weights`)."""
+    """Where each needed model's weights come from, all checked present (see :func:`fetch_weights`)."""
 
-    sam: Path
-    dino: Path | None  # None: timm's hub cache (already fetched)
+    models: tuple[str, ...]  # the models config.method needs (METHOD_MODELS)
+    sam: Path | None  # None: SAM not needed
+    dino: Path | None  # None: timm's hub cache (already fetched), or DINO not needed
     clip: str  # a local file, or an open_clip pretrained tag whose file is in the hub cache
 
     def describe(self, config: TridentConfig) -> str:
-        return (f'CLIP {config.clip_model} ({self.clip}), DINO {config.dino_model} '
-                f'({self.dino or "timm hub cache"}), SAM {config.sam_model} ({self.sam})')
+        parts = [f'CLIP {config.clip_model} ({self.clip})']
+        if 'dino' in self.models:
+            parts.append(f'DINO {config.dino_model} ({self.dino or "timm hub cache"})')
+        if 'sam' in self.models:
+            parts.append(f'SAM {config.sam_model} ({self.sam})')
+        return ', '.join(parts)
 
 
 def fetch_weights(config: TridentConfig) -> WeightSources:
-    """Find (or download, where allowed and reachable) every weight file ``config`` needs.
+    """Find (or download, where allowed and reachable) every weight file ``config`` needs: those
+    of the models its ``method`` uses (:data:`METHOD_MODELS`), no others.
 
     Raises one :class:`WeightsError` that names EVERY missing file and where to put it, so a
     user offline learns all of them at once. Nothing is built here.
     """
     problems: list[str] = []
+    needed = METHOD_MODELS[config.method]
 
     def attempt(load: Callable[[], T]) -> T | None:
         try:
@@ -484,11 +709,13 @@ def fetch_weights(config: TridentConfig) -> WeightSources:
             problems.append(str(error).replace(f'\n  {SMOKE_HINT}', ''))
             return None
 
-    sam_path = attempt(lambda: resolve_sam_checkpoint(config))
-    dino_problems = len(problems)
-    dino_path = attempt(lambda: dino_checkpoint(config))
-    if dino_path is None and len(problems) == dino_problems:
-        attempt(lambda: _fetch_hub_weights(config, 'timm'))
+    sam_path = attempt(lambda: resolve_sam_checkpoint(config)) if 'sam' in needed else None
+    dino_path = None
+    if 'dino' in needed:
+        dino_problems = len(problems)
+        dino_path = attempt(lambda: dino_checkpoint(config))
+        if dino_path is None and len(problems) == dino_problems:
+            attempt(lambda: _fetch_hub_weights(config, 'timm'))
     clip_source = config.clip_pretrained
     if _is_local_file(clip_source):
         clip_file = Path(clip_source).expanduser()
@@ -500,7 +727,7 @@ def fetch_weights(config: TridentConfig) -> WeightSources:
         attempt(lambda: _fetch_hub_weights(config, 'open_clip'))
     if problems:
         raise WeightsError('\n'.join(problems) + f'\n  {SMOKE_HINT}')
-    return WeightSources(sam=sam_path, dino=dino_path, clip=clip_source)
+    return WeightSources(models=needed, sam=sam_path, dino=dino_path, clip=clip_source)
 
 
 def _fetch_hub_weights(config: TridentConfig, library: str) -> Path:
@@ -553,14 +780,17 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 
 def _build_full_pretrained(config: TridentConfig, device: torch.device,
-                           dtype: torch.dtype) -> tuple[nn.Module, nn.Module, nn.Module, str]:
-    """The paper's architectures with their weights; every file is found before anything is built."""
+                           dtype: torch.dtype) -> tuple[nn.Module, nn.Module | None, nn.Module | None, str]:
+    """The paper's architectures with their weights, only those ``config.method`` needs; every file
+    is found before anything is built."""
     from segment_anything import sam_model_registry
 
     sources = fetch_weights(config)
-    sam = sam_model_registry[config.sam_model](checkpoint=None)
-    load_into(sam, sources.sam, f'SAM {config.sam_model}')
-    dino = _build_dino(config, sources.dino)
+    sam = None
+    if 'sam' in sources.models:
+        sam = sam_model_registry[config.sam_model](checkpoint=None)
+        load_into(sam, sources.sam, f'SAM {config.sam_model}')
+    dino = _build_dino(config, sources.dino) if 'dino' in sources.models else None
     clip = _build_clip(config, sources.clip, device, dtype)
     return clip, dino, sam, sources.describe(config)
 

@@ -3,6 +3,17 @@
 ``encode_image`` runs every image encoder once per frame and keeps what labelling needs;
 ``encode_vocabulary`` turns a vocabulary into text features (cached per name); ``label`` combines
 the two without running any image encoder, so a new vocabulary relabels the last frame cheaply.
+
+``config.method`` picks the image side (the other stages are shared):
+
+* ``trident``: SAM encoder; DINO-guided CLIP last block on ``slide_crop`` windows; splice; SAM
+  aggregation onto SAM's token grid; projection; SAM refinement at labelling (``refine``).
+* ``trident_fast``: the same without refinement.
+* ``proxy``: the DINO-guided windows spliced and projected on the window token grid, no SAM
+  (Trident without SAM aggregation; ProxyCLIP's attention rule).
+* ``maskclip``, ``sclip``, ``clearclip``, ``naclip``: one CLIP last-block rule per
+  ``clip_slide_crop`` window (:mod:`.clip_attention`), features projected and L2-normalised per
+  window, then spliced; no DINO, no SAM.
 """
 from __future__ import annotations
 
@@ -18,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from .aggregation import aggregate_with_sam
-from .config import ConfigError, TridentConfig
+from .clip_attention import clip_only_features
+from .config import CLIP_ONLY_METHODS, ConfigError, TridentConfig
 from .labelling import Segmentation, class_masks, class_probabilities, label_map
-from .models import SamImage, TridentModels, load_models
+from .models import METHOD_MODELS, SamImage, TridentModels, load_models
 from .refinement import RefinementParams, refine_with_sam
 from .sliding_window import dino_guided_attention, resize_for_windows, window_boxes
 from .splice import splice_windows
@@ -30,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 # Fields that change which models are loaded (or how): they need a new pipeline.
 MODEL_FIELDS = frozenset({
-    'clip_model', 'clip_pretrained', 'dino_model', 'dino_checkpoint', 'sam_model', 'sam_checkpoint',
+    'method', 'clip_model', 'clip_pretrained', 'dino_model', 'dino_checkpoint', 'sam_model', 'sam_checkpoint',
     'weights_dir', 'download', 'random_weights', 'model_scale', 'device', 'fp16', 'text_cache_size'})
 
 
@@ -39,8 +51,12 @@ class ImageFeatures:
     """The image side of one frame: everything labelling and refinement need.
 
     Attributes:
-        dense: (E, hs, ws) L2-normalised dense CLIP features on the SAM token grid.
-        sam_image: SAM image embedding and sizes (for refinement); None when refinement is off.
+        dense: (E, hs, ws) dense CLIP features: L2-normalised, on the SAM token grid (trident,
+            trident_fast) or on the token grid of the resized image the windows were cut from
+            (other methods; CLIP-only methods: the average of per-window unit features where
+            windows overlap, so logits are the average of per-window logits).
+        sam_image: SAM image embedding and sizes (for refinement); None unless the method is
+            ``trident`` (the only one that refines).
         original_size: (H, W) of the input image; outputs are at this size.
         timings: seconds per image-side stage.
     """
@@ -58,6 +74,9 @@ class TridentPipeline:
         config.validate()
         self.config = config
         self.models = models if models is not None else load_models(config)
+        missing = [name for name in METHOD_MODELS[config.method] if name not in self.models.loaded]
+        if missing:
+            raise ConfigError(f'method={config.method!r} needs {", ".join(missing)}, which these models lack')
         self.text_cache = TextFeatureCache(self.models.clip.model, self.models.tokenizer, self.models.device,
                                            self.models.dtype, config.text_cache_size)
         self.image_encoder_calls = 0
@@ -88,14 +107,38 @@ class TridentPipeline:
             torch.cuda.synchronize(self.models.device)
         timings[name] = time.perf_counter() - start
 
+    def _windows(self, image: np.ndarray, crop: int,
+                 stride: int) -> tuple[torch.Tensor, list[tuple[int, int, int, int]], torch.Tensor]:
+        """The resized image (3, H', W'), its window boxes and the crops (B, 3, crop, crop) in [0, 1]."""
+        cfg, models = self.config, self.models
+        rgb = torch.from_numpy(np.ascontiguousarray(image)).to(models.device).permute(2, 0, 1)
+        resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, crop)
+        boxes = window_boxes(resized.shape[1], resized.shape[2], crop, stride)
+        crops = torch.stack([resized[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes]).float().div_(255)
+        return resized, boxes, crops
+
+    def _encode_clip_only(self, image: np.ndarray, timings: dict[str, float]) -> torch.Tensor:
+        """A CLIP-only method's dense features (E, Hg, Wg) on the token grid of the resized image."""
+        cfg, models = self.config, self.models
+        crop = cfg.clip_slide_crop
+        with self._stage(timings, 'windows'):
+            resized, boxes, crops = self._windows(image, crop, cfg.clip_slide_stride)
+        with self._stage(timings, 'clip'):
+            features, grid = clip_only_features(
+                models.clip, _normalise(crops, models.clip.mean, models.clip.std, models.dtype), cfg.method)
+        with self._stage(timings, 'splice'):
+            tokens = features.transpose(1, 2).reshape(len(boxes), -1, *grid)
+            patch = crop // grid[0]
+            return splice_windows(tokens, boxes, (resized.shape[1] // patch, resized.shape[2] // patch), patch)
+
     @torch.inference_mode()
     def encode_image(self, image: np.ndarray) -> ImageFeatures:
-        """Run the image encoders on one frame.
+        """Run the image encoders of ``config.method`` on one frame.
 
         Args:
             image: (H, W, 3) uint8 RGB.
         Returns:
-            ImageFeatures with dense features (E, hs, ws) on the SAM token grid.
+            ImageFeatures with dense features (E, hs, ws) (see :class:`ImageFeatures` for the grid).
         """
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f'expected an (H, W, 3) uint8 RGB array, got {getattr(image, "shape", None)} '
@@ -105,14 +148,16 @@ class TridentPipeline:
         cfg, models = self.config, self.models
         timings: dict[str, float] = {}
         self.image_encoder_calls += 1
+        if cfg.method in CLIP_ONLY_METHODS:
+            dense = self._encode_clip_only(image, timings)
+            return ImageFeatures(dense=dense, sam_image=None, original_size=image.shape[:2], timings=timings)
 
-        with self._stage(timings, 'sam_encoder'):
-            sam_image = models.sam.encode(image)
+        sam_image = None
+        if cfg.method != 'proxy':
+            with self._stage(timings, 'sam_encoder'):
+                sam_image = models.sam.encode(image)
         with self._stage(timings, 'windows'):
-            rgb = torch.from_numpy(np.ascontiguousarray(image)).to(models.device).permute(2, 0, 1)
-            resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, cfg.slide_crop)
-            boxes = window_boxes(resized.shape[1], resized.shape[2], cfg.slide_crop, cfg.slide_stride)
-            crops = torch.stack([resized[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes]).float().div_(255)
+            resized, boxes, crops = self._windows(image, cfg.slide_crop, cfg.slide_stride)
         with self._stage(timings, 'dino'):
             dino = models.dino.patch_features(_normalise(crops, models.dino.mean, models.dino.std, models.dtype))
         with self._stage(timings, 'clip'):
@@ -125,14 +170,18 @@ class TridentPipeline:
             tokens = tokens.transpose(1, 2).reshape(len(boxes), -1, *dino_grid)
             patch = cfg.slide_crop // dino_grid[0]
             spliced = splice_windows(tokens, boxes, (resized.shape[1] // patch, resized.shape[2] // patch), patch)
-        with self._stage(timings, 'aggregation'):
-            aggregated = aggregate_with_sam(spliced, sam_image.attention, cfg.cos_fac, cfg.refine_neg_cos,
-                                            cfg.aggregation_chunk)
+        aggregated = spliced  # proxy: no SAM aggregation, the window token grid
+        if sam_image is not None:
+            with self._stage(timings, 'aggregation'):
+                aggregated = aggregate_with_sam(spliced, sam_image.attention, cfg.cos_fac, cfg.refine_neg_cos,
+                                                cfg.aggregation_chunk)
         with self._stage(timings, 'projection'):
             dense = models.clip.project(aggregated.permute(1, 2, 0))  # (hs, ws, E)
             dense = F.normalize(dense.float(), dim=-1).permute(2, 0, 1).contiguous()
-        # The attention capture (q, k, v of the whole grid) is only needed for aggregation.
-        sam_image = dataclasses.replace(sam_image, attention=None)
+        # The attention capture (q, k, v of the whole grid) is only needed for aggregation; the
+        # embedding only for refinement, which only trident does.
+        if sam_image is not None:
+            sam_image = dataclasses.replace(sam_image, attention=None) if cfg.method == 'trident' else None
         return ImageFeatures(dense=dense, sam_image=sam_image, original_size=image.shape[:2], timings=timings)
 
     def encode_vocabulary(self, vocabulary: str | Sequence[Sequence[str]]) -> Vocabulary:
@@ -153,13 +202,16 @@ class TridentPipeline:
 
     @torch.inference_mode()
     def label(self, features: ImageFeatures, vocabulary: Vocabulary) -> Segmentation:
-        """Label a frame's cached image features with a vocabulary (no image encoder runs)."""
+        """Label a frame's cached image features with a vocabulary (no image encoder runs).
+
+        SAM refinement runs when ``refine`` is on and the method is ``trident``.
+        """
         cfg = self.config
         timings: dict[str, float] = {}
         with self._stage(timings, 'labelling'):
             probs = class_probabilities(features.dense, vocabulary, features.original_size, cfg.logit_scale)
         refined = None
-        if cfg.refine:
+        if cfg.refine and cfg.method == 'trident':
             if features.sam_image is None:
                 raise ConfigError('refine=True needs the SAM image embedding, which this frame has not')
             with self._stage(timings, 'refinement'):
