@@ -22,6 +22,7 @@ setup(
         'numpy>=1.23',
         'opencv-python-headless>=4.8',
         'tqdm>=4.60',
+        'pillow>=9.0',
         'PyYAML>=6.0',
     ],
     extras_require={'test': ['pytest>=8,<9', 'psutil']},

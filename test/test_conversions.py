@@ -132,6 +132,60 @@ def test_compressed_size_limit_applies_after_decoding():
         conversions.compressed_to_rgb(compressed(png), 99)
 
 
+@pytest.mark.parametrize('fields, reason', [
+    (dict(encoding='bayer_rggb8'), 'encoding'),
+    (dict(step=5), 'step'),
+    (dict(data=bytes(17)), 'length'),
+    (dict(height=0, width=0, step=0, data=b''), 'size'),
+    (dict(height=8000, width=8000, step=24000, data=b''), 'too_large'),  # size checked before the data
+])
+def test_refusals_name_their_kind(fields, reason):
+    msg = Image(**{**dict(height=2, width=3, encoding='rgb8', step=9, data=bytes(18)), **fields})
+    with pytest.raises(ImageConversionError) as refused:
+        conversions.image_to_rgb(msg, 16_777_216)
+    assert refused.value.reason == reason
+
+
+def test_extreme_aspect_ratios_decode_both_ways():
+    for height, width in [(10_000, 1), (1, 10_000)]:
+        rgb = rgb_image(height, width)
+        np.testing.assert_array_equal(conversions.image_to_rgb(make_image(rgb, 'rgb8', pad=1), BIG), rgb)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk (8-bit RGB) followed by IEND: a header without pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b'IEND', b'')
+
+
+def test_compressed_size_is_read_from_the_header_before_decoding():
+    assert conversions.compressed_size(np.frombuffer(png_header_only(123, 45), np.uint8)) == (45, 123)
+    jpeg = cv2.imencode('.jpg', np.zeros((30, 50, 3), np.uint8))[1].tobytes()
+    assert conversions.compressed_size(np.frombuffer(jpeg, np.uint8)) == (30, 50)
+    assert conversions.compressed_size(np.frombuffer(bytes(range(200)), np.uint8)) is None
+    # a "decompression bomb": 8000x8000 declared, no pixel data; decoding would fail with another
+    # reason, so 'too_large' shows that the header alone decided
+    cases = [(png_header_only(8000, 8000), 16_777_216),  # over max_input_pixels
+             (png_header_only(40_000, 40_000), 10**12)]  # over Pillow's own decompression-bomb limit
+    for data, max_pixels in cases:
+        with pytest.raises(ImageConversionError) as refused:
+            conversions.compressed_to_rgb(compressed(data), max_pixels)
+        assert refused.value.reason == 'too_large'
+
+
+def test_truncated_png_and_jpeg_are_refused():
+    image = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for extension in ('.png', '.jpg'):
+        data = cv2.imencode(extension, image)[1].tobytes()
+        with pytest.raises(ImageConversionError, match='could not be decoded'):
+            conversions.compressed_to_rgb(compressed(data[:len(data) // 2]), BIG)
+
+
 def decode_mono(msg: Image, dtype: type) -> np.ndarray:
     """Naive reading of a mono image message (rows of ``step`` bytes, declared byte order)."""
     order = '>' if msg.is_bigendian else '<'

@@ -356,16 +356,16 @@ def test_bad_images_are_counted_and_good_frames_keep_working(active, client, out
     assert active.alive() and 'Traceback' not in active.output()
 
 
-def test_extreme_shapes_never_take_the_node_down(active, client, outputs, cameras):
+def test_extreme_shapes_are_segmented(active, client, outputs, cameras):
     start, _, _ = diagnostics_after(outputs, time.monotonic() - 1.5)
-    for shape in ((1, 1, 3), (1, 10_000, 3)):
+    for shape in ((1, 1, 3), (1, 10_000, 3), (10_000, 1, 3)):
         cameras['reliable'].publish(image_msg(np.full(shape, 128, np.uint8)))
         time.sleep(0.5)
 
-    def handled(values, *_):  # processed, or skipped with an error status: either way handled
-        done = int(values['frames_processed']) + int(values['frames_failed'])
-        return done >= int(start['frames_processed']) + int(start['frames_failed']) + 2
-    diagnostics_after(outputs, time.monotonic(), extra=handled, timeout=20)
+    def handled(values, *_):
+        return int(values['frames_processed']) >= int(start['frames_processed']) + 3
+    values, _, _ = diagnostics_after(outputs, time.monotonic(), extra=handled, timeout=20)
+    assert values['frames_failed'] == start['frames_failed']  # segmented, none skipped
     send_until_outputs(cameras['reliable'], image_msg(ROOM[::8, ::8]), outputs, ('labels',))
     assert active.alive() and 'Traceback' not in active.output()
 
@@ -382,7 +382,8 @@ def test_a_burst_keeps_only_the_newest_frame(active, client, outputs, cameras):
     received = int(values['frames_received']) - int(start['frames_received'])
     processed = int(values['frames_processed']) - int(start['frames_processed'])
     dropped = int(values['frames_dropped']) - int(start['frames_dropped'])
-    assert dropped >= 1 and processed < received and processed + dropped <= received, values
+    # + 1: the snapshot before the burst may have been taken with a frame received but not yet processed
+    assert dropped >= 1 and processed < received and processed + dropped <= received + 1, values
 
 
 def test_compressed_transport(active, client, outputs, cameras):

@@ -30,6 +30,21 @@ def test_resize_for_windows_sizes(size: tuple[int, int], expected: tuple[int, in
     assert out.dtype == torch.float32
 
 
+@pytest.mark.parametrize('size, first, expected', [
+    ((1, 10_000), (1, 2048), (336, 2048)),   # int(1 * 0.2048 + 0.5) = 0 would be an empty image
+    ((10_000, 1), (2048, 1), (2048, 336)),
+    ((2, 3000), (1, 2048), (336, 2048)),     # int(2 * 2048 / 3000 + 0.5) = 1
+])
+def test_extreme_aspect_ratios_keep_at_least_one_pixel(size, first, expected) -> None:
+    height, width = size
+    factor = min(2048 / max(size), 448 / min(size))  # the reference formula, then at least 1
+    assert short_side_size(height, width, 448, 2048) == first == (max(int(height * factor + 0.5), 1),
+                                                                   max(int(width * factor + 0.5), 1))
+    out = resize_for_windows(torch.full((3, height, width), 77, dtype=torch.uint8), 448, 2048, 336)
+    assert out.shape == (3, *expected)
+    torch.testing.assert_close(out, torch.full_like(out, 77.0))  # a constant image stays constant
+
+
 def test_resize_without_short_side_keeps_original_then_rounds() -> None:
     image = torch.rand(3, 100, 130) * 255
     out = resize_for_windows(image, 0, 2048, 64)

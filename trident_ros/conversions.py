@@ -21,10 +21,14 @@ pixel grid (``~/labels`` pixel (u, v) is camera pixel (u, v)).
 
 ``sensor_msgs/CompressedImage``: whatever OpenCV's ``imdecode`` reads (JPEG, PNG, ...; the content
 decides, the ``format`` field is not trusted), decoded to 8-bit; grey and alpha handled as above.
+The pixel size is read from the header first (Pillow, no decoding), so that a small file that
+would decode to gigabytes (a "decompression bomb") is refused before any pixel is allocated.
 """
 from __future__ import annotations
 
+import io
 import sys
+import warnings
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
@@ -51,7 +55,15 @@ _GRAY_OR_COLOUR_TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.CO
 
 
 class ImageConversionError(ValueError):
-    """An image message cannot be used; the message says why (for a warning, never a crash)."""
+    """An image message cannot be used; the message says why (for a warning, never a crash).
+
+    ``reason`` names the kind of problem (``encoding``, ``size``, ``too_large``, ``step``,
+    ``length``, ``decode``), so that a node can throttle its warnings per kind.
+    """
+
+    def __init__(self, message: str, reason: str = 'decode') -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 Decoder = Callable[[str, int, int, bool, np.ndarray], np.ndarray]
@@ -103,11 +115,11 @@ IMAGE_BACKEND, _DECODE = _select_decoder()
 def check_size(height: int, width: int, max_pixels: int) -> None:
     """Raise :class:`ImageConversionError` for an empty image or one over ``max_pixels``."""
     if height <= 0 or width <= 0:
-        raise ImageConversionError(f'empty image ({width}x{height})')
+        raise ImageConversionError(f'empty image ({width}x{height})', 'size')
     if height * width > max_pixels:
         raise ImageConversionError(
             f'{width}x{height} = {height * width} pixels exceeds max_input_pixels={max_pixels}; '
-            'refused (outputs keep the input resolution): scale the image down before sending it')
+            'refused (outputs keep the input resolution): scale the image down before sending it', 'too_large')
 
 
 def image_to_rgb(msg: Image, max_pixels: int) -> np.ndarray:
@@ -119,16 +131,16 @@ def image_to_rgb(msg: Image, max_pixels: int) -> np.ndarray:
     encoding = msg.encoding.strip().lower()
     if encoding not in SUPPORTED_ENCODINGS:
         raise ImageConversionError(
-            f'unsupported encoding {msg.encoding[:32]!r}; supported: {", ".join(SUPPORTED_ENCODINGS)}')
+            f'unsupported encoding {msg.encoding[:32]!r}; supported: {", ".join(SUPPORTED_ENCODINGS)}', 'encoding')
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     check_size(height, width, max_pixels)
     channels, depth = SUPPORTED_ENCODINGS[encoding]
     row_bytes = width * channels * depth
     if step < row_bytes:
         raise ImageConversionError(
-            f'step {step} is smaller than one row of {width} {encoding} pixels ({row_bytes} bytes)')
+            f'step {step} is smaller than one row of {width} {encoding} pixels ({row_bytes} bytes)', 'step')
     if len(msg.data) != height * step:
-        raise ImageConversionError(f'data has {len(msg.data)} bytes, height*step is {height * step}')
+        raise ImageConversionError(f'data has {len(msg.data)} bytes, height*step is {height * step}', 'length')
     data = np.frombuffer(msg.data, dtype=np.uint8)
     if step != row_bytes:  # drop row padding: rosbags-image reads rows as contiguous
         data = np.ascontiguousarray(data.reshape(height, step)[:, :row_bytes])
@@ -146,10 +158,17 @@ def compressed_to_rgb(msg: CompressedImage, max_pixels: int) -> np.ndarray:
         ImageConversionError: empty or undecodable data, or a decoded size over ``max_pixels``.
     """
     if len(msg.data) == 0:
-        raise ImageConversionError('compressed image has no data')
+        raise ImageConversionError('compressed image has no data', 'size')
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    header_size = compressed_size(data)
+    if header_size is not None:
+        check_size(*header_size, max_pixels)
     # OpenCV's imdecode, as rosbags-image and cv_bridge use; its result is checked here because
     # rosbags-image only asserts it (an AssertionError, or None under python -O).
-    decoded = cv2.imdecode(np.frombuffer(msg.data, dtype=np.uint8), cv2.IMREAD_ANYCOLOR)
+    try:
+        decoded = cv2.imdecode(data, cv2.IMREAD_ANYCOLOR)
+    except cv2.error as error:  # e.g. over OpenCV's own pixel limit
+        raise ImageConversionError(f'compressed image could not be decoded: {str(error).strip()[:200]}') from error
     if decoded is None:
         raise ImageConversionError(
             f'compressed image ({len(msg.data)} bytes, format {msg.format[:32]!r}) could not be decoded')
@@ -158,6 +177,23 @@ def compressed_to_rgb(msg: CompressedImage, max_pixels: int) -> np.ndarray:
     if channels not in _GRAY_OR_COLOUR_TO_RGB:
         raise ImageConversionError(f'compressed image decoded to {channels} channels')
     return _as_rgb8(cv2.cvtColor(decoded, _GRAY_OR_COLOUR_TO_RGB[channels]), 'compressed image')
+
+
+def compressed_size(data: np.ndarray) -> tuple[int, int] | None:
+    """``(height, width)`` from a compressed image's header (Pillow reads the header only), or
+    None when Pillow does not know the format (OpenCV may still decode it)."""
+    from PIL import Image as PilImage
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', PilImage.DecompressionBombWarning)
+            with PilImage.open(io.BytesIO(data.tobytes())) as image:
+                width, height = image.size
+    except PilImage.DecompressionBombError as error:  # more than twice Pillow's own pixel limit
+        raise ImageConversionError(f'compressed image is too large: {error}', 'too_large') from error
+    except Exception:  # unknown or broken header: let OpenCV decide
+        return None
+    return height, width
 
 
 def _as_rgb8(image: np.ndarray, what: str) -> np.ndarray:

@@ -10,7 +10,11 @@ A thin ROS 2 adapter over :class:`trident_ros.pipeline.TridentPipeline`:
 * a new vocabulary (topic ``~/vocabulary`` or parameter ``vocabulary``) relabels the last frame
   from its cached image features: no image encoder runs;
 * every field of :class:`TridentConfig` is a parameter; labelling fields apply at once, model
-  fields (``pipeline.MODEL_FIELDS``) at the next configure.
+  fields (``pipeline.MODEL_FIELDS``) at the next configure;
+* nothing received can take the node down (docs/reliability.md): a bad image, vocabulary or
+  parameter is refused with a warning (logged at most once per kind of problem every
+  WARN_EVERY_S) and the last good state stays; a frame that fails in the pipeline is skipped with
+  an ERROR status and the GPU cache released; /diagnostics counts all of it.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import collections
 import dataclasses
 import gc
 import os
+import re
 import signal
 import sys
 import threading
@@ -53,6 +58,7 @@ from trident_ros.vocabulary import Vocabulary, VocabularyError, parse_vocabulary
 from trident_ros.weights import WeightsError
 
 CONFIG_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TridentConfig)}
+CHECKPOINT_FIELDS = ('sam_checkpoint', 'dino_checkpoint')  # local files TridentConfig.validate looks up
 IMAGE_TRANSPORTS = ('raw', 'compressed')
 IMAGE_QOS = ('sensor_data', 'reliable')
 OUTPUTS = ('segmentation', 'labels', 'confidence', 'masks')
@@ -86,6 +92,11 @@ LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=R
 VOCABULARY_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
 RECENT_S = 10.0  # how long a warning or error keeps the diagnostics status raised
 WARN_EVERY_S = 5.0  # log the same kind of warning at most this often
+MAX_WARNING_KINDS = 64  # kinds remembered for throttling (older ones are forgotten)
+FAULT_FRAME_ID_ENV = 'TRIDENT_TEST_FAULT_FRAME_ID'
+"""Test hook, read once at start (docs/reliability.md): frames whose ``header.frame_id`` equals this
+variable's value fail inside the worker as CUDA running out of memory would. Unset (the default) it
+does nothing; it cannot be set over ROS."""
 SHUTDOWN_WAIT_S = 1.0  # how long shutdown waits for a frame in progress
 
 
@@ -117,10 +128,12 @@ class Stats:
     rejected: int = 0
     failed: int = 0
     skipped_no_subscribers: int = 0
+    vocabularies_refused: int = 0
     latency_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     done: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=256))
     warning: tuple[float, str] | None = None
     error: tuple[float, str] | None = None
+    error_published: bool = False  # the current error went out on /diagnostics at least once
 
 
 class TridentNode(LifecycleNode):
@@ -137,6 +150,8 @@ class TridentNode(LifecycleNode):
         self._state = 'unconfigured'
         self._stats = Stats()
         self._warned: dict[str, float] = {}  # warning kind -> when it was last logged
+        self._fault_frame_id = os.environ.get(FAULT_FRAME_ID_ENV, '')
+        self._topic_change = threading.local()  # .active: ~/vocabulary is setting the parameter (it warns itself)
         self._pipe_lock = threading.Lock()   # one pipeline caller at a time (it is not thread-safe)
         self._io_lock = threading.RLock()    # publishers/subscriptions vs. the worker publishing
         self._work = threading.Condition()   # guards _pending, _relabel, _stopping
@@ -191,25 +206,43 @@ class TridentNode(LifecycleNode):
             out.append(param)
         return out
 
-    def _config_from_parameters(self, changes: Mapping[str, Any] | None = None) -> TridentConfig:
-        """TridentConfig from the current parameters with ``changes`` applied; raises ConfigError."""
+    def _config_from_parameters(self, changes: Mapping[str, Any] | None = None,
+                                check_unchanged_files: bool = True) -> TridentConfig:
+        """TridentConfig from the current parameters with ``changes`` applied; raises ConfigError.
+
+        ``check_unchanged_files=False`` (runtime changes): a checkpoint path that is not in ``changes``
+        is not looked up again. It was checked when it was set, and configure reports it if the file
+        has gone since; a moved file must not block, e.g., a vocabulary change.
+        """
         changes = changes or {}
-        return TridentConfig.from_dict(
-            {name: changes[name] if name in changes else self.get_parameter(name).value for name in CONFIG_FIELDS})
+        values = {name: changes[name] if name in changes else self.get_parameter(name).value for name in CONFIG_FIELDS}
+        if not check_unchanged_files:
+            values.update({name: '' for name in CHECKPOINT_FIELDS if name not in changes})
+        return TridentConfig.from_dict(values)
 
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         """Refuse invalid values with a reason; the old values stay."""
         changes = {p.name: p.value for p in parameters}
         try:
-            config = self._config_from_parameters(changes)
+            config = self._config_from_parameters(changes, check_unchanged_files=False)
             self._check_node_parameters(changes)
             if 'vocabulary' in changes:
                 text = changes['vocabulary']
                 self._staged_vocabulary = (text, self._encode_vocabulary(text, config))
         except (ConfigError, VocabularyError, ValueError) as error:
-            self._warn('parameter', f'parameter change refused: {error}')
-            return SetParametersResult(successful=False, reason=str(error))
+            return self._refuse(changes, str(error), message_kind(error))
+        except Exception as error:  # e.g. out of memory while encoding a vocabulary: refuse, never crash
+            self._free_gpu_cache()
+            return self._refuse(changes, f'{type(error).__name__}: {error}', type(error).__name__)
         return SetParametersResult(successful=True)
+
+    def _refuse(self, changes: Mapping[str, Any], reason: str, kind: str) -> SetParametersResult:
+        """Count and report a refused parameter change (~/vocabulary reports its own refusals)."""
+        if 'vocabulary' in changes:
+            self._stats.vocabularies_refused += 1
+        if not getattr(self._topic_change, 'active', False):
+            self._warn(f'parameter:{kind}', f'parameter change refused: {reason}')
+        return SetParametersResult(successful=False, reason=reason)
 
     @staticmethod
     def _check_node_parameters(changes: Mapping[str, Any]) -> None:
@@ -220,6 +253,12 @@ class TridentNode(LifecycleNode):
             raise ValueError(f'image_qos={changes["image_qos"]!r}: must be one of {", ".join(IMAGE_QOS)}')
         if changes.get('max_input_pixels', 1) < 1:
             raise ValueError(f'max_input_pixels={changes["max_input_pixels"]}: must be positive')
+        device = changes.get('device', 'cpu')
+        if device.startswith('cuda'):
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = int(device[5:]) if device.startswith('cuda:') else 0
+            if index >= count:
+                raise ValueError(f'device={device!r}: this machine has {count} CUDA device(s)')
 
     def _encode_vocabulary(self, text: str, config: TridentConfig) -> Vocabulary | None:
         """Encode ``text`` when the models are loaded (None otherwise, after a parse check)."""
@@ -253,7 +292,7 @@ class TridentNode(LifecycleNode):
         live = [name for name in changed if name not in MODEL_FIELDS]
         with self._pipe_lock:
             if self._pipeline is not None and live:
-                self._pipeline.apply_label_config(self._config_from_parameters())
+                self._pipeline.apply_label_config(self._config_from_parameters(check_unchanged_files=False))
         if live:
             self.get_logger().info(f'applied at once: {", ".join(live)}')
             self._request_relabel()
@@ -291,8 +330,9 @@ class TridentNode(LifecycleNode):
         if text:
             try:
                 self._set_vocabulary(self._encode_vocabulary(text, config))
-            except (VocabularyError, ValueError) as error:
-                self._warn('vocabulary', f'vocabulary {text[:80]!r} refused: {error}; send one on ~/vocabulary')
+            except Exception as error:  # VocabularyError, or the text encoder failing: models stay usable
+                self._warn(f'vocabulary:{message_kind(error)}',
+                           f'vocabulary {text[:80]!r} refused: {error}; send one on ~/vocabulary')
         self._state = 'inactive'
         return TransitionCallbackReturn.SUCCESS
 
@@ -408,10 +448,14 @@ class TridentNode(LifecycleNode):
     def _on_vocabulary(self, msg: String) -> None:
         if msg.data == self.get_parameter('vocabulary').value:
             return  # a latched publisher reaches both subscriptions; the same text changes nothing
-        result = self.set_parameters([Parameter('vocabulary', Parameter.Type.STRING, msg.data)])[0]
+        self._topic_change.active = True
+        try:
+            result = self.set_parameters([Parameter('vocabulary', Parameter.Type.STRING, msg.data)])[0]
+        finally:
+            self._topic_change.active = False
         if not result.successful:
-            self._warn('vocabulary', f'vocabulary from ~/vocabulary refused, keeping the last good one: '
-                                     f'{result.reason}')
+            self._warn(f'vocabulary:{message_kind(result.reason)}',
+                       f'vocabulary from ~/vocabulary refused, keeping the last good one: {result.reason}')
 
     def _request_relabel(self) -> None:
         with self._work:
@@ -428,18 +472,23 @@ class TridentNode(LifecycleNode):
                     return
                 frame, self._pending = self._pending, None
                 relabel, self._relabel = self._relabel, False
+            failed = False
             try:
                 if frame is not None:
                     self._process(frame)
                 elif relabel:
                     self._relabel_last()
             except Exception as error:  # the worker must survive anything a frame can cause
+                failed = True
                 self._stats.failed += 1
-                self._stats.error = (time.monotonic(), f'{type(error).__name__}: {error}')
+                self._stats.error = (time.monotonic(), f'frame skipped: {type(error).__name__}: {error}')
+                self._stats.error_published = False
                 self.get_logger().error(f'frame skipped: {type(error).__name__}: {error}',
                                         throttle_duration_sec=5.0)
-                if isinstance(error, torch.cuda.OutOfMemoryError):
-                    self._free_gpu_cache()
+            if failed:
+                # Outside the except block: the traceback (and the tensors its frames hold) is gone
+                # now, so the allocator can really give their memory back.
+                self._free_gpu_cache()
 
     def _wanted_outputs(self) -> set[str]:
         """Outputs switched on that somebody subscribes to."""
@@ -461,9 +510,11 @@ class TridentNode(LifecycleNode):
                 rgb = conversions.image_to_rgb(frame.msg, self.get_parameter('max_input_pixels').value)
         except ImageConversionError as error:
             self._stats.rejected += 1
-            self._warn('image', f'image refused: {error}')
+            self._warn(f'image:{error.reason}', f'image refused: {error}')
             return
         timings = {'queue': start - frame.received, 'conversion': time.monotonic() - start}
+        if self._fault_frame_id and frame.msg.header.frame_id == self._fault_frame_id:
+            raise torch.cuda.OutOfMemoryError(f'simulated by {FAULT_FRAME_ID_ENV} (test hook)')
         with self._pipe_lock:
             if self._pipeline is None:
                 return
@@ -476,6 +527,7 @@ class TridentNode(LifecycleNode):
             return
         self._publish(last, segmentation, vocabulary, timings, start)
         self._stats.processed += 1
+        self._recovered()
 
     def _relabel_last(self) -> None:
         with self._pipe_lock:
@@ -532,11 +584,22 @@ class TridentNode(LifecycleNode):
         now = time.monotonic()
         self._stats.warning = (now, message)
         if now - self._warned.get(kind, -WARN_EVERY_S) >= WARN_EVERY_S:
+            if len(self._warned) >= MAX_WARNING_KINDS:
+                self._warned = {k: t for k, t in self._warned.items() if now - t < WARN_EVERY_S}
             self._warned[kind] = now
             self.get_logger().warning(message)
 
+    def _recovered(self) -> None:
+        """A frame went through after a frame failed: once the error has been on /diagnostics, it
+        becomes a warning (until RECENT_S)."""
+        error = self._stats.error
+        if error is not None and error[1].startswith('frame skipped') and self._stats.error_published:
+            self._stats.error = None
+            self._stats.warning = (error[0], f'recovered; earlier {error[1]}')
+
     def _publish_diagnostics(self) -> None:
         status = self.diagnostic_status()
+        self._stats.error_published = status.level == DiagnosticStatus.ERROR
         self._diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
 
     def diagnostic_status(self) -> DiagnosticStatus:
@@ -565,6 +628,7 @@ class TridentNode(LifecycleNode):
             'frames_rejected': stats.rejected,
             'frames_failed': stats.failed,
             'frames_skipped_no_subscribers': stats.skipped_no_subscribers,
+            'vocabularies_refused': stats.vocabularies_refused,
             'image_encoder_calls': pipeline.image_encoder_calls if pipeline is not None else 0,
             'vocabulary_size': vocabulary.num_classes if vocabulary is not None else 0,
             'image_decoder': conversions.IMAGE_BACKEND,
@@ -584,6 +648,12 @@ class TridentNode(LifecycleNode):
             self._work.notify()
         self._worker.join(timeout)
         return not self._worker.is_alive()
+
+
+def message_kind(error: Exception | str) -> str:
+    """A short key of an error message without its quoted text and numbers, so that warnings about
+    the same problem with different values are throttled together."""
+    return re.sub(r"'[^']*'|\d+", '', str(error))[:48]
 
 
 def ignore_repeated_signals() -> None:

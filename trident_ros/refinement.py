@@ -150,6 +150,7 @@ def mask_prompts(probs: torch.Tensor, original_size: tuple[int, int], mask_size:
         bottom/right, ``coff * p`` where ``p > coarse_thresh`` else 0.
     """
     new_h, new_w = ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], mask_size[0])
+    new_h, new_w = max(new_h, 1), max(new_w, 1)  # an extreme aspect ratio (2x3000) would round to 0
     resized = F.interpolate(probs[:, None], size=(new_h, new_w), mode='bilinear', align_corners=False)
     padded = F.pad(resized, (0, mask_size[1] - new_w, 0, mask_size[0] - new_h))
     return torch.where(padded > coarse_thresh, coff * padded, torch.zeros((), dtype=padded.dtype, device=padded.device))

@@ -22,9 +22,10 @@ def _bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def short_side_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
     """(h, w) after the reference's keep-ratio rescale: short side ``short_side``, long side at most
-    ``max_long_side``, each side ``int(x * f + 0.5)``."""
+    ``max_long_side``, each side ``int(x * f + 0.5)`` and at least 1 (an extreme aspect ratio such
+    as 1x10000 would otherwise round its short side to 0)."""
     factor = min(max_long_side / max(height, width), short_side / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+    return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
 
 
 def window_input_size(height: int, width: int, crop: int, patch: int = PATCH) -> tuple[int, int]:
