@@ -1,7 +1,7 @@
 """Chunked SAM-attention aggregation against the reference's whole-matrix formula (get_sam_sim).
 
-Memory is not measured here (hard to do honestly on CPU); the chunked function only ever holds
-(heads, chunk, N) blocks, which the chunk sizes 1 and > N below exercise.
+Memory is not measured here (RSS is too coarse on tiny inputs); instead a torch dispatch mode
+records every tensor the function creates, and the largest must be a chunk-sized block.
 """
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from trident_ros.aggregation import aggregate_with_sam
+from trident_ros.aggregation import aggregate_with_sam, aggregation_chunk_bytes
+from trident_ros.models import SamAttentionCapture
 
 
 @dataclass
@@ -139,3 +142,66 @@ def test_fp16_keeps_dtype() -> None:
     half = aggregate_with_sam(features.half(), half_capture, 1.2, True, 5)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), full, atol=2e-2, rtol=2e-2)
+
+
+class LargestOutput(TorchDispatchMode):
+    """The most elements of any new tensor a torch op returned while active (views not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+                self.numel = max(self.numel, tensor.numel())
+        return out
+
+
+def sam_capture(grid: int, valid: tuple[int, int], heads: int = 3, head_dim: int = 4, seed: int = 8
+                ) -> SamAttentionCapture:
+    """The real capture class (relative-position terms included) on random tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(heads, grid, grid, head_dim, generator=generator, dtype=torch.float64) for _ in range(3))
+    rel_h, rel_w = (torch.randn(grid, grid, head_dim, generator=generator, dtype=torch.float64) for _ in range(2))
+    return SamAttentionCapture(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w, scale=head_dim ** -0.5, valid=valid)
+
+
+@pytest.mark.parametrize('chunk', [5, 16])
+def test_holds_only_chunk_sized_blocks(chunk: int) -> None:
+    """Largest new tensor: the (heads, chunk, G*G) attention rows (here bigger than the unit values
+    (heads, N, hd) and the output (D, N)); the naive formula holds (heads, N, N) matrices."""
+    capture = sam_capture(grid=8, valid=(6, 7))
+    features = torch.randn(6, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    with LargestOutput() as largest:
+        out = aggregate_with_sam(features, capture, 1.2, True, chunk)
+    block = 3 * chunk * 8 * 8
+    assert largest.numel == block
+    assert aggregation_chunk_bytes(3, (8, 8), chunk, 8) == 2 * block * 8
+    everything = capture.attention_rows(torch.arange(64))
+    with LargestOutput() as whole:
+        expected = naive_aggregation(features, _Whole(capture, everything), 1.2, True)
+    assert whole.numel >= 3 * 42 * 42 > block
+    torch.testing.assert_close(out, expected)
+
+
+@dataclass
+class _Whole:
+    """A capture whose ``full_attention`` is given (for :func:`naive_aggregation`)."""
+
+    capture: SamAttentionCapture
+    attention: torch.Tensor
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.capture.v
+
+    @property
+    def valid(self) -> tuple[int, int]:
+        return self.capture.valid
+
+    def full_attention(self) -> torch.Tensor:
+        return self.attention

@@ -1,9 +1,18 @@
-"""trident-bench runs on the small configuration and reports every field (no timing assertions)."""
+"""trident-bench runs on the small configuration and reports every field; bench/node_bench.py runs
+against a tiny node it launches (no timing assertions)."""
 from __future__ import annotations
 
 import json
+import os
+import random
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_reports_every_field():
@@ -13,6 +22,7 @@ def test_bench_reports_every_field():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report['image_size'] == [96, 64] and report['device'] == 'cpu' and report['dtype'] == 'float32'
+    assert report['clock'] == 'wall'
     for stage in ('sam_encoder', 'dino', 'clip', 'splice', 'aggregation', 'labelling', 'refinement', 'masks'):
         assert report['stages_s'][stage]['median'] > 0, stage
     for total in ('encoders_only', 'full_refine_off', 'full_refine_on', 'relabel_refine_off'):
@@ -21,13 +31,57 @@ def test_bench_reports_every_field():
     assert report['overhead_ratio_refine_off'] == totals['full_refine_off']['median'] / totals['encoders_only']['median']
     assert report['relabel_ratio_refine_off'] == (totals['relabel_refine_off']['median']
                                                   / totals['full_refine_off']['median'])
+    assert report['overhead_ratio_refine_on_min'] == totals['full_refine_on']['min'] / totals['encoders_only']['min']
     assert report['text_ratio'] > 0 and report['peak_rss_bytes'] > 0
     assert report['aggregation_peak_extra_bytes'] >= 0 and 'RSS' in report['aggregation_memory_method']
+    assert 0 < report['peak_rss_frame_bytes'] <= report['peak_rss_bytes']
+    # tiny SAM: 2 heads, 16 x 16 padded grid; 96x64 -> 256 x 171 input, 10 x 16 valid tokens < 512 rows
+    assert report['aggregation_chunk'] == 512
+    assert report['aggregation_chunk_blocks_bytes'] == 2 * 2 * 160 * 256 * 4
+
+
+def test_bench_aggregation_chunk_and_clock_options():
+    result = subprocess.run([sys.executable, '-m', 'trident_ros.bench', '--tiny', '--repeat', '1', '--warmup', '0',
+                             '--size', '96x64', '--device', 'cpu', '--json', '--aggregation-chunk', '7',
+                             '--clock', 'cpu'],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report['aggregation_chunk'] == 7 and report['clock'] == 'cpu'
+    assert report['totals_s']['full_refine_off']['min'] > 0
+    assert report['aggregation_chunk_blocks_bytes'] == 2 * 2 * 7 * 256 * 4
 
 
 def test_bench_table_names_the_ratios():
     result = subprocess.run([sys.executable, '-m', 'trident_ros.bench', '--tiny', '--repeat', '1', '--warmup', '0',
                              '--size', '64x48', '--device', 'cpu'], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for text in ('overhead ratio', 'relabel ratio', 'encoders_only', 'text features', 'peak RSS', 'device: cpu'):
+    for text in ('overhead ratio', 'relabel ratio', 'encoders_only', 'text features', 'peak RSS', 'device: cpu',
+                 'peak RSS after the first repetition', 'aggregation (chunk 512)'):
         assert text in result.stdout, text
+
+
+@pytest.mark.ros
+def test_node_bench_launches_the_node_and_reports(tmp_path):
+    """bench/node_bench.py --launch: a tiny node on a domain of its own, 3 frames, every field."""
+    pytest.importorskip('rclpy', reason='ROS 2 (rclpy) is not installed: source tools/env.sh')
+    pytest.importorskip('trident_ros.msg', reason='trident_ros messages are not built: run tools/setup.sh')
+    if shutil.which('ros2') is None:
+        pytest.skip('the ros2 CLI is not on PATH: source tools/env.sh')
+    env = dict(os.environ, ROS_LOG_DIR=str(tmp_path), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
+    env.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(ROOT / 'config' / 'fastdds_large_data.xml'))
+    result = subprocess.run([sys.executable, str(ROOT / 'bench' / 'node_bench.py'), '--launch', '--frames', '3',
+                             '--rate', '2', '--warmup', '1', '--json', '--domain-id', str(random.randint(200, 230))],
+                            capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report['size'] == [640, 480] and report['frames_published'] == 3
+    assert report['segmentations_received'] + report['node_counters']['frames_dropped'] >= 3
+    latency = report['latency_ms']
+    assert latency['count'] == report['segmentations_received'] and latency['min'] > 0
+    assert set(report['node_counters']) >= {'frames_received', 'frames_processed', 'frames_dropped'}
+    # frames that a diagnostics status described: overhead = latency - pipeline, both positive
+    assert report['overhead_ms']['count'] == report['pipeline_ms']['count']
+    if report['pipeline_ms']['count']:
+        assert report['pipeline_ms']['min'] > 0 and report['overhead_ms']['min'] >= 0
+        assert {'queue', 'conversion', 'publish', 'transport_and_rest'} == set(report['overhead_parts_ms'])

@@ -10,12 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from segment_anything import SamPredictor
-from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+from segment_anything.modeling.common import MLPBlock
+from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, add_decomposed_rel_pos
 from timm.layers import resample_abs_pos_embed
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from trident_ros.config import TridentConfig
-from trident_ros.models import (ClipDense, DinoPatches, SamAttentionCapture, SamEncoder, TridentModels,
-                                interpolate_pos_embed, load_models)
+from trident_ros.models import (SAM_BLOCK_ELEMENTS, ClipDense, DinoPatches, SamAttentionCapture, SamChunkedAttention,
+                                SamChunkedMlp, SamEncoder, TridentModels, interpolate_pos_embed, load_models,
+                                use_chunked_blocks)
 
 TINY = TridentConfig(model_scale='tiny', random_weights=True, device='cpu')
 
@@ -282,3 +286,180 @@ def test_prepare_gives_the_encoder_input_the_predictor_uses(models):
                                   lambda: SamPredictor(models.sam.model).set_image(image))
     assert prepared.shape == (1, 3, 256, 256) and prepared.dtype == models.sam.dtype
     assert torch.equal(prepared, predictor_input)
+
+
+# --- SAM encoder blocks in chunks (attention: blocks of query rows; MLP: blocks of tokens) -------
+
+def upstream_attention(dim: int, heads: int, size: tuple[int, int], use_rel_pos: bool = True,
+                       seed: int = 0) -> Attention:
+    """segment-anything's ``Attention`` with random weights, relative-position tables included."""
+    torch.manual_seed(seed)
+    attn = Attention(dim, num_heads=heads, use_rel_pos=use_rel_pos, rel_pos_zero_init=False, input_size=size).eval()
+    if use_rel_pos:
+        with torch.no_grad():
+            attn.rel_pos_h.normal_(0, 0.5)
+            attn.rel_pos_w.normal_(0, 0.5)
+    return attn
+
+
+class LargestOutputs(TorchDispatchMode):
+    """Records, per last dimension, the most elements of any new tensor a torch op returned while
+    active (views of its inputs not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.ndim and tensor.untyped_storage().data_ptr() not in inputs:
+                last = tensor.shape[-1]
+                self.largest[last] = max(self.largest.get(last, 0), tensor.numel())
+        return out
+
+
+@pytest.mark.parametrize('batch, size, max_elements', [
+    (1, (10, 14), 1),                # global block, non-square: one image row per block
+    (1, (10, 14), 2 * 3 * 14 * 140),  # three rows per block, the last block has one
+    (1, (10, 14), 10 ** 9),           # everything at once
+    (5, (6, 6), 2 * 2 * 36 * 36),     # window block: two windows per block, the last has one
+])
+def test_chunked_attention_equals_the_upstream_module(batch, size, max_elements):
+    upstream = upstream_attention(32, 2, size)
+    x = torch.randn(batch, *size, 32, generator=torch.Generator().manual_seed(1))
+    chunked = SamChunkedAttention(upstream, max_elements)
+    with torch.inference_mode():
+        expected = upstream(x)
+        out = chunked(x)
+    assert out.shape == expected.shape == (batch, *size, 32)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    # the blocks cover every (image, row) exactly once
+    covered = sorted((b, y) for images, rows in chunked.blocks(batch, *size)
+                     for b in range(images.start, images.stop) for y in range(rows.start, rows.stop))
+    assert covered == [(b, y) for b in range(batch) for y in range(size[0])]
+
+
+def test_chunked_attention_without_relative_positions():
+    upstream = upstream_attention(32, 4, (8, 8), use_rel_pos=False)
+    x = torch.randn(2, 8, 8, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(SamChunkedAttention(upstream, 1)(x), upstream(x), rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_attention_reuses_the_upstream_weights():
+    upstream = upstream_attention(32, 2, (8, 8))
+    chunked = SamChunkedAttention(upstream)
+    assert list(chunked.state_dict()) == list(upstream.state_dict())
+    for name, tensor in upstream.state_dict().items():
+        assert chunked.state_dict()[name].data_ptr() == tensor.data_ptr(), name
+    assert chunked.qkv is upstream.qkv and chunked.proj is upstream.proj
+    with pytest.raises(ValueError, match='max_elements'):
+        SamChunkedAttention(upstream, 0)
+
+
+def test_chunked_attention_never_holds_the_whole_attention_matrix():
+    """Upstream: (heads, N, N) logits (N = 16*16); blocks of one image row: (heads, 16, N) at most."""
+    upstream = upstream_attention(32, 2, (16, 16))
+    x = torch.randn(1, 16, 16, 32)
+    count = 16 * 16
+    with torch.inference_mode():
+        with LargestOutputs() as whole:
+            upstream(x)
+        with LargestOutputs() as rows:
+            SamChunkedAttention(upstream, 2 * 16 * count)(x)
+    assert whole.largest[count] == 2 * count * count
+    assert rows.largest[count] == 2 * 16 * count
+
+
+def test_chunked_mlp_equals_the_upstream_module():
+    torch.manual_seed(0)
+    upstream = MLPBlock(32, 64).eval()
+    x = torch.randn(2, 7, 5, 32)
+    for max_elements in (1, 64 * 3, 10 ** 9):  # one token, three tokens (uneven last block), all at once
+        chunked = SamChunkedMlp(upstream, max_elements)
+        with torch.inference_mode():
+            torch.testing.assert_close(chunked(x), upstream(x), rtol=1e-6, atol=1e-6)
+    assert list(chunked.state_dict()) == list(upstream.state_dict())
+    assert chunked.lin1 is upstream.lin1 and chunked.lin2 is upstream.lin2 and chunked.act is upstream.act
+    with LargestOutputs() as whole, torch.inference_mode():
+        upstream(x)
+    with LargestOutputs() as blocks, torch.inference_mode():
+        SamChunkedMlp(upstream, 64 * 3)(x)
+    assert whole.largest[64] == 70 * 64 and blocks.largest[64] == 3 * 64
+
+
+def test_encoder_with_chunked_blocks_equals_the_upstream_encoder():
+    """A small ImageEncoderViT with window blocks (padded windows: 8 tokens in windows of 3) and two
+    global blocks: the image embedding is the upstream encoder's."""
+    torch.manual_seed(0)
+    encoder = ImageEncoderViT(img_size=128, patch_size=16, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0,
+                              out_chans=16, use_rel_pos=True, rel_pos_zero_init=False, window_size=3,
+                              global_attn_indexes=(1, 3)).eval()
+    with torch.no_grad():
+        for block in encoder.blocks:
+            block.attn.rel_pos_h.normal_(0, 0.5)
+            block.attn.rel_pos_w.normal_(0, 0.5)
+    chunked = copy.deepcopy(encoder)
+    use_chunked_blocks(chunked, max_elements=1)
+    assert all(isinstance(block.attn, SamChunkedAttention) and isinstance(block.mlp, SamChunkedMlp)
+               for block in chunked.blocks)
+    chunked.load_state_dict(encoder.state_dict())  # same parameter names
+    image = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        torch.testing.assert_close(chunked(image), encoder(image), rtol=1e-5, atol=1e-6)
+    use_chunked_blocks(chunked)  # modules already converted are left alone
+    assert all(block.attn.max_elements == block.mlp.max_elements == 1 for block in chunked.blocks)
+
+
+def test_sam_encoder_uses_chunked_blocks_unless_told_not_to():
+    sam = load_models(TINY).sam
+    blocks = sam.model.image_encoder.blocks
+    assert all(isinstance(block.attn, SamChunkedAttention) and isinstance(block.mlp, SamChunkedMlp)
+               for block in blocks)
+    assert sam.last_attn is blocks[-1].attn
+    with torch.no_grad():  # relative positions that matter (the tiny model's are near zero)
+        for block in blocks:
+            block.attn.rel_pos_h.normal_(0, 0.5)
+            block.attn.rel_pos_w.normal_(0, 0.5)
+    plain = copy.deepcopy(sam.model)
+    for block in plain.image_encoder.blocks:  # back to the upstream modules, same weights
+        block.attn, block.mlp = upstream_attention_from(block.attn), upstream_mlp_from(block.mlp)
+    upstream = SamEncoder(plain, chunked=False)
+    assert not any(isinstance(module, (SamChunkedAttention, SamChunkedMlp)) for module in plain.modules())
+    image = random_image(96, 128, seed=5)
+    expected, encoded = upstream.encode(image), sam.encode(image)
+    torch.testing.assert_close(encoded.embedding, expected.embedding, rtol=1e-5, atol=1e-6)
+    for name in ('q', 'k', 'v'):
+        torch.testing.assert_close(getattr(encoded.attention, name), getattr(expected.attention, name))
+
+
+def test_sam_encoder_block_size():
+    sam = load_models(TINY).sam
+    assert all(block.attn.max_elements == block.mlp.max_elements == SAM_BLOCK_ELEMENTS
+               for block in sam.model.image_encoder.blocks)  # on the CPU
+    model = copy.deepcopy(sam.model)
+    for block in model.image_encoder.blocks:
+        block.attn, block.mlp = upstream_attention_from(block.attn), upstream_mlp_from(block.mlp)
+    small = SamEncoder(model, block_elements=7)
+    assert all(block.attn.max_elements == block.mlp.max_elements == 7 for block in small.model.image_encoder.blocks)
+    image = random_image(64, 80, seed=6)
+    torch.testing.assert_close(small.encode(image).embedding, sam.encode(image).embedding, rtol=1e-5, atol=1e-6)
+
+
+def upstream_attention_from(chunked: SamChunkedAttention) -> Attention:
+    """An upstream ``Attention`` holding the weights of a :class:`SamChunkedAttention`."""
+    dim = chunked.qkv.in_features
+    size = ((chunked.rel_pos_h.shape[0] + 1) // 2, (chunked.rel_pos_w.shape[0] + 1) // 2)
+    attn = Attention(dim, num_heads=chunked.num_heads, use_rel_pos=True, input_size=size)
+    attn.load_state_dict(chunked.state_dict())
+    return attn.eval()
+
+
+def upstream_mlp_from(chunked: SamChunkedMlp) -> MLPBlock:
+    """An upstream ``MLPBlock`` holding the weights of a :class:`SamChunkedMlp`."""
+    mlp = MLPBlock(chunked.lin1.in_features, chunked.lin1.out_features, act=type(chunked.act))
+    mlp.load_state_dict(chunked.state_dict())
+    return mlp.eval()

@@ -4,12 +4,15 @@ Runs the pipeline (random weights: cost does not depend on weight values) on a g
 image, warm-up then N repetitions, and reports per-stage median/min times, the encoders-only time
 (the same SAM/DINO/CLIP forwards, timed alone in the same run), the overhead ratio (full frame /
 encoders-only), the relabel ratio (vocabulary change on a cached frame / full frame), text-feature
-time against open_clip's standard ``encode_text`` path, the aggregation step's peak extra memory
+time against open_clip's standard ``encode_text`` path, the aggregation step's peak extra memory,
+the peak RSS after the first repetition (models, vocabulary and one frame: the "full frame" memory)
 and the process's peak RSS.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -24,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .aggregation import aggregate_with_sam
+from .aggregation import aggregate_with_sam, aggregation_chunk_bytes
 from .config import TridentConfig
 from .pipeline import TridentPipeline, _normalise
 from .sliding_window import resize_for_windows, window_boxes
@@ -54,8 +57,9 @@ class Timing:
 class PeakRss:
     """Samples this process's RSS in a thread; ``extra`` = peak above the RSS at entry (bytes).
 
-    On the CPU torch's allocator returns big blocks to the OS, so RSS follows tensor memory; the
-    sampling interval (0.5 ms) can miss very short peaks, so this is a lower bound.
+    RSS follows tensor memory only where freed blocks go back to the OS: see
+    :func:`release_freed_memory`, which callers use first. The sampling interval (0.5 ms) can miss
+    very short peaks, so this is a lower bound.
     """
 
     def __init__(self) -> None:
@@ -86,6 +90,28 @@ class PeakRss:
         return self.peak - self.base
 
 
+M_MMAP_THRESHOLD = -3
+"""glibc ``mallopt`` parameter: allocations at least this big get their own mapping."""
+
+
+def release_freed_memory(mmap_threshold: int = 64 * 1024) -> bool:
+    """Make RSS follow live tensor memory on glibc: return freed heap memory to the OS now
+    (``malloc_trim``) and give every later allocation of ``mmap_threshold`` bytes or more its own
+    mapping, unmapped when freed. (By default glibc raises that threshold up to 32 MiB as big blocks
+    are freed, and keeps the freed ones: RSS then stays near its high-water mark and a peak *above
+    the start* says little.) Process-wide and permanent; False where glibc is not there.
+    """
+    name = ctypes.util.find_library('c')
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    malloc_trim(0)
+    return True
+
+
 def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     """(H, W, 3) uint8: smooth colour blobs (not noise, so SAM regions are image-like)."""
     rng = np.random.default_rng(seed)
@@ -100,12 +126,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: torch.device) -> float:
+CLOCKS: dict[str, Callable[[], float]] = {'wall': time.perf_counter, 'cpu': time.process_time}
+"""``wall``: elapsed time; ``cpu``: CPU time of this process, all threads (on a CPU shared with other
+jobs it leaves out the time they take; it also counts a parallel region once per thread)."""
+
+
+def time_call(fn: Callable[[], object], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 @torch.inference_mode()
@@ -130,18 +161,20 @@ def encoders_only(pipeline: TridentPipeline, image: np.ndarray) -> Callable[[], 
 
 
 @torch.inference_mode()
-def text_timings(pipeline: TridentPipeline, names: tuple[str, ...]) -> tuple[float, float]:
+def text_timings(pipeline: TridentPipeline, names: tuple[str, ...],
+                 clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
     """(ours, open_clip standard) seconds to get text features of ``names`` not yet cached."""
     models = pipeline.models
     cache = TextFeatureCache(models.clip.model, models.tokenizer, models.device, models.dtype, 64)
-    ours = time_call(lambda: cache.features(list(names)), models.device)
+    ours = time_call(lambda: cache.features(list(names)), models.device, clock)
     prompts = [template(name) for name in names for template in IMAGENET_TEMPLATES]
     tokens = models.tokenizer(prompts).to(models.device)
-    standard = time_call(lambda: models.clip.model.encode_text(tokens), models.device)
+    standard = time_call(lambda: models.clip.model.encode_text(tokens), models.device, clock)
     return ours, standard
 
 
-def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup: int) -> dict:
+def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup: int, clock: str = 'wall') -> dict:
+    tick = CLOCKS[clock]
     pipeline = TridentPipeline(config)
     device = pipeline.models.device
     vocabulary = pipeline.encode_vocabulary(', '.join(BENCH_NAMES))
@@ -151,16 +184,18 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
     stages: dict[str, Timing] = {}
     results = {name: Timing() for name in ('encoders_only', 'image_side', 'full_refine_off', 'full_refine_on',
                                            'relabel_refine_off', 'relabel_refine_on')}
+    frame_rss = 0
     for rep in range(warmup + repeat):
         measured = rep >= warmup
-        t_enc = time_call(encoders, device)
+        t_enc = time_call(encoders, device, tick)
         features = {}
-        t_img = time_call(lambda: features.setdefault('f', pipeline.encode_image(image)), device)
+        t_img = time_call(lambda: features.setdefault('f', pipeline.encode_image(image)), device, tick)
         labels = {}
         for mode, cfg in (('off', refine_off), ('on', refine_on)):
             pipeline.apply_label_config(cfg)
-            t_label = time_call(lambda: labels.setdefault(mode, pipeline.label(features['f'], vocabulary)), device)
-            t_relabel = time_call(lambda: pipeline.label(features['f'], relabel_vocabulary), device)
+            t_label = time_call(lambda: labels.setdefault(mode, pipeline.label(features['f'], vocabulary)), device,
+                                tick)
+            t_relabel = time_call(lambda: pipeline.label(features['f'], relabel_vocabulary), device, tick)
             if measured:
                 results[f'full_refine_{mode}'].samples.append(t_img + t_label)
                 results[f'relabel_refine_{mode}'].samples.append(t_relabel)
@@ -169,16 +204,19 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
             results['image_side'].samples.append(t_img)
             for name, seconds in labels['on'].timings.items():
                 stages.setdefault(name, Timing()).samples.append(seconds)
+        if rep == 0:
+            frame_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     pipeline.apply_label_config(config)
 
-    text_ours, text_standard = text_timings(pipeline, NEW_NAMES)
-    aggregation_extra, aggregation_seconds = aggregation_memory(pipeline, image)
+    text_ours, text_standard = text_timings(pipeline, NEW_NAMES, tick)
+    aggregation = aggregation_memory(pipeline, image)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = {
         'device': str(device),
         'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else _cpu_name(),
         'dtype': str(pipeline.models.dtype).replace('torch.', ''),
         'threads': torch.get_num_threads(),
+        'clock': clock,
         'torch': torch.__version__,
         'model_scale': config.model_scale,
         'image_size': [int(image.shape[1]), int(image.shape[0])],
@@ -189,24 +227,45 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
         'overhead_ratio_refine_on': results['full_refine_on'].median / results['encoders_only'].median,
         'relabel_ratio_refine_off': results['relabel_refine_off'].median / results['full_refine_off'].median,
         'relabel_ratio_refine_on': results['relabel_refine_on'].median / results['full_refine_on'].median,
+        # other processes on the machine only ever add time: the minimums are the steadier estimate
+        'overhead_ratio_refine_off_min': results['full_refine_off'].min / results['encoders_only'].min,
+        'overhead_ratio_refine_on_min': results['full_refine_on'].min / results['encoders_only'].min,
         'text_new_names_s': text_ours,
         'text_open_clip_standard_s': text_standard,
         'text_ratio': text_ours / text_standard,
-        'aggregation_s': aggregation_seconds,
-        'aggregation_peak_extra_bytes': aggregation_extra,
-        'aggregation_memory_method': ('torch.cuda.max_memory_allocated' if device.type == 'cuda'
-                                      else 'RSS sampled every 0.5 ms (psutil), peak minus start'),
+        'aggregation_s': aggregation.seconds,
+        'aggregation_chunk': config.aggregation_chunk,
+        'aggregation_peak_extra_bytes': aggregation.peak_extra_bytes,
+        'aggregation_chunk_blocks_bytes': aggregation.chunk_blocks_bytes,
+        'aggregation_memory_method': aggregation.method,
+        'peak_rss_frame_bytes': frame_rss,
         'peak_rss_bytes': peak_rss,
     }
     return report
 
 
+@dataclass
+class AggregationMemory:
+    """One aggregation step, measured alone."""
+
+    peak_extra_bytes: int
+    seconds: float
+    method: str
+    """How ``peak_extra_bytes`` was measured."""
+    chunk_blocks_bytes: int
+    """What the chunk-sized blocks take at most, computed (part of ``peak_extra_bytes``)."""
+
+
 @torch.inference_mode()
-def aggregation_memory(pipeline: TridentPipeline, image: np.ndarray) -> tuple[int, float]:
-    """Peak extra memory (bytes) and time of the aggregation step on this frame's SAM attention."""
+def aggregation_memory(pipeline: TridentPipeline, image: np.ndarray) -> AggregationMemory:
+    """Peak extra memory and time of the aggregation step on this frame's SAM attention. On the
+    CPU this calls :func:`release_freed_memory` (so run it last: later allocations are slower)."""
     models, cfg = pipeline.models, pipeline.config
     sam_image = models.sam.encode(image)
-    hs, ws = sam_image.attention.valid
+    capture = sam_image.attention
+    hs, ws = capture.valid
+    blocks = aggregation_chunk_bytes(capture.heads, capture.grid, min(cfg.aggregation_chunk, hs * ws),
+                                     capture.q.element_size())
     width = models.clip.model.visual.transformer.width
     spliced = torch.randn(width, hs * 2, ws * 2, device=models.device, dtype=models.dtype)
     device = models.device
@@ -217,12 +276,16 @@ def aggregation_memory(pipeline: TridentPipeline, image: np.ndarray) -> tuple[in
         start = time.perf_counter()
         aggregate_with_sam(spliced, sam_image.attention, cfg.cos_fac, cfg.refine_neg_cos, cfg.aggregation_chunk)
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base, time.perf_counter() - start
+        return AggregationMemory(torch.cuda.max_memory_allocated(device) - base, time.perf_counter() - start,
+                                 'torch.cuda.max_memory_allocated', blocks)
+    method = 'RSS sampled every 0.5 ms (psutil), peak minus start'
+    if release_freed_memory():
+        method += ', glibc malloc_trim + mmap threshold 64 KiB (RSS follows live tensors)'
     with PeakRss() as peak:
         start = time.perf_counter()
         aggregate_with_sam(spliced, sam_image.attention, cfg.cos_fac, cfg.refine_neg_cos, cfg.aggregation_chunk)
         seconds = time.perf_counter() - start
-    return peak.extra, seconds
+    return AggregationMemory(peak.extra, seconds, method, blocks)
 
 
 def _cpu_name() -> str:
@@ -241,6 +304,8 @@ def format_table(report: dict) -> str:
     lines = [
         f"device: {report['device']} ({report['device_name']}), dtype {report['dtype']}, "
         f"threads {report['threads']}, torch {report['torch']}, models {report['model_scale']}, "
+        f"clock {report['clock']} "
+        f"(totals, ratios, text; stages: the pipeline's own wall-clock timings), "
         f"image {report['image_size'][0]}x{report['image_size'][1]}, repetitions {report['repeat']}",
         '',
         f"{'stage':<22}{'median ms':>10}{'min ms':>10}",
@@ -253,14 +318,19 @@ def format_table(report: dict) -> str:
     lines += [
         '',
         f"overhead ratio (full frame / encoders-only): refine off {report['overhead_ratio_refine_off']:.3f}, "
-        f"refine on {report['overhead_ratio_refine_on']:.3f}",
+        f"refine on {report['overhead_ratio_refine_on']:.3f} (from the minimums: "
+        f"{report['overhead_ratio_refine_off_min']:.3f}, {report['overhead_ratio_refine_on_min']:.3f})",
         f"relabel ratio (vocabulary change / full frame): refine off {report['relabel_ratio_refine_off']:.4f}, "
         f"refine on {report['relabel_ratio_refine_on']:.4f}",
         f"text features, {len(NEW_NAMES)} new names x {len(IMAGENET_TEMPLATES)} templates: "
         f"{ms(report['text_new_names_s']).strip()} ms vs open_clip encode_text {ms(report['text_open_clip_standard_s']).strip()} ms "
         f"(ratio {report['text_ratio']:.3f})",
-        f"aggregation: {ms(report['aggregation_s']).strip()} ms, peak extra memory "
-        f"{report['aggregation_peak_extra_bytes'] / 2**20:.1f} MiB ({report['aggregation_memory_method']})",
+        f"aggregation (chunk {report['aggregation_chunk']}): {ms(report['aggregation_s']).strip()} ms, peak extra "
+        f"memory {report['aggregation_peak_extra_bytes'] / 2**20:.1f} MiB "
+        f"(chunk blocks {report['aggregation_chunk_blocks_bytes'] / 2**20:.1f} MiB computed; "
+        f"{report['aggregation_memory_method']})",
+        f"peak RSS after the first repetition (models, vocabulary, one frame): "
+        f"{report['peak_rss_frame_bytes'] / 2**30:.2f} GiB ({report['peak_rss_frame_bytes'] / 1e9:.2f} GB)",
         f"peak RSS of the process (models included): {report['peak_rss_bytes'] / 2**30:.2f} GiB",
     ]
     return '\n'.join(lines)
@@ -281,11 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--device', default='auto')
     parser.add_argument('--fp32', action='store_true', help='no fp16 on CUDA')
     parser.add_argument('--tiny', action='store_true', help='small test architectures (seconds)')
+    parser.add_argument('--aggregation-chunk', type=int, help='query rows per aggregation chunk (default: config)')
+    parser.add_argument('--clock', choices=sorted(CLOCKS), default='wall',
+                        help="totals in elapsed time, or in this process's CPU time (steadier on a shared CPU)")
     parser.add_argument('--json', action='store_true', help='print the report as JSON')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='[%(levelname)s] %(name)s: %(message)s')
     config = TridentConfig(random_weights=True, model_scale='tiny' if args.tiny else 'full', device=args.device,
                            fp16=not args.fp32)
+    if args.aggregation_chunk is not None:
+        config = config.replace(aggregation_chunk=args.aggregation_chunk)
     if args.image:
         import cv2
 
@@ -295,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     else:
         image = synthetic_image(*args.size)
-    report = run_benchmark(config, image, args.repeat, args.warmup)
+    report = run_benchmark(config, image, args.repeat, args.warmup, args.clock)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
 
