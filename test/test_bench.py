@@ -85,3 +85,14 @@ def test_node_bench_launches_the_node_and_reports(tmp_path):
     if report['pipeline_ms']['count']:
         assert report['pipeline_ms']['min'] > 0 and report['overhead_ms']['min'] >= 0
         assert {'queue', 'conversion', 'publish', 'transport_and_rest'} == set(report['overhead_parts_ms'])
+
+
+def test_bench_method_all_prints_one_row_per_method():
+    from trident_ros.config import METHODS
+
+    result = subprocess.run([sys.executable, '-m', 'trident_ros.bench', '--method', 'all', '--tiny', '--repeat', '1',
+                             '--warmup', '0', '--size', '64x48', '--device', 'cpu', '--json'],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [row['method'] for row in rows] == list(METHODS)

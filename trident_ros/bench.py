@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--aggregation-chunk', type=int, help='query rows per aggregation chunk (default: config)')
     parser.add_argument('--clock', choices=sorted(CLOCKS), default='wall',
                         help="totals in elapsed time, or in this process's CPU time (steadier on a shared CPU)")
+    parser.add_argument('--method', choices=('trident', 'all'), default='trident',
+                        help="trident: the per-stage table above; all: one row per method of the method "
+                             'parameter (full-frame time, ratio to trident, models loaded, peak memory)')
     parser.add_argument('--json', action='store_true', help='print the report as JSON')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='[%(levelname)s] %(name)s: %(message)s')
@@ -370,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     else:
         image = synthetic_image(*args.size)
+    if args.method == 'all':
+        from .method_bench import benchmark_methods, format_method_table
+
+        rows = benchmark_methods(image, args.repeat, args.warmup, args.tiny, args.device)
+        print(json.dumps(rows, indent=2) if args.json else format_method_table(rows))
+        return 0
     report = run_benchmark(config, image, args.repeat, args.warmup, args.clock)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
