@@ -25,21 +25,20 @@ import pytest
 import torch
 
 # ros_helpers first: it checks the ROS 2 environment with a clear message
-from ros_helpers import (BEST_EFFORT, LATCHED, RELIABLE, ROOT, RosProcess, TestNode, fresh_domain_id, ros_env,
-                         wait_until)
-from test_node import (NODE, OUTPUT_TYPES, ROOM, VOCABULARY, VOCABULARY_NAMES, decode, diagnostics_after,
-                       get_parameter, lifecycle_state, same_stamp, send_until_outputs, set_parameters,
-                       set_vocabulary_by_topic, transition)
+from ros_helpers import BEST_EFFORT, LATCHED, RELIABLE, ROOT, RosProcess, TestNode, ros_env, wait_until
+# cameras, client, domain, env, outputs: test_node's module-scoped fixtures (this module gets its own)
+from test_node import (NODE, OUTPUT_TYPES, ROOM, VOCABULARY, VOCABULARY_NAMES, cameras, client, decode,  # noqa: F401
+                       diagnostics_after, domain, env, get_parameter, lifecycle_state, outputs, same_stamp,
+                       send_until_outputs, set_parameters, set_vocabulary_by_topic, transition)
 
 from builtin_interfaces.msg import Time
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticStatus
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
 from trident_ros.config import TridentConfig
-from trident_ros.msg import VocabularyInfo
 from trident_ros.node import FAULT_FRAME_ID_ENV
 from trident_ros.pipeline import TridentPipeline
 from trident_ros.weights import WeightsError, load_state_dict
@@ -51,38 +50,6 @@ _stamps = iter(range(500_000, 600_000))
 
 
 # ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope='module')
-def domain() -> int:
-    return fresh_domain_id()
-
-
-@pytest.fixture(scope='module')
-def env(domain, tmp_path_factory) -> dict[str, str]:
-    return ros_env(domain, tmp_path_factory.mktemp('ros_log'))
-
-
-@pytest.fixture(scope='module')
-def client(domain):
-    node = TestNode(domain)
-    yield node
-    node.close()
-
-
-@pytest.fixture(scope='module')
-def outputs(client) -> dict:
-    collectors = {name: client.subscribe(msg_type, f'{NODE}/{name}') for name, msg_type in OUTPUT_TYPES.items()}
-    collectors['vocabulary_info'] = client.subscribe(VocabularyInfo, f'{NODE}/vocabulary_info', LATCHED)
-    collectors['diagnostics'] = client.subscribe(DiagnosticArray, '/diagnostics')
-    return collectors
-
-
-@pytest.fixture(scope='module')
-def cameras(client) -> dict:
-    return {'best_effort': client.publisher(Image, '/image', BEST_EFFORT),
-            'reliable': client.publisher(Image, '/image', RELIABLE),
-            'compressed': client.publisher(CompressedImage, '/image/compressed', RELIABLE)}
-
-
 def start_node(env: dict[str, str], log: Path, *arguments: str) -> RosProcess:
     return RosProcess(['ros2', 'run', 'trident_ros', 'trident_node', '--ros-args', '-p', 'random_weights:=true',
                        '-p', 'model_scale:=tiny', '-p', f'vocabulary:={VOCABULARY}', *arguments], env, log)
