@@ -30,16 +30,8 @@ def models() -> TridentModels:
 
 
 @pytest.fixture
-def logged() -> list[logging.LogRecord]:
-    """Records of ``trident_ros.models``'s logger, from the logger itself (the launch_testing pytest
-    plugin installs a logger class that does not propagate, so ``caplog`` would miss them)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger('trident_ros.models')
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
+def logged(log_records) -> list[logging.LogRecord]:
+    return log_records('trident_ros.models')
 
 
 def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:

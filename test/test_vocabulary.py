@@ -38,16 +38,8 @@ def naive_features(model: CLIP, tokenizer, name: str) -> torch.Tensor:
 
 
 @pytest.fixture
-def logged() -> list[logging.LogRecord]:
-    """Records of ``trident_ros.vocabulary``'s logger, taken from the logger itself: the launch_testing
-    pytest plugin installs a logger class that does not propagate, so ``caplog`` would miss them."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger('trident_ros.vocabulary')
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
+def logged(log_records) -> list[logging.LogRecord]:
+    return log_records('trident_ros.vocabulary')
 
 
 def transformer_lengths(model: CLIP) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
