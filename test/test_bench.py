@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from trident_ros.config import TridentConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,29 +37,20 @@ def test_bench_reports_every_field():
     assert report['text_ratio'] > 0 and report['peak_rss_bytes'] > 0
     assert report['aggregation_peak_extra_bytes'] >= 0 and 'RSS' in report['aggregation_memory_method']
     assert 0 < report['peak_rss_frame_bytes'] <= report['peak_rss_bytes']
-    # tiny SAM: 2 heads, 16 x 16 padded grid; 96x64 -> 256 x 171 input, 10 x 16 valid tokens < 512 rows
-    assert report['aggregation_chunk'] == 512
-    assert report['aggregation_chunk_blocks_bytes'] == 2 * 2 * 160 * 256 * 4
+    # tiny SAM: 2 heads, 16 x 16 padded grid; 96x64 -> 256 x 171 input, 10 x 16 valid tokens in chunks of 64 rows (the default)
+    assert report['aggregation_chunk'] == TridentConfig().aggregation_chunk == 64
+    assert report['aggregation_chunk_blocks_bytes'] == 2 * 2 * 64 * 256 * 4
 
 
-def test_bench_aggregation_chunk_and_clock_options():
+def test_bench_table_names_the_ratios_and_takes_chunk_and_clock():
     result = subprocess.run([sys.executable, '-m', 'trident_ros.bench', '--tiny', '--repeat', '1', '--warmup', '0',
-                             '--size', '96x64', '--device', 'cpu', '--json', '--aggregation-chunk', '7',
-                             '--clock', 'cpu'],
+                             '--size', '64x48', '--device', 'cpu', '--aggregation-chunk', '7', '--clock', 'cpu'],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report['aggregation_chunk'] == 7 and report['clock'] == 'cpu'
-    assert report['totals_s']['full_refine_off']['min'] > 0
-    assert report['aggregation_chunk_blocks_bytes'] == 2 * 2 * 7 * 256 * 4
-
-
-def test_bench_table_names_the_ratios():
-    result = subprocess.run([sys.executable, '-m', 'trident_ros.bench', '--tiny', '--repeat', '1', '--warmup', '0',
-                             '--size', '64x48', '--device', 'cpu'], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    # tiny SAM, 64x48 -> 256 x 192 input, 12 x 16 valid tokens: blocks of 2 heads x 7 rows x 256 keys x 2, fp32
     for text in ('overhead ratio', 'relabel ratio', 'encoders_only', 'text features', 'peak RSS', 'device: cpu',
-                 'peak RSS after the first repetition', 'aggregation (chunk 512)'):
+                 'clock cpu', 'peak RSS after the first repetition', 'aggregation (chunk 7)',
+                 f'chunk blocks {2 * 2 * 7 * 256 * 4 / 2**20:.1f} MiB computed'):
         assert text in result.stdout, text
 
 

@@ -77,7 +77,7 @@ class TridentConfig:
     cos_fac: float = field(default=1.2, metadata={'help': 'SAM aggregation threshold factor on mean value cosine'})
     refine_neg_cos: bool = field(default=True, metadata={
         'help': 'keep a negative SAM threshold (false: a negative threshold becomes 0.6)'})
-    aggregation_chunk: int = field(default=512, metadata={
+    aggregation_chunk: int = field(default=64, metadata={
         'help': 'query rows per chunk of the SAM aggregation (memory bound; result does not depend on it)'})
 
     # --- labelling and refinement ---------------------------------------------------------------
