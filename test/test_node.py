@@ -86,13 +86,18 @@ def trident(env, client, outputs, cameras, tmp_path_factory):
                           '-p', f'weights_dir:={no_weights}', '-p', 'logit_scale:=40', '-p', 'slide_crop:=big'],
                          env, log)
     try:
-        ready = client.node.create_client(GetState, f'{NODE}/get_state')
-        assert ready.wait_for_service(timeout_sec=60), f'node did not start:\n{process.output()}'
-        client.node.destroy_client(ready)
+        wait_for_node(client, process)
         yield process
     finally:
         if process.alive():
             assert process.stop() == 0, process.output()
+
+
+def wait_for_node(client, process: RosProcess) -> None:
+    """Wait until the node process answers its lifecycle service (it has started)."""
+    ready = client.node.create_client(GetState, f'{NODE}/get_state')
+    assert ready.wait_for_service(timeout_sec=60), f'node did not start:\n{process.output()}'
+    client.node.destroy_client(ready)
 
 
 def lifecycle_state(client) -> str:

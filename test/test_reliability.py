@@ -29,12 +29,12 @@ from ros_helpers import BEST_EFFORT, LATCHED, RELIABLE, ROOT, RosProcess, TestNo
 # cameras, client, domain, env, outputs: test_node's module-scoped fixtures (this module gets its own)
 from test_node import (NODE, OUTPUT_TYPES, ROOM, VOCABULARY, VOCABULARY_NAMES, cameras, client, decode,  # noqa: F401
                        diagnostics_after, domain, env, get_parameter, lifecycle_state, outputs, same_stamp,
-                       send_until_outputs, set_parameters, set_vocabulary_by_topic, transition)
+                       send_until_outputs, set_parameters, set_vocabulary_by_topic, transition, wait_for_node)
 
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticStatus
 from lifecycle_msgs.msg import Transition
-from lifecycle_msgs.srv import ChangeState, GetState
+from lifecycle_msgs.srv import ChangeState
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
@@ -62,9 +62,7 @@ def trident(env, client, outputs, cameras, tmp_path_factory):
     process = start_node({**env, FAULT_FRAME_ID_ENV: FAULT_FRAME_ID, 'HF_HUB_OFFLINE': '1'},
                          tmp_path_factory.mktemp('node') / 'node.log')
     try:
-        ready = client.node.create_client(GetState, f'{NODE}/get_state')
-        assert ready.wait_for_service(timeout_sec=60), f'node did not start:\n{process.output()}'
-        client.node.destroy_client(ready)
+        wait_for_node(client, process)
         yield process
     finally:
         if process.alive():
