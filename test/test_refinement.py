@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from trident_ros import refinement
 from trident_ros.refinement import RefinementParams, find_regions, mask_prompts, refine_with_sam
 
 IMAGE = 128  # tiny SAM input side: 8 x 8 embedding, 32 x 32 mask prompts
@@ -143,7 +144,10 @@ def decoder_batches(sam: Sam) -> tuple[list[int], torch.utils.hooks.RemovableHan
     return sizes, handle
 
 
-def test_batched_equals_per_region_loop(sam: Sam, embedding: torch.Tensor) -> None:
+@pytest.mark.parametrize('batch, calls', [(4, [4]), (3, [3, 1]), (1, [1, 1, 1, 1])])
+def test_batched_equals_per_region_loop(sam: Sam, embedding: torch.Tensor, monkeypatch: pytest.MonkeyPatch,
+                                        batch: int, calls: list[int]) -> None:
+    monkeypatch.setattr(refinement, 'DECODE_BATCH_CPU', batch)
     probs = scene()
     params = RefinementParams(coarse_thresh=0.2, minimal_area=20, sam_mask_coff=0.005, sam_iou_thresh=float('-inf'))
     with torch.inference_mode():
@@ -158,7 +162,7 @@ def test_batched_equals_per_region_loop(sam: Sam, embedding: torch.Tensor) -> No
             out = refine_with_sam(probs, sam, embedding, input_size(), ORIGINAL, params).scores
         finally:
             handle.remove()
-    assert sizes == [4]  # one decoder call for all regions
+    assert sizes == calls  # decoder calls on batches of at most DECODE_BATCH_CPU regions
     assert out.shape == probs.shape and out.dtype == probs.dtype
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert not torch.equal(out, probs)
@@ -179,7 +183,9 @@ def test_nothing_kept_gives_coarse(sam: Sam, embedding: torch.Tensor) -> None:
     assert torch.equal(out, probs)
 
 
-def test_weak_class_and_small_regions_do_not_prompt(sam: Sam, embedding: torch.Tensor) -> None:
+def test_weak_class_and_small_regions_do_not_prompt(sam: Sam, embedding: torch.Tensor,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(refinement, 'DECODE_BATCH_CPU', 100)  # one decoder call per refinement: its size counts regions
     probs = scene()
     sizes, handle = decoder_batches(sam)
     try:
