@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--sam-upstream', action='store_true',
                         help="SAM encoder blocks as segment-anything has them (no chunked attention/MLP)")
     parser.add_argument('--release', action='store_true', help='glibc: return freed memory (RSS ~ live memory)')
-    parser.add_argument('--aggregation-chunk', type=int, help='query rows per aggregation chunk (default: config)')
+    parser.add_argument('--aggregation-chunk', type=int, help='queries per aggregation chunk (default: config)')
     args = parser.parse_args(argv)
     rows: list[tuple[str, float, int, int]] = []
 
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def undo_chunked_blocks(pipeline) -> None:
     """Give the pipeline a SAM encoder whose blocks are segment-anything's own modules, with the
-    same weights (for before/after comparisons)."""
+    same weights (for before/after comparisons), except the last block's attention, which hands
+    its rows to the aggregation (``SamEncoder`` puts a chunked one back there)."""
     from segment_anything.modeling.common import MLPBlock
     from segment_anything.modeling.image_encoder import Attention
 

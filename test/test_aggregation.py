@@ -1,7 +1,8 @@
-"""Chunked SAM-attention aggregation against the reference's whole-matrix formula (get_sam_sim).
+"""SAM-attention aggregation, fed block by block as SAM's last block computes its attention, against
+the reference's whole-matrix formula (get_sam_sim).
 
 Memory is not measured here (RSS is too coarse on tiny inputs); instead a torch dispatch mode
-records every tensor the function creates, and the largest must be a chunk-sized block.
+records every tensor the aggregation creates, and the largest must be a chunk-sized block.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from trident_ros.aggregation import aggregate_with_sam, aggregation_chunk_bytes
-from trident_ros.models import SamAttentionCapture
+from trident_ros.aggregation import SamAggregation, aggregation_chunk_bytes
 
 
 @dataclass
@@ -32,15 +32,26 @@ class AttentionCapture:
         k = self.k.reshape(heads, -1, self.k.shape[-1])
         return torch.softmax(q @ k.transpose(1, 2) * q.shape[-1] ** -0.5, dim=-1)
 
-    def attention_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.full_attention()[:, rows]
-
 
 def make_capture(grid: int, valid: tuple[int, int], heads: int = 3, head_dim: int = 4, seed: int = 0,
                  dtype: torch.dtype = torch.float64) -> AttentionCapture:
     generator = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(heads, grid, grid, head_dim, generator=generator, dtype=dtype) for _ in range(3))
     return AttentionCapture(q, k, v, valid)
+
+
+def aggregate(features: torch.Tensor, capture: AttentionCapture, cos_fac: float, refine_neg_cos: bool, chunk: int,
+              rows_per_block: int = 1) -> torch.Tensor:
+    """Drive a SamAggregation as SamChunkedAttention does: the values, then the attention of
+    ``rows_per_block`` image rows of queries at a time, in order."""
+    grid = capture.v.shape[2]
+    attention = capture.full_attention()
+    aggregation = SamAggregation(features, capture.valid, cos_fac, refine_neg_cos, chunk)
+    aggregation.start(capture.v)
+    for first in range(0, capture.v.shape[1], rows_per_block):
+        rows = slice(first, min(first + rows_per_block, capture.v.shape[1]))
+        aggregation.rows(rows, attention[:, rows.start * grid:rows.stop * grid])
+    return aggregation.result()
 
 
 def naive_aggregation(features: torch.Tensor, capture: AttentionCapture, cos_fac: float, refine_neg_cos: bool,
@@ -62,12 +73,12 @@ def naive_aggregation(features: torch.Tensor, capture: AttentionCapture, cos_fac
     return (weights @ dense.reshape(features.shape[0], -1).T).T.reshape(-1, hs, ws)
 
 
-@pytest.mark.parametrize('chunk', [1, 7, 30, 35, 1000])
+@pytest.mark.parametrize('chunk, rows_per_block', [(1, 1), (7, 1), (14, 3), (30, 2), (35, 8), (1000, 3)])
 @pytest.mark.parametrize('refine_neg_cos', [True, False])
-def test_chunked_equals_naive(chunk: int, refine_neg_cos: bool) -> None:
+def test_equals_naive(chunk: int, rows_per_block: int, refine_neg_cos: bool) -> None:
     capture = make_capture(grid=8, valid=(5, 7))
     features = torch.randn(6, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    out = aggregate_with_sam(features, capture, 1.2, refine_neg_cos, chunk)
+    out = aggregate(features, capture, 1.2, refine_neg_cos, chunk, rows_per_block)
     assert out.shape == (6, 5, 7)
     torch.testing.assert_close(out, naive_aggregation(features, capture, 1.2, refine_neg_cos))
 
@@ -75,7 +86,7 @@ def test_chunked_equals_naive(chunk: int, refine_neg_cos: bool) -> None:
 def test_full_grid_without_padding() -> None:
     capture = make_capture(grid=6, valid=(6, 6), seed=2)
     features = torch.randn(4, 6, 6, dtype=torch.float64)
-    torch.testing.assert_close(aggregate_with_sam(features, capture, 1.2, True, 8),
+    torch.testing.assert_close(aggregate(features, capture, 1.2, True, 8),
                                naive_aggregation(features, capture, 1.2, True))
 
 
@@ -87,8 +98,8 @@ def test_negative_tau_rule() -> None:
     direction = torch.stack([angle.cos(), angle.sin()], dim=-1).reshape(1, 4, 4, 2)
     capture.v = direction * torch.rand(2, 4, 4, 1, dtype=torch.float64).add(0.5)
     features = torch.randn(3, 4, 4, dtype=torch.float64)
-    keep_negative = aggregate_with_sam(features, capture, 1.2, True, 5)
-    replace_negative = aggregate_with_sam(features, capture, 1.2, False, 5)
+    keep_negative = aggregate(features, capture, 1.2, True, 5)
+    replace_negative = aggregate(features, capture, 1.2, False, 5)
     torch.testing.assert_close(keep_negative, naive_aggregation(features, capture, 1.2, True))
     torch.testing.assert_close(replace_negative, naive_aggregation(features, capture, 1.2, False))
     minority = torch.zeros(16, dtype=torch.bool)
@@ -104,7 +115,7 @@ def test_tau_cap() -> None:
     capture = make_capture(grid=4, valid=(3, 4), seed=4)
     capture.v = capture.v[:, :1, :1] + 0.05 * capture.v
     features = torch.randn(3, 3, 4, dtype=torch.float64)
-    out = aggregate_with_sam(features, capture, 1.2, True, 4)
+    out = aggregate(features, capture, 1.2, True, 4)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, naive_aggregation(features, capture, 1.2, True))
     assert torch.isnan(naive_aggregation(features, capture, 1.2, True, tau_cap=2.0)).all()
@@ -113,19 +124,19 @@ def test_tau_cap() -> None:
 def test_softmax_is_over_padded_grid_and_values_are_cropped() -> None:
     capture = make_capture(grid=6, valid=(4, 5), seed=5)
     features = torch.randn(3, 4, 5, dtype=torch.float64)
-    base = aggregate_with_sam(features, capture, 1.2, True, 6)
+    base = aggregate(features, capture, 1.2, True, 6)
     capture.v[:, 4:] = 0  # padded values take no part
     capture.v[:, :, 5:] = 0
-    torch.testing.assert_close(aggregate_with_sam(features, capture, 1.2, True, 6), base)
+    torch.testing.assert_close(aggregate(features, capture, 1.2, True, 6), base)
     capture.k[:, 5:] *= 3  # padded keys change the softmax normalisation of every row
-    assert not torch.allclose(aggregate_with_sam(features, capture, 1.2, True, 6), base)
+    assert not torch.allclose(aggregate(features, capture, 1.2, True, 6), base)
 
 
 def test_empty_row_keeps_own_feature() -> None:
     capture = make_capture(grid=4, valid=(4, 4), seed=6)
     capture.v[:, 1, 2] = 0  # cosine 0 with everything, tau 0: nothing is kept for this query
     features = torch.randn(3, 4, 4, dtype=torch.float64)
-    out = aggregate_with_sam(features, capture, 1.2, True, 3)
+    out = aggregate(features, capture, 1.2, True, 3)
     torch.testing.assert_close(out[:, 1, 2], features[:, 1, 2])
     naive = naive_aggregation(features, capture, 1.2, True)
     assert torch.isnan(naive[:, 1, 2]).all()
@@ -137,9 +148,9 @@ def test_empty_row_keeps_own_feature() -> None:
 def test_fp16_keeps_dtype() -> None:
     capture = make_capture(grid=4, valid=(4, 3), seed=7, dtype=torch.float32)
     features = torch.randn(5, 4, 3)
-    full = aggregate_with_sam(features, capture, 1.2, True, 5)
+    full = aggregate(features, capture, 1.2, True, 5)
     half_capture = AttentionCapture(capture.q.half(), capture.k.half(), capture.v.half(), capture.valid)
-    half = aggregate_with_sam(features.half(), half_capture, 1.2, True, 5)
+    half = aggregate(features.half(), half_capture, 1.2, True, 5, rows_per_block=2)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), full, atol=2e-2, rtol=2e-2)
 
@@ -161,47 +172,40 @@ class LargestOutput(TorchDispatchMode):
         return out
 
 
-def sam_capture(grid: int, valid: tuple[int, int], heads: int = 3, head_dim: int = 4, seed: int = 8
-                ) -> SamAttentionCapture:
-    """The real capture class (relative-position terms included) on random tensors."""
-    generator = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(heads, grid, grid, head_dim, generator=generator, dtype=torch.float64) for _ in range(3))
-    rel_h, rel_w = (torch.randn(grid, grid, head_dim, generator=generator, dtype=torch.float64) for _ in range(2))
-    return SamAttentionCapture(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w, scale=head_dim ** -0.5, valid=valid)
-
-
-@pytest.mark.parametrize('chunk', [5, 16])
-def test_holds_only_chunk_sized_blocks(chunk: int) -> None:
-    """Largest new tensor: the (heads, chunk, G*G) attention rows (here bigger than the unit values
-    (heads, N, hd) and the output (D, N)); the naive formula holds (heads, N, N) matrices."""
-    capture = sam_capture(grid=8, valid=(6, 7))
+@pytest.mark.parametrize('chunk, rows', [(5, 1), (14, 2), (21, 3)])
+def test_holds_only_chunk_sized_blocks(chunk: int, rows: int) -> None:
+    """Largest new tensor: the (heads, c, N) kept attention of c = ``rows`` whole valid rows of 7
+    queries (here bigger than the unit values (heads, N, hd) and the output (D, N)); the naive
+    formula holds (heads, N, N) matrices."""
+    capture = make_capture(grid=8, valid=(6, 7), seed=8)
     features = torch.randn(6, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    attention = capture.full_attention()
+    aggregation = SamAggregation(features, capture.valid, 1.2, True, chunk)
     with LargestOutput() as largest:
-        out = aggregate_with_sam(features, capture, 1.2, True, chunk)
-    block = 3 * chunk * 8 * 8
+        aggregation.start(capture.v)
+        for first in range(0, 8, 4):  # SAM's blocks of 4 image rows, each split into chunks
+            aggregation.rows(slice(first, first + 4), attention[:, first * 8:(first + 4) * 8])
+    block = 3 * rows * 7 * 42
     assert largest.numel == block
-    assert aggregation_chunk_bytes(3, (8, 8), chunk, 8) == 2 * block * 8
-    everything = capture.attention_rows(torch.arange(64))
+    assert aggregation_chunk_bytes(3, (6, 7), chunk, 8) == block * 8
     with LargestOutput() as whole:
-        expected = naive_aggregation(features, _Whole(capture, everything), 1.2, True)
+        expected = naive_aggregation(features, capture, 1.2, True)
     assert whole.numel >= 3 * 42 * 42 > block
-    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(aggregation.result(), expected)
 
 
-@dataclass
-class _Whole:
-    """A capture whose ``full_attention`` is given (for :func:`naive_aggregation`)."""
-
-    capture: SamAttentionCapture
-    attention: torch.Tensor
-
-    @property
-    def v(self) -> torch.Tensor:
-        return self.capture.v
-
-    @property
-    def valid(self) -> tuple[int, int]:
-        return self.capture.valid
-
-    def full_attention(self) -> torch.Tensor:
-        return self.attention
+def test_misuse_is_an_error() -> None:
+    capture = make_capture(grid=4, valid=(3, 4), seed=10)
+    features = torch.randn(3, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match='chunk_size'):
+        SamAggregation(features, capture.valid, 1.2, True, 0)
+    aggregation = SamAggregation(features, capture.valid, 1.2, True, 4)
+    attention = capture.full_attention()
+    with pytest.raises(RuntimeError, match='before start'):
+        aggregation.rows(slice(0, 1), attention[:, :4])
+    aggregation.start(capture.v)
+    aggregation.rows(slice(0, 2), attention[:, :8])
+    with pytest.raises(RuntimeError, match='2 of 3 valid rows'):
+        aggregation.result()
+    with pytest.raises(ValueError, match='exceeds'):
+        SamAggregation(features, (5, 4), 1.2, True, 4).start(capture.v)

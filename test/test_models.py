@@ -17,9 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from trident_ros.config import TridentConfig
-from trident_ros.models import (SAM_BLOCK_ELEMENTS, ClipDense, DinoPatches, SamAttentionCapture, SamChunkedAttention,
-                                SamChunkedMlp, SamEncoder, TridentModels, interpolate_pos_embed, load_models,
-                                use_chunked_blocks)
+from trident_ros.models import (SAM_BLOCK_ELEMENTS, ClipDense, DinoPatches, SamChunkedAttention, SamChunkedMlp,
+                                SamEncoder, TridentModels, interpolate_pos_embed, load_models, use_chunked_blocks)
 
 TINY = TridentConfig(model_scale='tiny', random_weights=True, device='cpu')
 
@@ -212,7 +211,7 @@ def test_sam_rounds_sides_to_multiples_of_16_first(models):
         predictor.set_image(cv2.resize(image, (160, 112)))
     assert torch.equal(encoded.embedding, predictor.features)
     # 112 x 160 -> longest side 256: 179 x 256; unpadded token grid 179 // 16 x 256 // 16
-    assert encoded.input_size == (179, 256) and encoded.attention.valid == (11, 16)
+    assert encoded.input_size == (179, 256) and models.sam.token_grid(100, 150) == (11, 16)
 
 
 def upstream_last_attention(sam: SamEncoder, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -233,35 +232,61 @@ def upstream_last_attention(sam: SamEncoder, image: np.ndarray) -> tuple[torch.T
     return x, logits.softmax(dim=-1), outputs[0]
 
 
-def test_attention_rows_equal_the_upstream_block_attention(models):
+class RecordingObserver:
+    """An AttentionObserver keeping what it is given."""
+
+    def __init__(self) -> None:
+        self.values: list[torch.Tensor] = []
+        self.blocks: list[tuple[slice, torch.Tensor]] = []
+
+    def start(self, v: torch.Tensor) -> None:
+        self.values.append(v.clone())
+
+    def rows(self, rows: slice, attention: torch.Tensor) -> None:
+        self.blocks.append((rows, attention.clone()))
+
+    def attention(self) -> torch.Tensor:
+        return torch.cat([attention for _, attention in self.blocks], dim=1)
+
+
+def test_observer_gets_the_upstream_block_attention(models):
     image = random_image(96, 128, seed=2)
     _, expected, block_output = upstream_last_attention(models.sam, image)
-    capture = models.sam.encode(image).attention
-    heads, g = capture.heads, capture.grid[0]
-    assert capture.grid == (16, 16) and capture.q.shape == capture.v.shape == (heads, 16, 16, 16)
-    everything = capture.attention_rows(torch.arange(g * g))
+    observer = RecordingObserver()
+    models.sam.encode(image, observer=observer)
+    assert models.sam.last_attn.observer is None  # only for that call
+    (values,) = observer.values
+    heads, g = values.shape[0], values.shape[1]
+    assert values.shape == (heads, 16, 16, 16)
+    blocks = [rows for rows, _ in observer.blocks]
+    assert blocks[0].start == 0 and blocks[-1].stop == g
+    assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))  # every row once, in order
+    everything = observer.attention()
     assert everything.shape == (heads, g * g, g * g)
     torch.testing.assert_close(everything, expected, rtol=1e-5, atol=1e-6)
-    # the captured v, with that attention, reproduces the block's own output
+    # the observed v, with that attention, reproduces the block's own output
     attn = models.sam.model.image_encoder.blocks[-1].attn
-    mixed = (everything @ capture.v.reshape(heads, g * g, -1)).permute(1, 0, 2).reshape(1, g, g, -1)
+    mixed = (everything @ values.reshape(heads, g * g, -1)).permute(1, 0, 2).reshape(1, g, g, -1)
     torch.testing.assert_close(attn.proj(mixed), block_output, rtol=1e-5, atol=1e-5)
-    # chunks (including an uneven last one and scattered rows) equal the full result
-    chunks = torch.cat([capture.attention_rows(rows) for rows in torch.arange(g * g).split(100)], dim=1)
-    torch.testing.assert_close(chunks, everything, rtol=0, atol=1e-7)
-    scattered = torch.tensor([255, 0, 17, 130])
-    torch.testing.assert_close(capture.attention_rows(scattered), everything[:, scattered], rtol=0, atol=1e-7)
 
 
-def test_capture_fields_and_hook_removed(models):
-    image = random_image(64, 64, seed=3)
-    encoded = models.sam.encode(image)
-    capture = encoded.attention
-    assert isinstance(capture, SamAttentionCapture)
-    assert capture.rel_h.shape == capture.rel_w.shape == (16, 16, 16)
-    assert capture.valid == (16, 16) and encoded.embedding.shape == (1, 32, 16, 16)
-    assert math.isclose(capture.scale, 16 ** -0.5)
-    assert not models.sam.last_attn.qkv._forward_hooks
+def test_observer_removed_after_an_error_and_windows_refused(models):
+    class Failing(RecordingObserver):
+        def rows(self, rows: slice, attention: torch.Tensor) -> None:
+            raise RuntimeError('observer failed')
+
+    with pytest.raises(RuntimeError, match='observer failed'):
+        models.sam.encode(random_image(64, 64, seed=3), observer=Failing())
+    assert models.sam.last_attn.observer is None
+    encoded = models.sam.encode(random_image(64, 64, seed=3))
+    assert encoded.embedding.shape == (1, 32, 16, 16)
+    window_attn = models.sam.model.image_encoder.blocks[0].attn
+    window_attn.observer = RecordingObserver()
+    try:
+        with pytest.raises(ValueError, match='global block'):
+            window_attn(torch.zeros(2, 4, 4, window_attn.qkv.in_features))
+    finally:
+        window_attn.observer = None
 
 
 def test_sam_rejects_non_uint8_rgb(models):
@@ -420,12 +445,15 @@ def test_sam_encoder_uses_chunked_blocks_unless_told_not_to():
     for block in plain.image_encoder.blocks:  # back to the upstream modules, same weights
         block.attn, block.mlp = upstream_attention_from(block.attn), upstream_mlp_from(block.mlp)
     upstream = SamEncoder(plain, chunked=False)
-    assert not any(isinstance(module, (SamChunkedAttention, SamChunkedMlp)) for module in plain.modules())
+    # all upstream modules but the last block's attention, which hands its rows to the aggregation
+    chunked = [module for module in plain.modules() if isinstance(module, (SamChunkedAttention, SamChunkedMlp))]
+    assert chunked == [upstream.last_attn] and upstream.last_attn is plain.image_encoder.blocks[-1].attn
     image = random_image(96, 128, seed=5)
-    expected, encoded = upstream.encode(image), sam.encode(image)
-    torch.testing.assert_close(encoded.embedding, expected.embedding, rtol=1e-5, atol=1e-6)
-    for name in ('q', 'k', 'v'):
-        torch.testing.assert_close(getattr(encoded.attention, name), getattr(expected.attention, name))
+    expected, observed = RecordingObserver(), RecordingObserver()
+    upstream_image, encoded = upstream.encode(image, observer=expected), sam.encode(image, observer=observed)
+    torch.testing.assert_close(encoded.embedding, upstream_image.embedding, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(observed.values[0], expected.values[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(observed.attention(), expected.attention(), rtol=1e-5, atol=1e-6)
 
 
 def test_sam_encoder_block_size():

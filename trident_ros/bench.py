@@ -4,7 +4,8 @@ Runs the pipeline (random weights: cost does not depend on weight values) on a g
 image, warm-up then N repetitions, and reports per-stage median/min times, the encoders-only time
 (the same SAM/DINO/CLIP forwards, timed alone in the same run), the overhead ratio (full frame /
 encoders-only), the relabel ratio (vocabulary change on a cached frame / full frame), text-feature
-time against open_clip's standard ``encode_text`` path, the aggregation step's peak extra memory,
+time against open_clip's standard ``encode_text`` path, the peak extra memory the aggregation adds
+to SAM's encoder (it is fused into the encoder's last block),
 the peak RSS after the first repetition (models, vocabulary and one frame: the "full frame" memory)
 and the process's peak RSS.
 """
@@ -27,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .aggregation import aggregate_with_sam, aggregation_chunk_bytes
+from .aggregation import SamAggregation, aggregation_chunk_bytes
 from .config import TridentConfig
 from .pipeline import TridentPipeline, _normalise
 from .sliding_window import resize_for_windows, window_boxes
@@ -246,46 +247,54 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
 
 @dataclass
 class AggregationMemory:
-    """One aggregation step, measured alone."""
+    """What the aggregation, fused into SAM's encoder, adds to it on one frame."""
 
     peak_extra_bytes: int
+    """Peak extra memory of the encoder with the aggregation minus that of the encoder alone."""
     seconds: float
     method: str
     """How ``peak_extra_bytes`` was measured."""
     chunk_blocks_bytes: int
-    """What the chunk-sized blocks take at most, computed (part of ``peak_extra_bytes``)."""
+    """What the chunk-sized block takes at most, computed (part of ``peak_extra_bytes``)."""
 
 
 @torch.inference_mode()
 def aggregation_memory(pipeline: TridentPipeline, image: np.ndarray) -> AggregationMemory:
-    """Peak extra memory and time of the aggregation step on this frame's SAM attention. On the
-    CPU this calls :func:`release_freed_memory` (so run it last: later allocations are slower)."""
+    """Peak extra memory and time the aggregation adds to SAM's image encoder on this frame
+    (random spliced features of the frame's size): the encoder is run without, then with it. On
+    the CPU this calls :func:`release_freed_memory` (so run it last: later allocations are slower)."""
     models, cfg = pipeline.models, pipeline.config
-    sam_image = models.sam.encode(image)
-    capture = sam_image.attention
-    hs, ws = capture.valid
-    blocks = aggregation_chunk_bytes(capture.heads, capture.grid, min(cfg.aggregation_chunk, hs * ws),
-                                     capture.q.element_size())
+    sam, device = models.sam, models.device
+    valid = sam.token_grid(*image.shape[:2])
     width = models.clip.model.visual.transformer.width
-    spliced = torch.randn(width, hs * 2, ws * 2, device=models.device, dtype=models.dtype)
-    device = models.device
+    spliced = torch.randn(width, valid[0] * 2, valid[1] * 2, device=device, dtype=models.dtype)
+    blocks = aggregation_chunk_bytes(sam.last_attn.num_heads, valid, cfg.aggregation_chunk, sam.dtype.itemsize)
+
+    def aggregated() -> SamAggregation:
+        return SamAggregation(spliced, valid, cfg.cos_fac, cfg.refine_neg_cos, cfg.aggregation_chunk)
+
     if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        start = time.perf_counter()
-        aggregate_with_sam(spliced, sam_image.attention, cfg.cos_fac, cfg.refine_neg_cos, cfg.aggregation_chunk)
-        torch.cuda.synchronize(device)
-        return AggregationMemory(torch.cuda.max_memory_allocated(device) - base, time.perf_counter() - start,
-                                 'torch.cuda.max_memory_allocated', blocks)
-    method = 'RSS sampled every 0.5 ms (psutil), peak minus start'
+        def run(observer: Callable[[], SamAggregation | None]) -> tuple[int, float]:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            start = time.perf_counter()
+            sam.encode(image, observer=observer())
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) - base, time.perf_counter() - start
+
+        (alone, alone_s), (fused, fused_s) = run(lambda: None), run(aggregated)
+        return AggregationMemory(max(0, fused - alone), max(0.0, fused_s - alone_s),
+                                 'torch.cuda.max_memory_allocated; time: encoder with minus without', blocks)
+    method = 'RSS sampled every 0.5 ms (psutil), peak minus start, encoder with minus without'
     if release_freed_memory():
         method += ', glibc malloc_trim + mmap threshold 64 KiB (RSS follows live tensors)'
-    with PeakRss() as peak:
-        start = time.perf_counter()
-        aggregate_with_sam(spliced, sam_image.attention, cfg.cos_fac, cfg.refine_neg_cos, cfg.aggregation_chunk)
-        seconds = time.perf_counter() - start
-    return AggregationMemory(peak.extra, seconds, method, blocks)
+    with PeakRss() as alone:
+        sam.encode(image)
+    with PeakRss() as fused:
+        observer = aggregated()
+        sam.encode(image, observer=observer)
+    return AggregationMemory(max(0, fused.extra - alone.extra), observer.seconds, method, blocks)
 
 
 def _cpu_name() -> str:
@@ -351,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--device', default='auto')
     parser.add_argument('--fp32', action='store_true', help='no fp16 on CUDA')
     parser.add_argument('--tiny', action='store_true', help='small test architectures (seconds)')
-    parser.add_argument('--aggregation-chunk', type=int, help='query rows per aggregation chunk (default: config)')
+    parser.add_argument('--aggregation-chunk', type=int, help='queries per aggregation chunk (default: config)')
     parser.add_argument('--clock', choices=sorted(CLOCKS), default='wall',
                         help="totals in elapsed time, or in this process's CPU time (steadier on a shared CPU)")
     parser.add_argument('--method', choices=('trident', 'all'), default='trident',

@@ -78,7 +78,8 @@ class TridentConfig:
     refine_neg_cos: bool = field(default=True, metadata={
         'help': 'keep a negative SAM threshold (false: a negative threshold becomes 0.6)'})
     aggregation_chunk: int = field(default=64, metadata={
-        'help': 'query rows per chunk of the SAM aggregation (memory bound; result does not depend on it)'})
+        'help': 'queries per chunk of the SAM aggregation, rounded down to whole token rows (at least one); '
+                'memory bound, the result does not depend on it'})
 
     # --- labelling and refinement ---------------------------------------------------------------
     logit_scale: float = field(default=40.0, metadata={'help': 'softmax temperature on cosine logits'})

@@ -3,11 +3,11 @@
 The wrappers only reuse the upstream modules and their weights: :class:`ClipDense` runs CLIP's
 vision tower up to the value path of its last block, :class:`DinoPatches` gives DINO's normed
 last-layer patch tokens with DINO's own position-embedding interpolation, and :class:`SamEncoder`
-runs SAM's image encoder while a forward hook keeps the last block's q, k, v, from which
-:class:`SamAttentionCapture` recomputes attention rows on demand. :class:`SamChunkedAttention`
-and :class:`SamChunkedMlp` stand in for each encoder block's ``attn`` and ``mlp`` (same weights,
-same result) so that the global blocks never hold their whole ``(heads, 4096, 4096)`` attention
-matrix.
+runs SAM's image encoder, handing the attention of its last block, block by block of query rows
+as the block computes it, to an :class:`AttentionObserver` (aggregation).
+:class:`SamChunkedAttention` and :class:`SamChunkedMlp` stand in for each encoder block's
+``attn`` and ``mlp`` (same weights, same result) so that the global blocks never hold their whole
+``(heads, 4096, 4096)`` attention matrix.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -232,54 +232,15 @@ class DinoPatches:
         return x[:, 1:]
 
 
-@dataclass
-class SamAttentionCapture:
-    """The last SAM encoder block's attention inputs, captured during one image encoding.
+class AttentionObserver(Protocol):
+    """Receives the attention of a :class:`SamChunkedAttention` global block while it runs."""
 
-    ``q``, ``k``, ``v``: ``(heads, G, G, hd)`` (G x G: the padded token grid, 64 x 64 at full scale);
-    ``rel_h``: ``(G, G, hd)`` relative-position table of the rows (query row, key row), ``rel_w``
-    likewise for columns, as segment-anything's ``get_rel_pos`` gives them; ``scale``: hd ** -0.5;
-    ``valid``: ``(hs, ws)`` token grid of the unpadded image (``input_size // 16``, as the reference).
-    """
+    def start(self, v: torch.Tensor) -> None:
+        """Called once, before any rows: ``v`` ``(heads, H, W, hd)``, the values of the whole grid."""
 
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    rel_h: torch.Tensor
-    rel_w: torch.Tensor
-    scale: float
-    valid: tuple[int, int]
-
-    @property
-    def heads(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.q.shape[1], self.q.shape[2]
-
-    @torch.inference_mode()
-    def attention_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Softmax attention of the query tokens ``rows`` over all keys, as the upstream block computes.
-
-        ``softmax(q*scale @ k^T + rel_h[row of query, row of key] + rel_w[col of query, col of key])``,
-        the terms added in segment-anything's order. Holds at most two ``(heads, R, G*G)`` tensors
-        (the logits and their softmax).
-
-        :param rows: ``(R,)`` LongTensor of flat indices into the ``G*G`` grid.
-        :returns: ``(heads, R, G*G)``.
-        """
-        heads, gh, gw, hd = self.q.shape
-        rows = rows.to(self.q.device)
-        q = self.q.reshape(heads, gh * gw, hd)[:, rows]
-        k = self.k.reshape(heads, gh * gw, hd)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        bias_h = torch.einsum('hrc,rkc->hrk', q, self.rel_h[rows // gw])
-        bias_w = torch.einsum('hrc,rkc->hrk', q, self.rel_w[rows % gw])
-        grid = attn.view(heads, len(rows), gh, gw)
-        grid += bias_h[..., :, None]
-        grid += bias_w[..., None, :]
-        return attn.softmax(dim=-1)
+    def rows(self, rows: slice, attention: torch.Tensor) -> None:
+        """Called per block of query rows, in order: ``attention`` ``(heads, len(rows) * W, H * W)``,
+        the softmax attention of the queries in image rows ``rows`` over all keys (read only)."""
 
 
 SAM_BLOCK_ELEMENTS = 1 << 21
@@ -318,6 +279,8 @@ class SamChunkedAttention(nn.Module):
         self.qkv = upstream.qkv
         self.proj = upstream.proj
         self.max_elements = max_elements
+        self.observer: AttentionObserver | None = None
+        """Set (for one forward of a global block) to receive its attention; see :class:`SamEncoder`."""
 
     def extra_repr(self) -> str:
         return f'num_heads={self.num_heads}, use_rel_pos={self.use_rel_pos}, max_elements={self.max_elements}'
@@ -331,6 +294,11 @@ class SamChunkedAttention(nn.Module):
         heads, count = self.num_heads, height * width
         qkv = self.qkv(x).reshape(batch, count, 3, heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, H*W, hd) views
+        observer = self.observer
+        if observer is not None:
+            if batch != 1:
+                raise ValueError(f'an attention observer needs a global block (one image), got {batch} windows')
+            observer.start(v[0].unflatten(1, (height, width)))
         if self.use_rel_pos:
             rel_h = get_rel_pos(height, height, self.rel_pos_h)  # (H, H, hd)
             rel_w = get_rel_pos(width, width, self.rel_pos_w)  # (W, W, hd)
@@ -344,7 +312,10 @@ class SamChunkedAttention(nn.Module):
                 logits = attn.view(-1, rows.stop - rows.start, width, height, width)
                 logits += torch.einsum('bhwc,hkc->bhwk', grid_q, rel_h[rows])[..., :, None]
                 logits += torch.einsum('bhwc,wkc->bhwk', grid_q, rel_w)[..., None, :]
-            out[images, tokens] = (attn.softmax(dim=-1) @ v[images]).transpose(1, 2)
+            attn = attn.softmax(dim=-1)
+            if observer is not None:
+                observer.rows(rows, attn[0])
+            out[images, tokens] = (attn @ v[images]).transpose(1, 2)
         return self.proj(out.view(batch, height, width, channels))
 
     def blocks(self, batch: int, height: int, width: int) -> list[tuple[slice, slice]]:
@@ -406,29 +377,29 @@ class SamImage:
     """One image through SAM's encoder.
 
     ``embedding``: ``(1, C, G, G)`` float32 image embedding (C = 256 at full scale), for the prompt
-    decoder; ``attention``: the last block's capture; ``input_size``: ``(h, w)`` after the
+    decoder; ``input_size``: ``(h, w)`` after the
     longest-side transform; ``original_size``: ``(H, W)`` of the image given to :meth:`SamEncoder.encode`;
     ``rounded_size``: ``(H16, W16)``, its sides rounded up to multiples of 16 (what the transform saw).
     """
 
     embedding: torch.Tensor
-    attention: SamAttentionCapture
     input_size: tuple[int, int]
     original_size: tuple[int, int]
     rounded_size: tuple[int, int]
 
 
 class SamEncoder:
-    """A segment-anything ``Sam`` (``model``) whose image encoder also hands back its last block's attention.
+    """A segment-anything ``Sam`` (``model``) whose image encoder also hands its last block's attention
+    to an :class:`AttentionObserver`.
 
     :meth:`encode` prepares the image as the reference does (sides rounded up to multiples of 16 by
     a bilinear resize, then the predictor's ``ResizeLongestSide``, normalisation and padding) and
-    runs the encoder; a forward hook on the last block's ``attn.qkv`` keeps its output. With
-    ``chunked`` (default) every encoder block's ``attn`` and ``mlp`` are replaced, in ``model``
-    itself, by :class:`SamChunkedAttention` and :class:`SamChunkedMlp` around them (same weights,
-    same output, a fraction of the memory: :func:`use_chunked_blocks`), computing at most
-    ``block_elements`` logits at once (default: :data:`SAM_BLOCK_ELEMENTS`, on CUDA
-    :data:`SAM_BLOCK_ELEMENTS_CUDA`; the model's device when this is built decides).
+    runs the encoder. The last block's ``attn`` is always a :class:`SamChunkedAttention` (it hands
+    its attention rows to the observer); with ``chunked`` (default) every other encoder block's
+    ``attn`` and ``mlp`` are replaced too, in ``model`` itself (same weights, same output, a
+    fraction of the memory: :func:`use_chunked_blocks`). They compute at most ``block_elements``
+    logits at once (default: :data:`SAM_BLOCK_ELEMENTS`, on CUDA :data:`SAM_BLOCK_ELEMENTS_CUDA`;
+    the model's device when this is built decides).
     """
 
     def __init__(self, model: nn.Module, chunked: bool = True, block_elements: int | None = None) -> None:
@@ -436,14 +407,17 @@ class SamEncoder:
 
         self.model = model
         encoder = model.image_encoder
+        if block_elements is None:
+            on_cuda = encoder.patch_embed.proj.weight.device.type == 'cuda'
+            block_elements = SAM_BLOCK_ELEMENTS_CUDA if on_cuda else SAM_BLOCK_ELEMENTS
         if chunked:
-            if block_elements is None:
-                on_cuda = encoder.patch_embed.proj.weight.device.type == 'cuda'
-                block_elements = SAM_BLOCK_ELEMENTS_CUDA if on_cuda else SAM_BLOCK_ELEMENTS
             use_chunked_blocks(encoder, block_elements)
-        self.last_attn = encoder.blocks[-1].attn
-        if encoder.blocks[-1].window_size != 0 or not self.last_attn.use_rel_pos:
+        last = encoder.blocks[-1]
+        if last.window_size != 0 or not last.attn.use_rel_pos:
             raise ValueError('SamEncoder needs a global-attention last block with relative positions')
+        if not isinstance(last.attn, SamChunkedAttention):
+            last.attn = SamChunkedAttention(last.attn, block_elements)
+        self.last_attn: SamChunkedAttention = last.attn
         self.patch_size: int = encoder.patch_embed.proj.kernel_size[0]
         self.transform = ResizeLongestSide(encoder.img_size)
 
@@ -464,17 +438,27 @@ class SamEncoder:
         """
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f'SamEncoder: expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}')
-        height, width = image.shape[:2]
-        # Extreme aspect ratios (e.g. 1x10000): the short side is raised so that, after the
-        # longest-side transform, it still spans one SAM patch (the reference would crash there).
-        long_side = -(-max(height, width) // SAM_ROUND) * SAM_ROUND
-        floor = -(-long_side * self.patch_size // self.transform.target_length)
-        rounded = (-(-max(height, floor) // SAM_ROUND) * SAM_ROUND, -(-max(width, floor) // SAM_ROUND) * SAM_ROUND)
-        if rounded != (height, width):
+        rounded = self.rounded_size(image.shape[0], image.shape[1])
+        if rounded != image.shape[:2]:
             import cv2
 
             image = cv2.resize(image, (rounded[1], rounded[0]), interpolation=cv2.INTER_LINEAR)
         return self.transform.apply_image(image), rounded
+
+    def rounded_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(H16, W16)``: the image's sides rounded up to multiples of 16, the short side raised for
+        extreme aspect ratios (e.g. 1x10000) so that after the longest-side transform it still
+        spans one SAM patch (the reference would crash there)."""
+        long_side = -(-max(height, width) // SAM_ROUND) * SAM_ROUND
+        floor = -(-long_side * self.patch_size // self.transform.target_length)
+        return -(-max(height, floor) // SAM_ROUND) * SAM_ROUND, -(-max(width, floor) // SAM_ROUND) * SAM_ROUND
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """``(hs, ws)``: the unpadded token grid of an ``H x W`` image (``input_size // 16``, as the
+        reference), known before encoding."""
+        rounded = self.rounded_size(height, width)
+        input_h, input_w = self.transform.get_preprocess_shape(rounded[0], rounded[1], self.transform.target_length)
+        return input_h // self.patch_size, input_w // self.patch_size
 
     def _encoder_input(self, resized: np.ndarray) -> torch.Tensor:
         pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
@@ -487,38 +471,19 @@ class SamEncoder:
         return self._encoder_input(self.resize(image)[0])
 
     @torch.inference_mode()
-    def encode(self, image: np.ndarray) -> SamImage:
+    def encode(self, image: np.ndarray, observer: AttentionObserver | None = None) -> SamImage:
         """:param image: ``(H, W, 3)`` uint8 RGB.
-        :returns: the :class:`SamImage` (embedding, attention capture, sizes)."""
+        :param observer: receives the last block's values and attention rows during the encoding
+            (:class:`AttentionObserver`; the grid is the padded one, :meth:`token_grid` its valid part).
+        :returns: the :class:`SamImage` (embedding, sizes)."""
         resized, rounded = self.resize(image)
-        captured: dict[str, torch.Tensor] = {}
-
-        def keep_qkv(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            captured['qkv'] = output
-
-        hook = self.last_attn.qkv.register_forward_hook(keep_qkv)
+        self.last_attn.observer = observer
         try:
             embedding = self.model.image_encoder(self._encoder_input(resized))
         finally:
-            hook.remove()
-        input_size = (resized.shape[0], resized.shape[1])
-        attention = self._capture(captured['qkv'], input_size)
-        return SamImage(embedding=embedding.float(), attention=attention, input_size=input_size,
+            self.last_attn.observer = None
+        return SamImage(embedding=embedding.float(), input_size=(resized.shape[0], resized.shape[1]),
                         original_size=(image.shape[0], image.shape[1]), rounded_size=rounded)
-
-    def _capture(self, qkv: torch.Tensor, input_size: tuple[int, int]) -> SamAttentionCapture:
-        """Split the last block's ``qkv`` output ``(1, G, G, 3*dim)`` as the block does."""
-        from segment_anything.modeling.image_encoder import get_rel_pos
-
-        attn = self.last_attn
-        _, gh, gw, _ = qkv.shape
-        q, k, v = qkv.reshape(gh * gw, 3, attn.num_heads, -1).permute(1, 2, 0, 3).unbind(0)
-        shape = (attn.num_heads, gh, gw, q.shape[-1])
-        return SamAttentionCapture(
-            q=q.reshape(shape), k=k.reshape(shape), v=v.reshape(shape),
-            rel_h=get_rel_pos(gh, gh, attn.rel_pos_h), rel_w=get_rel_pos(gw, gw, attn.rel_pos_w),
-            scale=attn.scale,
-            valid=(input_size[0] // self.patch_size, input_size[1] // self.patch_size))
 
 
 METHOD_MODELS: dict[str, tuple[str, ...]] = {

@@ -6,8 +6,9 @@ the two without running any image encoder, so a new vocabulary relabels the last
 
 ``config.method`` picks the image side (the other stages are shared):
 
-* ``trident``: SAM encoder; DINO-guided CLIP last block on ``slide_crop`` windows; splice; SAM
-  aggregation onto SAM's token grid; projection; SAM refinement at labelling (``refine``).
+* ``trident``: DINO-guided CLIP last block on ``slide_crop`` windows; splice; SAM encoder, whose
+  last block's attention aggregates the spliced map onto SAM's token grid as the block computes
+  it (:class:`.aggregation.SamAggregation`); projection; SAM refinement at labelling (``refine``).
 * ``trident_fast``: the same without refinement.
 * ``proxy``: the DINO-guided windows spliced and projected on the window token grid, no SAM
   (Trident without SAM aggregation; ProxyCLIP's attention rule).
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .aggregation import aggregate_with_sam
+from .aggregation import SamAggregation
 from .clip_attention import clip_only_features
 from .config import CLIP_ONLY_METHODS, ConfigError, TridentConfig
 from .labelling import Segmentation, class_masks, class_probabilities, label_map
@@ -131,6 +132,25 @@ class TridentPipeline:
             patch = crop // grid[0]
             return splice_windows(tokens, boxes, (resized.shape[1] // patch, resized.shape[2] // patch), patch)
 
+    def _spliced_windows(self, image: np.ndarray, timings: dict[str, float]) -> torch.Tensor:
+        """DINO-guided CLIP last block on the ``slide_crop`` windows, spliced: (D, Hg, Wg) on the
+        token grid of the resized image."""
+        cfg, models = self.config, self.models
+        with self._stage(timings, 'windows'):
+            resized, boxes, crops = self._windows(image, cfg.slide_crop, cfg.slide_stride)
+        with self._stage(timings, 'dino'):
+            dino = models.dino.patch_features(_normalise(crops, models.dino.mean, models.dino.std, models.dtype))
+        with self._stage(timings, 'clip'):
+            values, clip_grid = models.clip.last_block_values(
+                _normalise(crops, models.clip.mean, models.clip.std, models.dtype))
+            dino_grid = (cfg.slide_crop // models.dino.patch_size,) * 2
+            attended = dino_guided_attention(dino, values, clip_grid, dino_grid, cfg.beta, cfg.gamma)
+            tokens = models.clip.attention_output(attended)  # (B, Nd, D)
+        with self._stage(timings, 'splice'):
+            tokens = tokens.transpose(1, 2).reshape(len(boxes), -1, *dino_grid)
+            patch = cfg.slide_crop // dino_grid[0]
+            return splice_windows(tokens, boxes, (resized.shape[1] // patch, resized.shape[2] // patch), patch)
+
     @torch.inference_mode()
     def encode_image(self, image: np.ndarray) -> ImageFeatures:
         """Run the image encoders of ``config.method`` on one frame.
@@ -152,36 +172,23 @@ class TridentPipeline:
             dense = self._encode_clip_only(image, timings)
             return ImageFeatures(dense=dense, sam_image=None, original_size=image.shape[:2], timings=timings)
 
+        spliced = self._spliced_windows(image, timings)  # its intermediates are freed before SAM runs
         sam_image = None
-        if cfg.method != 'proxy':
-            with self._stage(timings, 'sam_encoder'):
-                sam_image = models.sam.encode(image)
-        with self._stage(timings, 'windows'):
-            resized, boxes, crops = self._windows(image, cfg.slide_crop, cfg.slide_stride)
-        with self._stage(timings, 'dino'):
-            dino = models.dino.patch_features(_normalise(crops, models.dino.mean, models.dino.std, models.dtype))
-        with self._stage(timings, 'clip'):
-            values, clip_grid = models.clip.last_block_values(
-                _normalise(crops, models.clip.mean, models.clip.std, models.dtype))
-            dino_grid = (cfg.slide_crop // models.dino.patch_size,) * 2
-            attended = dino_guided_attention(dino, values, clip_grid, dino_grid, cfg.beta, cfg.gamma)
-            tokens = models.clip.attention_output(attended)  # (B, Nd, D)
-        with self._stage(timings, 'splice'):
-            tokens = tokens.transpose(1, 2).reshape(len(boxes), -1, *dino_grid)
-            patch = cfg.slide_crop // dino_grid[0]
-            spliced = splice_windows(tokens, boxes, (resized.shape[1] // patch, resized.shape[2] // patch), patch)
         aggregated = spliced  # proxy: no SAM aggregation, the window token grid
-        if sam_image is not None:
-            with self._stage(timings, 'aggregation'):
-                aggregated = aggregate_with_sam(spliced, sam_image.attention, cfg.cos_fac, cfg.refine_neg_cos,
-                                                cfg.aggregation_chunk)
+        if cfg.method != 'proxy':
+            aggregation = SamAggregation(spliced, models.sam.token_grid(*image.shape[:2]), cfg.cos_fac,
+                                         cfg.refine_neg_cos, cfg.aggregation_chunk)
+            with self._stage(timings, 'sam_encoder'):
+                sam_image = models.sam.encode(image, observer=aggregation)
+            aggregated = aggregation.result()
+            if models.device.type == 'cpu':  # fused into the encoder; its own time is exact on the CPU only
+                timings['sam_encoder'] -= aggregation.seconds
+                timings['aggregation'] = aggregation.seconds
         with self._stage(timings, 'projection'):
             dense = models.clip.project(aggregated.permute(1, 2, 0))  # (hs, ws, E)
             dense = F.normalize(dense.float(), dim=-1).permute(2, 0, 1).contiguous()
-        # The attention capture (q, k, v of the whole grid) is only needed for aggregation; the
-        # embedding only for refinement, which only trident does.
-        if sam_image is not None:
-            sam_image = dataclasses.replace(sam_image, attention=None) if cfg.method == 'trident' else None
+        if cfg.method != 'trident':  # the SAM embedding is only needed for refinement
+            sam_image = None
         return ImageFeatures(dense=dense, sam_image=sam_image, original_size=image.shape[:2], timings=timings)
 
     def encode_vocabulary(self, vocabulary: str | Sequence[Sequence[str]]) -> Vocabulary:

@@ -129,5 +129,6 @@ def dino_guided_attention(dino: torch.Tensor, values: torch.Tensor, clip_grid: t
         grid = values.transpose(2, 3).reshape(batch * heads, head_dim, *clip_grid)
         grid = F.interpolate(grid, size=tuple(dino_grid), mode='bilinear', align_corners=False)
         values = grid.reshape(batch, heads, head_dim, -1).transpose(2, 3)
-    out = weights[:, None] @ values  # (B, heads, Nd, hd)
-    return out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+    # one weight matrix for all heads: a single (Nd, Nd) @ (Nd, heads * hd) product per crop, no
+    # (B, heads, Nd, Nd) broadcast copy of the weights
+    return weights @ values.transpose(1, 2).reshape(batch, -1, heads * head_dim)
