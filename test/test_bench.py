@@ -35,11 +35,14 @@ def test_bench_reports_every_field():
                                                   / totals['full_refine_off']['median'])
     assert report['overhead_ratio_refine_on_min'] == totals['full_refine_on']['min'] / totals['encoders_only']['min']
     assert report['text_ratio'] > 0 and report['peak_rss_bytes'] > 0
-    assert report['aggregation_peak_extra_bytes'] >= 0 and 'RSS' in report['aggregation_memory_method']
+    assert isinstance(report['aggregation_peak_extra_bytes'], int) and 'RSS' in report['aggregation_memory_method']
+    assert report['sam_encoder_peak_extra_bytes'] >= 0
     assert 0 < report['peak_rss_frame_bytes'] <= report['peak_rss_bytes']
-    # tiny SAM: 2 heads, 16 x 16 padded grid; 96x64 -> 256 x 171 input, 10 x 16 valid tokens in chunks of 64 queries (the default)
+    # tiny SAM: 2 heads, 16 x 16 grid; the square 64x64 crop -> 256 x 256 input, 16 x 16 valid tokens, chunks of
+    # 64 queries (the default)
+    assert report['aggregation_tokens'] == [16, 16]
     assert report['aggregation_chunk'] == TridentConfig().aggregation_chunk == 64
-    assert report['aggregation_chunk_blocks_bytes'] == 2 * 64 * 160 * 4  # heads x 4 rows of 16 queries x N keys
+    assert report['aggregation_chunk_blocks_bytes'] == 2 * 64 * 256 * 4  # heads x 4 rows of 16 queries x N keys
 
 
 def test_bench_table_names_the_ratios_and_takes_chunk_and_clock():
@@ -47,10 +50,10 @@ def test_bench_table_names_the_ratios_and_takes_chunk_and_clock():
                              '--size', '64x48', '--device', 'cpu', '--aggregation-chunk', '7', '--clock', 'cpu'],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    # tiny SAM, 64x48 -> 256 x 192 input, 12 x 16 valid tokens: a block of 2 heads x 16 queries x 192 keys, fp32
+    # tiny SAM, square 48x48 crop -> 256 x 256 input, 16 x 16 tokens: a block of 2 heads x 16 queries x 256 keys, fp32
     for text in ('overhead ratio', 'relabel ratio', 'encoders_only', 'text features', 'peak RSS', 'device: cpu',
-                 'clock cpu', 'peak RSS after the first repetition', 'aggregation (chunk 7)',
-                 f'chunk blocks {2 * 16 * 192 * 4 / 2**20:.1f} MiB computed'):  # 1 row of 16 queries, 12 x 16 keys
+                 'clock cpu', 'peak RSS after the first repetition', 'aggregation (chunk 7, 16x16 tokens',
+                 f'chunk block {2 * 16 * 256 * 4 / 2**20:.1f} MiB computed'):  # 1 row of 16 queries
         assert text in result.stdout, text
 
 

@@ -236,7 +236,9 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
         'text_ratio': text_ours / text_standard,
         'aggregation_s': aggregation.seconds,
         'aggregation_chunk': config.aggregation_chunk,
+        'aggregation_tokens': list(aggregation.tokens),
         'aggregation_peak_extra_bytes': aggregation.peak_extra_bytes,
+        'sam_encoder_peak_extra_bytes': aggregation.encoder_peak_extra_bytes,
         'aggregation_chunk_blocks_bytes': aggregation.chunk_blocks_bytes,
         'aggregation_memory_method': aggregation.method,
         'peak_rss_frame_bytes': frame_rss,
@@ -247,10 +249,15 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
 
 @dataclass
 class AggregationMemory:
-    """What the aggregation, fused into SAM's encoder, adds to it on one frame."""
+    """What the aggregation, fused into SAM's encoder, adds to it on one square frame."""
 
+    tokens: tuple[int, int]
+    """SAM's valid token grid of the measured frame (64 x 64 at full scale)."""
     peak_extra_bytes: int
-    """Peak extra memory of the encoder with the aggregation minus that of the encoder alone."""
+    """Peak extra memory of the encoder with the aggregation minus that of the encoder alone
+    (negative when the aggregation's memory stays under the encoder's own peak)."""
+    encoder_peak_extra_bytes: int
+    """Peak extra memory of the encoder alone."""
     seconds: float
     method: str
     """How ``peak_extra_bytes`` was measured."""
@@ -260,12 +267,15 @@ class AggregationMemory:
 
 @torch.inference_mode()
 def aggregation_memory(pipeline: TridentPipeline, image: np.ndarray) -> AggregationMemory:
-    """Peak extra memory and time the aggregation adds to SAM's image encoder on this frame
-    (random spliced features of the frame's size): the encoder is run without, then with it. On
-    the CPU this calls :func:`release_freed_memory` (so run it last: later allocations are slower)."""
+    """Peak extra memory and time the aggregation adds to SAM's image encoder on a square crop of
+    ``image`` (all of SAM's 64 x 64 tokens valid at full scale; random spliced features): the
+    encoder is run without, then with it. On the CPU this calls :func:`release_freed_memory` (so
+    run it last: later allocations are slower)."""
     models, cfg = pipeline.models, pipeline.config
     sam, device = models.sam, models.device
-    valid = sam.token_grid(*image.shape[:2])
+    side = min(image.shape[:2])
+    image = np.ascontiguousarray(image[:side, :side])
+    valid = sam.token_grid(side, side)
     width = models.clip.model.visual.transformer.width
     spliced = torch.randn(width, valid[0] * 2, valid[1] * 2, device=device, dtype=models.dtype)
     blocks = aggregation_chunk_bytes(sam.last_attn.num_heads, valid, cfg.aggregation_chunk, sam.dtype.itemsize)
@@ -284,7 +294,7 @@ def aggregation_memory(pipeline: TridentPipeline, image: np.ndarray) -> Aggregat
             return torch.cuda.max_memory_allocated(device) - base, time.perf_counter() - start
 
         (alone, alone_s), (fused, fused_s) = run(lambda: None), run(aggregated)
-        return AggregationMemory(max(0, fused - alone), max(0.0, fused_s - alone_s),
+        return AggregationMemory(valid, fused - alone, alone, max(0.0, fused_s - alone_s),
                                  'torch.cuda.max_memory_allocated; time: encoder with minus without', blocks)
     method = 'RSS sampled every 0.5 ms (psutil), peak minus start, encoder with minus without'
     if release_freed_memory():
@@ -294,7 +304,7 @@ def aggregation_memory(pipeline: TridentPipeline, image: np.ndarray) -> Aggregat
     with PeakRss() as fused:
         observer = aggregated()
         sam.encode(image, observer=observer)
-    return AggregationMemory(max(0, fused.extra - alone.extra), observer.seconds, method, blocks)
+    return AggregationMemory(valid, fused.extra - alone.extra, alone.extra, observer.seconds, method, blocks)
 
 
 def _cpu_name() -> str:
@@ -334,9 +344,11 @@ def format_table(report: dict) -> str:
         f"text features, {len(NEW_NAMES)} new names x {len(IMAGENET_TEMPLATES)} templates: "
         f"{ms(report['text_new_names_s']).strip()} ms vs open_clip encode_text {ms(report['text_open_clip_standard_s']).strip()} ms "
         f"(ratio {report['text_ratio']:.3f})",
-        f"aggregation (chunk {report['aggregation_chunk']}): {ms(report['aggregation_s']).strip()} ms, peak extra "
-        f"memory {report['aggregation_peak_extra_bytes'] / 2**20:.1f} MiB "
-        f"(chunk blocks {report['aggregation_chunk_blocks_bytes'] / 2**20:.1f} MiB computed; "
+        f"aggregation (chunk {report['aggregation_chunk']}, "
+        f"{report['aggregation_tokens'][0]}x{report['aggregation_tokens'][1]} tokens, fused into SAM's encoder): "
+        f"{ms(report['aggregation_s']).strip()} ms, adds {report['aggregation_peak_extra_bytes'] / 2**20:.1f} MiB "
+        f"to the encoder's peak extra memory of {report['sam_encoder_peak_extra_bytes'] / 2**20:.1f} MiB "
+        f"(its chunk block {report['aggregation_chunk_blocks_bytes'] / 2**20:.1f} MiB computed; "
         f"{report['aggregation_memory_method']})",
         f"peak RSS after the first repetition (models, vocabulary, one frame): "
         f"{report['peak_rss_frame_bytes'] / 2**30:.2f} GiB ({report['peak_rss_frame_bytes'] / 1e9:.2f} GB)",
