@@ -35,8 +35,7 @@ def test_bench_reports_every_field():
                                                   / totals['full_refine_off']['median'])
     assert report['overhead_ratio_refine_on_min'] == totals['full_refine_on']['min'] / totals['encoders_only']['min']
     assert report['text_ratio'] > 0 and report['peak_rss_bytes'] > 0
-    assert isinstance(report['aggregation_peak_extra_bytes'], int) and 'RSS' in report['aggregation_memory_method']
-    assert report['sam_encoder_peak_extra_bytes'] >= 0
+    assert report['aggregation_peak_extra_bytes'] >= 0 and 'RSS' in report['aggregation_memory_method']
     assert 0 < report['peak_rss_frame_bytes'] <= report['peak_rss_bytes']
     # tiny SAM: 2 heads, 16 x 16 grid; the square 64x64 crop -> 256 x 256 input, 16 x 16 valid tokens, chunks of
     # 64 queries (the default)

@@ -238,7 +238,6 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
         'aggregation_chunk': config.aggregation_chunk,
         'aggregation_tokens': list(aggregation.tokens),
         'aggregation_peak_extra_bytes': aggregation.peak_extra_bytes,
-        'sam_encoder_peak_extra_bytes': aggregation.encoder_peak_extra_bytes,
         'aggregation_chunk_blocks_bytes': aggregation.chunk_blocks_bytes,
         'aggregation_memory_method': aggregation.method,
         'peak_rss_frame_bytes': frame_rss,
@@ -249,15 +248,13 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
 
 @dataclass
 class AggregationMemory:
-    """What the aggregation, fused into SAM's encoder, adds to it on one square frame."""
+    """The memory of the aggregation, fused into SAM's encoder, on one square frame."""
 
     tokens: tuple[int, int]
     """SAM's valid token grid of the measured frame (64 x 64 at full scale)."""
     peak_extra_bytes: int
-    """Peak extra memory of the encoder with the aggregation minus that of the encoder alone
-    (negative when the aggregation's memory stays under the encoder's own peak)."""
-    encoder_peak_extra_bytes: int
-    """Peak extra memory of the encoder alone."""
+    """What the aggregation holds at most on top of the encoder: its state (resized features,
+    output, unit values) plus the largest transient memory of one block of rows."""
     seconds: float
     method: str
     """How ``peak_extra_bytes`` was measured."""
@@ -265,46 +262,66 @@ class AggregationMemory:
     """What the chunk-sized block takes at most, computed (part of ``peak_extra_bytes``)."""
 
 
+class _MeasuredAggregation:
+    """Wraps a SamAggregation (as the encoder's observer) and measures its own memory: what
+    ``start`` leaves allocated, and the peak of every ``rows`` call above the memory at its entry."""
+
+    def __init__(self, make: Callable[[], SamAggregation], device: torch.device) -> None:
+        self.device = device
+        before = self._allocated()
+        self.inner = make()
+        self.state = self._allocated() - before
+        self.transient = 0
+
+    def _allocated(self) -> int:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    def start(self, v: torch.Tensor) -> None:
+        before = self._allocated()
+        self.inner.start(v)
+        self.state += self._allocated() - before
+
+    def rows(self, rows: slice, attention: torch.Tensor) -> None:
+        if self.device.type == 'cuda':
+            entry = self._allocated()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.inner.rows(rows, attention)
+            torch.cuda.synchronize(self.device)
+            self.transient = max(self.transient, torch.cuda.max_memory_allocated(self.device) - entry)
+            return
+        with PeakRss() as peak:
+            self.inner.rows(rows, attention)
+        self.transient = max(self.transient, peak.extra)
+
+
 @torch.inference_mode()
 def aggregation_memory(pipeline: TridentPipeline, image: np.ndarray) -> AggregationMemory:
-    """Peak extra memory and time the aggregation adds to SAM's image encoder on a square crop of
-    ``image`` (all of SAM's 64 x 64 tokens valid at full scale; random spliced features): the
-    encoder is run without, then with it. On the CPU this calls :func:`release_freed_memory` (so
-    run it last: later allocations are slower)."""
+    """Peak extra memory and time of the aggregation on a square crop of ``image`` (all of SAM's
+    64 x 64 tokens valid at full scale; random spliced features), measured around each of its
+    calls inside SAM's encoder. On the CPU this calls :func:`release_freed_memory` (so run it
+    last: later allocations are slower)."""
     models, cfg = pipeline.models, pipeline.config
     sam, device = models.sam, models.device
     side = min(image.shape[:2])
-    image = np.ascontiguousarray(image[:side, :side])
     valid = sam.token_grid(side, side)
     width = models.clip.model.visual.transformer.width
     spliced = torch.randn(width, valid[0] * 2, valid[1] * 2, device=device, dtype=models.dtype)
     blocks = aggregation_chunk_bytes(sam.last_attn.num_heads, valid, cfg.aggregation_chunk, sam.dtype.itemsize)
-
-    def aggregated() -> SamAggregation:
-        return SamAggregation(spliced, valid, cfg.cos_fac, cfg.refine_neg_cos, cfg.aggregation_chunk)
-
     if device.type == 'cuda':
-        def run(observer: Callable[[], SamAggregation | None]) -> tuple[int, float]:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            start = time.perf_counter()
-            sam.encode(image, observer=observer())
-            torch.cuda.synchronize(device)
-            return torch.cuda.max_memory_allocated(device) - base, time.perf_counter() - start
-
-        (alone, alone_s), (fused, fused_s) = run(lambda: None), run(aggregated)
-        return AggregationMemory(valid, fused - alone, alone, max(0.0, fused_s - alone_s),
-                                 'torch.cuda.max_memory_allocated; time: encoder with minus without', blocks)
-    method = 'RSS sampled every 0.5 ms (psutil), peak minus start, encoder with minus without'
-    if release_freed_memory():
-        method += ', glibc malloc_trim + mmap threshold 64 KiB (RSS follows live tensors)'
-    with PeakRss() as alone:
-        sam.encode(image)
-    with PeakRss() as fused:
-        observer = aggregated()
-        sam.encode(image, observer=observer)
-    return AggregationMemory(valid, fused.extra - alone.extra, alone.extra, observer.seconds, method, blocks)
+        method = 'torch.cuda.memory_allocated / max_memory_allocated around each call'
+    else:
+        method = 'RSS (psutil) around each call, sampled every 0.5 ms during it'
+        if release_freed_memory():
+            method += ', glibc malloc_trim + mmap threshold 64 KiB (RSS follows live tensors)'
+    measured = _MeasuredAggregation(
+        lambda: SamAggregation(spliced, valid, cfg.cos_fac, cfg.refine_neg_cos, cfg.aggregation_chunk), device)
+    sam.encode(np.ascontiguousarray(image[:side, :side]), observer=measured)
+    return AggregationMemory(valid, measured.state + measured.transient, measured.inner.seconds, method, blocks)
 
 
 def _cpu_name() -> str:
@@ -346,8 +363,7 @@ def format_table(report: dict) -> str:
         f"(ratio {report['text_ratio']:.3f})",
         f"aggregation (chunk {report['aggregation_chunk']}, "
         f"{report['aggregation_tokens'][0]}x{report['aggregation_tokens'][1]} tokens, fused into SAM's encoder): "
-        f"{ms(report['aggregation_s']).strip()} ms, adds {report['aggregation_peak_extra_bytes'] / 2**20:.1f} MiB "
-        f"to the encoder's peak extra memory of {report['sam_encoder_peak_extra_bytes'] / 2**20:.1f} MiB "
+        f"{ms(report['aggregation_s']).strip()} ms, peak extra memory {report['aggregation_peak_extra_bytes'] / 2**20:.1f} MiB "
         f"(its chunk block {report['aggregation_chunk_blocks_bytes'] / 2**20:.1f} MiB computed; "
         f"{report['aggregation_memory_method']})",
         f"peak RSS after the first repetition (models, vocabulary, one frame): "
