@@ -13,8 +13,8 @@ Each frame is a 640x480 rgb8 ``sensor_msgs/Image`` (``--size``), built before th
 * end-to-end latency: from just before ``publish()`` to the ``~/segmentation`` callback here
   (one process, one monotonic clock);
 * the node's own timings, from its ``/diagnostics`` status (``latency_ms.*`` of the last frame it
-  published, with ``frames_processed``; diagnostics come once a second, so only the frames they
-  happen to describe get these, matched by the processed count);
+  published, named by ``latency_frame_id``; diagnostics come once a second, so only the frames
+  they happen to describe get these);
 * pipeline time = ``total - conversion - publish`` (the node's ``encode_image`` + ``label`` calls);
 * overhead = end-to-end latency - pipeline time: transport both ways, the wait for the worker
   thread (``queue``), msg -> array (``conversion``), the overlay and output messages
@@ -141,7 +141,7 @@ class NodeBench(Node):
         self.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 50)
         self.frames: dict[int, Frame] = {}
         self.received_order: list[int] = []
-        self.diagnostics: dict[int, dict[str, str]] = {}  # frames_processed -> that status's values
+        self.diagnostics: dict[str, dict[str, str]] = {}  # latency_frame_id -> the first status describing it
         self.latest: dict[str, str] | None = None
         self.latest_at = 0.0
 
@@ -159,8 +159,8 @@ class NodeBench(Node):
             if status.name.startswith(f'{self.target}:'):
                 values = {kv.key: kv.value for kv in status.values}
                 self.latest, self.latest_at = values, time.monotonic()
-                if 'frames_processed' in values:
-                    self.diagnostics.setdefault(int(values['frames_processed']), values)
+                if values.get('latency_frame_id', '').startswith(FRAME_PREFIX):
+                    self.diagnostics.setdefault(values['latency_frame_id'], values)
 
     def spin_for(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> Report:
             rclpy.spin_once(bench, timeout_sec=0.05)
         bench.spin_for(1.0)  # a dropped frame's successor may still be on its way
         after = bench.fresh_status(5.0)
-        attach_node_timings(bench, int(before['frames_processed']), args.warmup)
+        attach_node_timings(bench, measured)
     finally:
         bench.destroy_node()
     return summarise(args, measured, before, after)
@@ -230,26 +230,18 @@ def publish(bench: NodeBench, msg: Image) -> None:
     bench.image_pub.publish(msg)
 
 
-def attach_node_timings(bench: NodeBench, processed_before: int, warmup: int) -> None:
-    """Give each measured frame the diagnostics status that describes it: the k-th segmentation
-    received after the warm-up is the node's processed frame number ``processed_before + k``. A
-    status whose ``total`` exceeds the frame's end-to-end latency describes another frame (the node
-    updates its timings and its counter one after the other) and is not used."""
-    measured = [index for index in bench.received_order if index >= warmup]
-    for k, index in enumerate(measured, start=1):
-        values = bench.diagnostics.get(processed_before + k)
-        if values is None:
-            continue
-        node_ms = {key[len('latency_ms.'):]: float(value) for key, value in values.items()
-                   if key.startswith('latency_ms.')}
-        frame = bench.frames[index]
-        if 'total' in node_ms and node_ms['total'] <= frame.latency_ms:
-            frame.node_ms = node_ms
+def attach_node_timings(bench: NodeBench, frames: list[Frame]) -> None:
+    """Give each frame the node's timings of it, from the diagnostics status naming it."""
+    for frame in frames:
+        values = bench.diagnostics.get(f'{FRAME_PREFIX}{frame.index}')
+        if values is not None:
+            frame.node_ms = {key[len('latency_ms.'):]: float(value) for key, value in values.items()
+                             if key.startswith('latency_ms.')}
 
 
 def summarise(args: argparse.Namespace, measured: list[Frame], before: dict[str, str],
               after: dict[str, str]) -> Report:
-    timed = [f for f in measured if f.node_ms is not None]
+    timed = [f for f in measured if f.node_ms is not None and f.latency_ms is not None]
     overhead = [f.latency_ms - f.pipeline_ms for f in timed]
     parts: dict[str, float] = {}
     if timed:

@@ -435,12 +435,16 @@ def test_outputs_switched_off_are_not_published(active, client, outputs, cameras
 
 
 def test_diagnostics_report_rates_latencies_and_counts(active, outputs, cameras):
-    send_until_outputs(cameras['best_effort'], image_msg(ROOM[::4, ::4]), outputs)
+    msg = image_msg(ROOM[::4, ::4], frame_id='diagnosed_camera')
+    send_until_outputs(cameras['best_effort'], msg, outputs)
     values, _, _ = diagnostics_after(outputs, time.monotonic())
     for key in ('processing_rate_hz', 'frames_dropped', 'frames_processed', 'image_encoder_calls', 'vocabulary_size',
                 'device', 'latency_ms.total', 'latency_ms.conversion', 'latency_ms.sam_encoder',
                 'latency_ms.labelling'):
         assert key in values, values
+    # the latencies name the frame they describe
+    assert values['latency_frame_id'] == 'diagnosed_camera'
+    assert values['latency_frame_stamp'] == f'{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}'
     assert values['device'] == 'cpu' and values['lifecycle_state'] == 'active'
     assert float(values['processing_rate_hz']) > 0 and int(values['frames_processed']) >= 1
 

@@ -129,7 +129,8 @@ class Stats:
     failed: int = 0
     skipped_no_subscribers: int = 0
     vocabularies_refused: int = 0
-    latency_ms: dict[str, float] = dataclasses.field(default_factory=dict)
+    latency: tuple[str, str, dict[str, float]] = ('', '', {})
+    """The last published frame's ``frame_id``, stamp (``sec.nanosec``) and timings (ms), set at once."""
     done: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=256))
     warning: tuple[float, str] | None = None
     error: tuple[float, str] | None = None
@@ -562,7 +563,8 @@ class TridentNode(LifecycleNode):
                     self._pubs[name].publish(msg)
         now = time.monotonic()
         timings = {**timings, **seg.timings, 'publish': now - published, 'total': now - start}
-        self._stats.latency_ms = {name: round(seconds * 1000.0, 2) for name, seconds in timings.items()}
+        self._stats.latency = (header.frame_id, f'{header.stamp.sec}.{header.stamp.nanosec:09d}',
+                               {name: round(seconds * 1000.0, 2) for name, seconds in timings.items()})
         self._stats.done.append(time.monotonic())
 
     def _publish_vocabulary_info(self) -> None:
@@ -632,8 +634,11 @@ class TridentNode(LifecycleNode):
             'image_encoder_calls': pipeline.image_encoder_calls if pipeline is not None else 0,
             'vocabulary_size': vocabulary.num_classes if vocabulary is not None else 0,
             'image_decoder': conversions.IMAGE_BACKEND,
-            **{f'latency_ms.{name}': value for name, value in stats.latency_ms.items()},
         }
+        frame_id, stamp, latency_ms = stats.latency
+        if latency_ms:  # which frame the latencies describe (frame_id and stamp of its header)
+            values.update({'latency_frame_id': frame_id, 'latency_frame_stamp': stamp,
+                           **{f'latency_ms.{name}': value for name, value in latency_ms.items()}})
         if pipeline is not None and pipeline.models.device.type == 'cuda':
             values['gpu_memory_allocated_mb'] = f'{torch.cuda.memory_allocated(pipeline.models.device) / 2**20:.1f}'
             values['gpu_memory_reserved_mb'] = f'{torch.cuda.memory_reserved(pipeline.models.device) / 2**20:.1f}'
