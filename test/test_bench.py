@@ -37,6 +37,7 @@ def test_bench_reports_every_field():
                                                   / totals['full_refine_off']['median'])
     assert report['overhead_ratio_refine_on_min'] == totals['full_refine_on']['min'] / totals['encoders_only']['min']
     assert report['text_ratio'] > 0 and report['peak_rss_bytes'] > 0
+    assert report['reused_frame_refine_off_s'] > 0 and report['reused_frame_ratio'] > 0  # the bench checks it reused
     assert report['aggregation_peak_extra_bytes'] >= 0 and 'RSS' in report['aggregation_memory_method']
     assert 0 < report['peak_rss_frame_bytes'] <= report['peak_rss_bytes']
     # tiny SAM: 2 heads, 16 x 16 grid; the square 64x64 crop -> 256 x 256 input, 16 x 16 valid tokens, chunks of
@@ -53,7 +54,7 @@ def test_bench_table_names_the_ratios_and_takes_chunk_and_clock():
     assert result.returncode == 0, result.stderr
     # tiny SAM, square 48x48 crop -> 256 x 256 input, 16 x 16 tokens: a block of 2 heads x 16 queries x 256 keys, fp32
     for text in ('overhead ratio', 'relabel ratio', 'encoders_only', 'text features', 'peak RSS', 'device: cpu',
-                 'clock cpu', 'peak RSS after the first repetition', 'aggregation (chunk 7, 16x16 tokens',
+                 'clock cpu', 'peak RSS after the first repetition', 'unchanged frame with reuse_threshold on', 'aggregation (chunk 7, 16x16 tokens',
                  f'chunk block {2 * 16 * 256 * 4 / 2**20:.1f} MiB computed'):  # 1 row of 16 queries
         assert text in result.stdout, text
 

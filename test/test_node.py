@@ -438,7 +438,8 @@ def test_diagnostics_report_rates_latencies_and_counts(active, outputs, cameras)
     msg = image_msg(ROOM[::4, ::4], frame_id='diagnosed_camera')
     send_until_outputs(cameras['best_effort'], msg, outputs)
     values, _, _ = diagnostics_after(outputs, time.monotonic())
-    for key in ('processing_rate_hz', 'frames_dropped', 'frames_processed', 'image_encoder_calls', 'vocabulary_size',
+    for key in ('processing_rate_hz', 'frames_dropped', 'frames_processed', 'image_encoder_calls', 'image_side_reuses',
+                'vocabulary_size',
                 'device', 'latency_ms.total', 'latency_ms.conversion', 'latency_ms.sam_encoder',
                 'latency_ms.labelling'):
         assert key in values, values

@@ -84,6 +84,28 @@ def test_chunk_size_does_not_change_result(image):
     np.testing.assert_allclose(small.confidence, large.confidence, atol=1e-5)
 
 
+def test_unchanged_frames_reuse_the_image_side(image):
+    pipeline = TridentPipeline(TINY.replace(reuse_threshold=2.0))
+    sam_forwards = count_forwards(pipeline.models.sam.model.image_encoder)
+    noise = np.random.default_rng(0).integers(-2, 3, image.shape)  # mean |noise| 1.2 grey levels
+    noisy = np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8)
+    shifted = np.clip(image.astype(int) + 3, 0, 255).astype(np.uint8)  # mean difference just under 3
+    first = pipeline.encode_image(image)
+    again = pipeline.encode_image(noisy)
+    assert (pipeline.image_encoder_calls, pipeline.image_side_reuses, sam_forwards[0]) == (1, 1, 1)
+    assert again.dense is first.dense and set(again.timings) == {'reuse_check'}
+    pipeline.encode_image(shifted)  # over the threshold: encoded, and the new reference frame
+    pipeline.encode_image(image[:, :-16].copy())  # another size
+    assert (pipeline.image_encoder_calls, pipeline.image_side_reuses, sam_forwards[0]) == (3, 1, 3)
+    pipeline.apply_label_config(pipeline.config.replace(slide_stride=112))  # a config change: encoded again
+    pipeline.encode_image(image[:, :-16].copy())
+    assert (pipeline.image_encoder_calls, pipeline.image_side_reuses) == (4, 1)
+    pipeline.apply_label_config(pipeline.config.replace(reuse_threshold=0.0))  # off: every frame is encoded
+    pipeline.encode_image(image)
+    pipeline.encode_image(image)
+    assert (pipeline.image_encoder_calls, pipeline.image_side_reuses) == (6, 1)
+
+
 def test_bad_image_is_refused_with_a_clear_error(pipeline):
     with pytest.raises(ValueError, match=r'\(H, W, 3\) uint8'):
         pipeline.encode_image(np.zeros((10, 10), np.uint8))

@@ -3,7 +3,8 @@
 Runs the pipeline (random weights: cost does not depend on weight values) on a given or generated
 image, warm-up then N repetitions, and reports per-stage median/min times, the encoders-only time
 (the same SAM/DINO/CLIP forwards, timed alone in the same run), the overhead ratio (full frame /
-encoders-only), the relabel ratio (vocabulary change on a cached frame / full frame), text-feature
+encoders-only), the relabel ratio (vocabulary change on a cached frame / full frame), what an
+unchanged frame costs with ``reuse_threshold`` on, text-feature
 time against open_clip's standard ``encode_text`` path, the peak extra memory the aggregation adds
 to SAM's encoder (it is fused into the encoder's last block),
 the peak RSS after the first repetition (models, vocabulary and one frame: the "full frame" memory)
@@ -32,7 +33,7 @@ from .aggregation import SamAggregation, aggregation_chunk_bytes
 from .config import TridentConfig
 from .pipeline import TridentPipeline, _normalise
 from .sliding_window import resize_for_windows, window_boxes
-from .vocabulary import IMAGENET_TEMPLATES, TextFeatureCache
+from .vocabulary import IMAGENET_TEMPLATES, TextFeatureCache, Vocabulary
 
 logger = logging.getLogger('trident_ros.bench')
 
@@ -161,6 +162,21 @@ def encoders_only(pipeline: TridentPipeline, image: np.ndarray) -> Callable[[], 
     return run
 
 
+@torch.inference_mode()
+def reused_frame_time(pipeline: TridentPipeline, config: TridentConfig, image: np.ndarray, vocabulary: Vocabulary,
+                      clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds for a frame equal to the last encoded one with ``reuse_threshold`` on: the
+    comparison, the reused image side and labelling with ``config`` (one frame is encoded first)."""
+    pipeline.apply_label_config(config.replace(reuse_threshold=1.0))
+    pipeline.encode_image(image)
+    reuses = pipeline.image_side_reuses
+    seconds = time_call(lambda: pipeline.label(pipeline.encode_image(image.copy()), vocabulary), pipeline.models.device,
+                        clock)
+    if pipeline.image_side_reuses != reuses + 1:
+        raise RuntimeError('the unchanged frame was encoded again')
+    return seconds
+
+
 def paired_ratio(numerator: Timing, denominator: Timing) -> float:
     """Median over repetitions of ``numerator / denominator`` measured in the same repetition."""
     return statistics.median(a / b for a, b in zip(numerator.samples, denominator.samples, strict=True))
@@ -212,6 +228,7 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
                 stages.setdefault(name, Timing()).samples.append(seconds)
         if rep == 0:
             frame_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    reused = reused_frame_time(pipeline, config.replace(refine=False), image, vocabulary, tick)
     pipeline.apply_label_config(config)
 
     text_ours, text_standard = text_timings(pipeline, NEW_NAMES, tick)
@@ -235,6 +252,8 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
         'overhead_ratio_refine_on': paired_ratio(results['full_refine_on'], results['encoders_only']),
         'relabel_ratio_refine_off': results['relabel_refine_off'].median / results['full_refine_off'].median,
         'relabel_ratio_refine_on': results['relabel_refine_on'].median / results['full_refine_on'].median,
+        'reused_frame_refine_off_s': reused,
+        'reused_frame_ratio': reused / results['full_refine_off'].median,
         # other processes on the machine only ever add time: the minimums are the steadier estimate
         'overhead_ratio_refine_off_min': results['full_refine_off'].min / results['encoders_only'].min,
         'overhead_ratio_refine_on_min': results['full_refine_on'].min / results['encoders_only'].min,
@@ -366,6 +385,8 @@ def format_table(report: dict) -> str:
         f"{report['overhead_ratio_refine_off_min']:.3f}, {report['overhead_ratio_refine_on_min']:.3f})",
         f"relabel ratio (vocabulary change / full frame): refine off {report['relabel_ratio_refine_off']:.4f}, "
         f"refine on {report['relabel_ratio_refine_on']:.4f}",
+        f"unchanged frame with reuse_threshold on, refine off: {ms(report['reused_frame_refine_off_s']).strip()} ms "
+        f"(ratio to a full frame {report['reused_frame_ratio']:.4f})",
         f"text features, {len(NEW_NAMES)} new names x {len(IMAGENET_TEMPLATES)} templates: "
         f"{ms(report['text_new_names_s']).strip()} ms vs open_clip encode_text {ms(report['text_open_clip_standard_s']).strip()} ms "
         f"(ratio {report['text_ratio']:.3f})",

@@ -77,6 +77,10 @@ class TridentConfig:
     cos_fac: float = field(default=1.2, metadata={'help': 'SAM aggregation threshold factor on mean value cosine'})
     refine_neg_cos: bool = field(default=True, metadata={
         'help': 'keep a negative SAM threshold (false: a negative threshold becomes 0.6)'})
+    reuse_threshold: float = field(default=0.0, metadata={
+        'help': 'reuse the image side of the last encoded frame while a new frame of the same size differs '
+                'from it by at most this mean absolute difference (grey levels, 0-255; e.g. 1.5 for a static '
+                'camera); 0: off, every frame is encoded'})
     aggregation_chunk: int = field(default=64, metadata={
         'help': 'queries per chunk of the SAM aggregation, rounded down to whole token rows (at least one); '
                 'memory bound, the result does not depend on it'})
@@ -122,6 +126,8 @@ class TridentConfig:
                 fail(stride, f'must not exceed {crop}={getattr(self, crop)} (windows would leave gaps)')
             if getattr(self, crop) % 16:
                 fail(crop, 'must be a multiple of the patch size 16')
+        if not 0.0 <= self.reuse_threshold <= 255.0:
+            fail('reuse_threshold', 'must be in [0, 255] (0: off)')
         if self.input_short_side < 0:
             fail('input_short_side', 'must be >= 0 (0: original size)')
         for name in ('prob_thd', 'coarse_thresh', 'sam_iou_thresh'):

@@ -632,6 +632,7 @@ class TridentNode(LifecycleNode):
             'frames_skipped_no_subscribers': stats.skipped_no_subscribers,
             'vocabularies_refused': stats.vocabularies_refused,
             'image_encoder_calls': pipeline.image_encoder_calls if pipeline is not None else 0,
+            'image_side_reuses': pipeline.image_side_reuses if pipeline is not None else 0,
             'vocabulary_size': vocabulary.num_classes if vocabulary is not None else 0,
             'image_decoder': conversions.IMAGE_BACKEND,
         }

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,8 @@ class TridentPipeline:
         self.text_cache = TextFeatureCache(self.models.clip.model, self.models.tokenizer, self.models.device,
                                            self.models.dtype, config.text_cache_size)
         self.image_encoder_calls = 0
+        self.image_side_reuses = 0
+        self._last_encoded: tuple[np.ndarray, TridentConfig, ImageFeatures] | None = None
 
     def describe(self) -> str:
         """Which weights, device and dtype are in use (one line, for logs)."""
@@ -151,9 +154,14 @@ class TridentPipeline:
             patch = cfg.slide_crop // dino_grid[0]
             return splice_windows(tokens, boxes, (resized.shape[1] // patch, resized.shape[2] // patch), patch)
 
-    @torch.inference_mode()
     def encode_image(self, image: np.ndarray) -> ImageFeatures:
         """Run the image encoders of ``config.method`` on one frame.
+
+        With ``reuse_threshold`` > 0, a frame of the same size as the last encoded one, under the
+        same configuration, whose mean absolute difference from it (grey levels over all pixels and
+        channels) is at most the threshold gets the last encoded frame's image side instead (its
+        timings: ``reuse_check`` only; ``image_side_reuses`` counts these). The comparison is with
+        the last *encoded* frame, so a slow drift is encoded once it adds up to the threshold.
 
         Args:
             image: (H, W, 3) uint8 RGB.
@@ -165,6 +173,20 @@ class TridentPipeline:
                              f'{getattr(image, "dtype", type(image).__name__)}')
         if image.shape[0] < 1 or image.shape[1] < 1:
             raise ValueError(f'empty image {image.shape}')
+        threshold = self.config.reuse_threshold
+        if threshold > 0 and self._last_encoded is not None:
+            start = time.perf_counter()
+            last_image, last_config, last_features = self._last_encoded
+            if (last_config == self.config and last_image.shape == image.shape
+                    and mean_absolute_difference(image, last_image) <= threshold):
+                self.image_side_reuses += 1
+                return dataclasses.replace(last_features, timings={'reuse_check': time.perf_counter() - start})
+        features = self._encode_image(image)
+        self._last_encoded = (image.copy(), self.config, features) if threshold > 0 else None
+        return features
+
+    @torch.inference_mode()
+    def _encode_image(self, image: np.ndarray) -> ImageFeatures:
         cfg, models = self.config, self.models
         timings: dict[str, float] = {}
         self.image_encoder_calls += 1
@@ -239,6 +261,11 @@ class TridentPipeline:
         if isinstance(vocabulary, str):
             vocabulary = self.encode_vocabulary(vocabulary)
         return self.label(self.encode_image(image), vocabulary)
+
+
+def mean_absolute_difference(first: np.ndarray, second: np.ndarray) -> float:
+    """Mean of ``|first - second|`` over every element of two same-shape uint8 arrays (grey levels)."""
+    return cv2.norm(first, second, cv2.NORM_L1) / first.size
 
 
 def _normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
