@@ -6,6 +6,7 @@ encodes a vocabulary, then one frame, and prints the RSS after each stage and it
     python bench/frame_memory.py                      # full-size models, CPU, fp32, 640x480
     python bench/frame_memory.py --sam-upstream       # SAM encoder blocks as segment-anything has them
     python bench/frame_memory.py --release            # RSS follows live memory (glibc, see below)
+    python bench/frame_memory.py --bf16               # bfloat16 encoders
 
 Peaks are sampled every 0.5 ms (psutil) and can miss very short ones; the last line is the
 kernel's own high-water mark (``ru_maxrss``), which misses nothing. By default glibc keeps freed
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--size', default='640x480', help='generated image WIDTHxHEIGHT')
     parser.add_argument('--tiny', action='store_true', help='small test architectures')
+    parser.add_argument('--bf16', action='store_true', help='bfloat16 encoders (default fp32)')
     parser.add_argument('--sam-upstream', action='store_true',
                         help="SAM encoder blocks as segment-anything has them (no chunked attention/MLP)")
     parser.add_argument('--release', action='store_true', help='glibc: return freed memory (RSS ~ live memory)')
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.release and not release_freed_memory():
         parser.error('--release needs glibc')
 
-    config = TridentConfig(random_weights=True, device='cpu', model_scale='tiny' if args.tiny else 'full')
+    config = TridentConfig(random_weights=True, device='cpu', model_scale='tiny' if args.tiny else 'full',
+                           bf16=args.bf16)
     if args.aggregation_chunk is not None:
         config = config.replace(aggregation_chunk=args.aggregation_chunk)
     pipeline = stage('load models', lambda: TridentPipeline(config))
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f'torch {torch.__version__}, threads {torch.get_num_threads()}, {args.size}, '
           f'{"tiny" if args.tiny else "full"} models, SAM blocks {"upstream" if args.sam_upstream else "chunked"}, '
-          f'aggregation chunk {config.aggregation_chunk}, glibc release {"on" if args.release else "off"}')
+          f'aggregation chunk {config.aggregation_chunk}, glibc release {"on" if args.release else "off"}, '
+          f'{"bf16" if args.bf16 else "fp32"}')
     print('parameters: ' + ', '.join(f'{name} {value / 2**20:.0f} MiB' for name, value in parameters.items()))
     print(f'\n{"stage":<42}{"seconds":>8}{"peak MiB":>10}{"after MiB":>10}')
     for name, seconds, peak, after in rows:

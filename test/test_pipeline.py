@@ -106,6 +106,24 @@ def test_unchanged_frames_reuse_the_image_side(image):
     assert (pipeline.image_encoder_calls, pipeline.image_side_reuses) == (6, 1)
 
 
+@pytest.mark.parametrize('method', ['trident', 'proxy', 'naclip'])
+def test_bf16_on_the_cpu_is_close_to_fp32(pipeline, image, method):
+    fp32 = pipeline if method == 'trident' else TridentPipeline(TINY.replace(method=method))
+    bf16 = TridentPipeline(fp32.config.replace(bf16=True, refine=True))
+    models = bf16.models
+    assert models.dtype == torch.bfloat16 and models.clip.dtype == torch.bfloat16
+    if method == 'trident':
+        assert models.dino.dtype == models.sam.dtype == torch.bfloat16
+        assert models.sam.model.mask_decoder.iou_token.weight.dtype == torch.float32  # prompts stay fp32
+    fp32.apply_label_config(fp32.config.replace(refine=True))
+    ours, reference = bf16.encode_image(image), fp32.encode_image(image)
+    assert ours.dense.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(ours.dense, reference.dense, dim=0)
+    assert cosine.min() > 0.999, float(cosine.min())
+    seg = bf16.label(ours, bf16.encode_vocabulary('door, sofa; couch, table'))
+    assert seg.labels.shape == image.shape[:2]
+
+
 def test_bad_image_is_refused_with_a_clear_error(pipeline):
     with pytest.raises(ValueError, match=r'\(H, W, 3\) uint8'):
         pipeline.encode_image(np.zeros((10, 10), np.uint8))
@@ -128,6 +146,14 @@ def test_cli_writes_overlay_labels_and_json(tmp_path):
     assert summary['vocabulary'] == ['door', 'chair']
     assert {m['class_id'] for m in summary['masks']} == set(np.unique(labels)) - {0}
     assert sum(m['area'] for m in summary['masks']) == int((labels > 0).sum())
+
+
+def test_cli_flags_map_to_the_config():
+    from trident_ros.cli import build_config, parse_args
+
+    config = build_config(parse_args(['x.png', '-v', 'door', '--bf16', '--no-refine', '--method', 'proxy']))
+    assert (config.bf16, config.refine, config.method, config.fp16) == (True, False, 'proxy', True)
+    assert not build_config(parse_args(['x.png', '-v', 'door'])).bf16
 
 
 def test_cli_without_weights_names_the_missing_file_and_the_smoke_mode(tmp_path):

@@ -416,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--device', default='auto')
     parser.add_argument('--fp32', action='store_true', help='no fp16 on CUDA')
+    parser.add_argument('--bf16', action='store_true', help='bfloat16 encoders on the CPU')
     parser.add_argument('--tiny', action='store_true', help='small test architectures (seconds)')
     parser.add_argument('--aggregation-chunk', type=int, help='queries per aggregation chunk (default: config)')
     parser.add_argument('--clock', choices=sorted(CLOCKS), default='wall',
@@ -427,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='[%(levelname)s] %(name)s: %(message)s')
     config = TridentConfig(random_weights=True, model_scale='tiny' if args.tiny else 'full', device=args.device,
-                           fp16=not args.fp32)
+                           fp16=not args.fp32, bf16=args.bf16)
     if args.aggregation_chunk is not None:
         config = config.replace(aggregation_chunk=args.aggregation_chunk)
     if args.image:

@@ -539,12 +539,13 @@ def load_models(config: TridentConfig) -> TridentModels:
     downloaded, and a loud warning says that labels are meaningless. Otherwise every weight file is
     resolved before any model is built; a missing one raises :class:`WeightsError` (never a silent
     fallback to random weights). ``config.model_scale == 'tiny'``: small configurations of the same
-    architectures (tests and smoke runs). fp16 on CUDA when ``config.fp16``, fp32 on the CPU.
+    architectures (tests and smoke runs). Encoders in fp16 on CUDA when ``config.fp16``, in bf16 on
+    the CPU when ``config.bf16``, else fp32 (SAM's prompt encoder and mask decoder: always fp32).
     """
     import open_clip
 
     device = resolve_device(config.device)
-    dtype = torch.float16 if device.type == 'cuda' and config.fp16 else torch.float32
+    dtype = encoder_dtype(config, device)
     needed = METHOD_MODELS[config.method]
     if config.random_weights:
         names = {'clip': 'CLIP', 'dino': 'DINO', 'sam': 'SAM'}
@@ -568,6 +569,15 @@ def load_models(config: TridentConfig) -> TridentModels:
                          sam=SamEncoder(sam) if sam is not None else None,
                          tokenizer=open_clip.get_tokenizer(config.clip_model), device=device, dtype=dtype,
                          weights=weights)
+
+
+def encoder_dtype(config: TridentConfig, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA with ``config.fp16``, bf16 on the CPU with ``config.bf16``, else fp32."""
+    if device.type == 'cuda' and config.fp16:
+        return torch.float16
+    if device.type == 'cpu' and config.bf16:
+        return torch.bfloat16
+    return torch.float32
 
 
 def _finish(model: nn.Module, device: torch.device, dtype: torch.dtype, clip_model: bool = False) -> nn.Module:
@@ -773,11 +783,14 @@ def _build_dino(config: TridentConfig, dino_path: Path | None) -> nn.Module:
         raise dino_weights_error(config, error) from error
 
 
+OPEN_CLIP_PRECISION = {torch.float16: 'fp16', torch.bfloat16: 'bf16', torch.float32: 'fp32'}
+
+
 def _build_clip(config: TridentConfig, clip_source: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     import open_clip
 
     try:
         return open_clip.create_model(config.clip_model, pretrained=clip_source, force_quick_gelu=True,
-                                      precision='fp16' if dtype == torch.float16 else 'fp32', device=device)
+                                      precision=OPEN_CLIP_PRECISION[dtype], device=device)
     except Exception as error:  # open_clip wraps download/load failures in RuntimeError and others
         raise clip_weights_error(config, error) from error

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 # Fields that change which models are loaded (or how): they need a new pipeline.
 MODEL_FIELDS = frozenset({
     'method', 'clip_model', 'clip_pretrained', 'dino_model', 'dino_checkpoint', 'sam_model', 'sam_checkpoint',
-    'weights_dir', 'download', 'random_weights', 'model_scale', 'device', 'fp16', 'text_cache_size'})
+    'weights_dir', 'download', 'random_weights', 'model_scale', 'device', 'fp16', 'bf16', 'text_cache_size'})
 
 
 @dataclass
