@@ -26,9 +26,10 @@ import torch
 
 # ros_helpers first: it checks the ROS 2 environment with a clear message
 from ros_helpers import BEST_EFFORT, LATCHED, RELIABLE, ROOT, RosProcess, TestNode, ros_env, wait_until
-# cameras, client, domain, env, outputs: test_node's module-scoped fixtures (this module gets its own)
-from test_node import (NODE, OUTPUT_TYPES, ROOM, VOCABULARY, VOCABULARY_NAMES, cameras, client, decode,  # noqa: F401
-                       diagnostics_after, domain, env, get_parameter, lifecycle_state, outputs, same_stamp,
+# cameras, client, domain, env, outputs: test_node's module-scoped fixtures (this module gets its own);
+# active: test_node's fixture, on this module's trident
+from test_node import (NODE, OUTPUT_TYPES, ROOM, VOCABULARY, VOCABULARY_NAMES, active, cameras,  # noqa: F401
+                       client, decode, diagnostics_after, domain, env, get_parameter, lifecycle_state, outputs, same_stamp,
                        send_until_outputs, set_parameters, set_vocabulary_by_topic, transition, wait_for_node)
 
 from builtin_interfaces.msg import Time
@@ -67,17 +68,6 @@ def trident(env, client, outputs, cameras, tmp_path_factory):
     finally:
         if process.alive():
             process.stop()
-
-
-@pytest.fixture
-def active(trident, client, outputs):
-    if lifecycle_state(client) == 'unconfigured':
-        assert transition(client, Transition.TRANSITION_CONFIGURE), trident.output()
-    if lifecycle_state(client) == 'inactive':
-        assert transition(client, Transition.TRANSITION_ACTIVATE), trident.output()
-    if get_parameter(client, 'vocabulary') != VOCABULARY:
-        set_vocabulary_by_topic(client, outputs, VOCABULARY, VOCABULARY_NAMES)
-    return trident
 
 
 # ------------------------------------------------------------------ helpers

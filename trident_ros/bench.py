@@ -170,8 +170,7 @@ def reused_frame_time(pipeline: TridentPipeline, config: TridentConfig, image: n
     pipeline.apply_label_config(config.replace(reuse_threshold=1.0))
     pipeline.encode_image(image)
     reuses = pipeline.image_side_reuses
-    seconds = time_call(lambda: pipeline.label(pipeline.encode_image(image.copy()), vocabulary), pipeline.models.device,
-                        clock)
+    seconds = time_call(lambda: pipeline.label(pipeline.encode_image(image), vocabulary), pipeline.models.device, clock)
     if pipeline.image_side_reuses != reuses + 1:
         raise RuntimeError('the unchanged frame was encoded again')
     return seconds
