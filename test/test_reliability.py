@@ -81,8 +81,9 @@ def raw(array: np.ndarray, encoding: str = 'rgb8', frame_id: str = 'test_camera'
 
 
 def counters(outputs, since: float | None = None, extra=lambda values, level, message: True, timeout: float = 20.0):
-    """The node's diagnostics values (ints where numeric), level and message, published after ``since``."""
-    values, level, message = diagnostics_after(outputs, time.monotonic() - 1.5 if since is None else since,
+    """The node's diagnostics values (ints where numeric), level and message, published after ``since``
+    (default: now, so that a baseline counts every frame sent before the call)."""
+    values, level, message = diagnostics_after(outputs, time.monotonic() if since is None else since,
                                                timeout=timeout, extra=extra)
     return {k: int(v) if v.isdigit() else v for k, v in values.items()}, level, message
 
