@@ -12,6 +12,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 python=${PYTHON:-$(command -v python3.11 || command -v python3)}
 launch_wheels=$root/../shared/wheels/ros2-launch
+extra_wheels=$root/../shared/wheels/ros2-extra
 
 launch_pins=(
   launch==3.7.1 launch_xml==3.7.1 launch_yaml==3.7.1 launch_testing==3.7.1
@@ -21,13 +22,16 @@ launch_pins=(
   rosidl_runtime_py==0.14.0 ros-composition-interfaces==2.2.0
   osrf-pycommon packaging argcomplete
 )
+# vision_msgs (LabelInfo, Detection3DArray), message_filters (depth sync), sensor_msgs_py (clouds).
+extra_pins=(ros-vision-msgs==4.1.1 message_filters==6.0.6 sensor_msgs_py==5.4.2)
 
 stamp_of_inputs() {
   {
     "$python" --version
     cat requirements/*.txt
-    echo "${launch_pins[*]}"
+    echo "${launch_pins[*]} ${extra_pins[*]}"
     [ -d "$launch_wheels" ] && ls "$launch_wheels"
+    [ -d "$extra_wheels" ] && ls "$extra_wheels"
   } 2>&1 | sha256sum | cut -d' ' -f1
 }
 
@@ -42,6 +46,11 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.trident-setup-stamp" 2>/dev/n
     "$venv/bin/pip" install -q --find-links "$launch_wheels" "${launch_pins[@]}"
   else
     echo "[setup] $launch_wheels not found: 'ros2 launch'/'ros2 topic' will not be available in this venv"
+  fi
+  if [ -d "$extra_wheels" ]; then
+    "$venv/bin/pip" install -q --find-links "$extra_wheels" "${extra_pins[@]}"
+  else
+    echo "[setup] $extra_wheels not found: no vision_msgs (LabelInfo, Detection3DArray) in this venv"
   fi
   touch "$venv/COLCON_IGNORE"
   echo "$stamp" > "$venv/.trident-setup-stamp"
