@@ -1,7 +1,7 @@
 """pip-installable core library and command-line tools (no ROS needed).
 
 ROS users build this package with colcon (ament_cmake, see CMakeLists.txt); this file serves
-`pip install .` for the core (`import trident_ros.pipeline`, `trident-segment`, `trident-bench`).
+`pip install .` for the core (`import trident_ros.pipeline`, `trident-segment`, `trident-bench`, `trident-weights`).
 """
 from setuptools import setup
 
@@ -11,7 +11,7 @@ setup(
     description='Training-free open-vocabulary semantic segmentation (Trident) for robots',
     license='Apache-2.0',
     python_requires='>=3.10',
-    packages=['trident_ros'],
+    packages=['trident_ros', 'trident_ros.models'],
     package_data={'trident_ros': ['data/*.png']},
     install_requires=[
         'torch>=2.1',
@@ -30,6 +30,7 @@ setup(
         'console_scripts': [
             'trident-segment = trident_ros.cli:main',
             'trident-bench = trident_ros.bench:main',
+            'trident-weights = trident_ros.weights_cli:main',
         ],
     },
 )

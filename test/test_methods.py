@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from trident_ros.bench import synthetic_image
+from trident_ros.measure import synthetic_image
 from trident_ros.clip_attention import (RULES, LastBlockRule, attend, clearclip_weights, clip_only_features,
                                         naclip_weights, neighbourhood_prior, sclip_weights)
 from trident_ros.config import CLIP_ONLY_METHODS, METHODS, ConfigError, TridentConfig
 from trident_ros.method_bench import benchmark_methods, format_method_table
-from trident_ros.models import fetch_weights, load_models
-from trident_ros.pipeline import MODEL_FIELDS, TridentPipeline, _normalise
+from trident_ros.models import load_models
+from trident_ros.pipeline import MODEL_FIELDS, TridentPipeline, normalise
 from trident_ros.sliding_window import short_side_size, window_input_size
-from trident_ros.weights import WeightsError
+from trident_ros.weights import WeightsError, fetch_weights
 
 TINY = TridentConfig(model_scale='tiny', random_weights=True, device='cpu')
 EXPECTED_MODELS = {'trident': ('clip', 'dino', 'sam'), 'trident_fast': ('clip', 'dino', 'sam'),
@@ -254,10 +254,10 @@ def test_clip_only_dense_is_the_average_of_per_window_unit_features(image):
     dense = pipeline.encode_image(image).dense
     window_h, window_w = window_input_size(*short_side_size(120, 160, 80, config.max_long_side), 64)
     assert tuple(dense.shape[1:]) == (window_h // 16, window_w // 16)
-    resized, boxes, crops = pipeline._windows(image, 64, 32)
+    resized, boxes, crops = pipeline.windows(image, 64, 32)
     assert tuple(resized.shape[1:]) == (window_h, window_w) and len(boxes) > 2
     clip = pipeline.models.clip
-    features, _ = clip_only_features(clip, _normalise(crops, clip.mean, clip.std, torch.float32), 'sclip')
+    features, _ = clip_only_features(clip, normalise(crops, clip.mean, clip.std, torch.float32), 'sclip')
     total = torch.zeros_like(dense)
     count = torch.zeros(dense.shape[1:])
     for (y0, x0, _, _), window in zip(boxes, features):

@@ -25,14 +25,17 @@ def run_python(code: str, cwd: Path | str = ROOT, timeout: float = 120, env: dic
 
 
 def core_module_names() -> list[str]:
-    return sorted(p.stem for p in (ROOT / 'trident_ros').glob('*.py')
-                  if p.stem != '__init__' and p.stem not in ROS_ONLY_MODULES)
+    """Dotted names below ``trident_ros`` (e.g. ``models.sam``) of every core module, packages included."""
+    package = ROOT / 'trident_ros'
+    names = {'.'.join(p.relative_to(package).with_suffix('').parts) for p in package.rglob('*.py')}
+    names = {name.removesuffix('.__init__') for name in names if name != '__init__'}
+    return sorted(name for name in names if name.split('.')[0] not in ROS_ONLY_MODULES)
 
 
 def test_core_imports_without_ros():
     """Every core module imports in a process where all ROS modules are unavailable."""
     modules = core_module_names()
-    assert {'config', 'pipeline'} <= set(modules)
+    assert {'config', 'pipeline', 'models', 'models.sam'} <= set(modules)
     result = run_python(f'''
         import importlib, sys
         blocked = {ROS_PACKAGES!r}

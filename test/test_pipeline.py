@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trident_ros.bench import synthetic_image
+from trident_ros.measure import synthetic_image
 from trident_ros.config import TridentConfig
 from trident_ros.pipeline import TridentPipeline
 
@@ -169,3 +169,13 @@ def test_cli_without_weights_names_the_missing_file_and_the_smoke_mode(tmp_path)
     assert str(tmp_path / 'weights') in result.stderr
     for missing in ('sam_vit_b_01ec64.pth', 'vit_base_patch16_224.dino', 'open_clip_model.safetensors'):
         assert missing in result.stderr  # every missing file is named in one message
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 7, reason='this machine has a CUDA device 7')
+def test_cli_with_an_unavailable_cuda_device_is_a_clear_error(tmp_path):
+    cv2.imwrite(str(tmp_path / 'scene.png'), np.zeros((8, 8, 3), np.uint8))
+    result = subprocess.run([sys.executable, '-m', 'trident_ros.cli', str(tmp_path / 'scene.png'), '-v', 'door',
+                             '-o', str(tmp_path / 'out'), '--device', 'cuda:7', '--random-weights', '--tiny'],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert 'Traceback' not in result.stderr and "device='cuda:7'" in result.stderr

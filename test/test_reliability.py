@@ -42,7 +42,7 @@ from std_msgs.msg import Header, String
 from trident_ros.config import TridentConfig
 from trident_ros.node import FAULT_FRAME_ID_ENV
 from trident_ros.pipeline import TridentPipeline
-from trident_ros.weights import WeightsError, load_state_dict
+from trident_ros.weight_files import WeightsError, load_state_dict
 
 pytestmark = pytest.mark.ros
 FAULT_FRAME_ID = 'inject_fault'
@@ -523,11 +523,11 @@ def test_checkpoints_are_never_unpickled_and_received_data_never_evaluated(tmp_p
 
 # ------------------------------------------------------------------ the soak script, shutdown
 def test_soak_script_short_run(domain, tmp_path):
-    """tools/soak.py for ~20 s on its own domain: outputs all along, no error, a clean exit; the
+    """bench/soak.py for ~20 s on its own domain: outputs all along, no error, a clean exit; the
     RSS slope of so short a run is noise, so only the growth is bounded here."""
     env = ros_env((domain - 30 + 35) % 70 + 30, tmp_path)  # 30..99, not this module's domain
     report_path = tmp_path / 'soak.json'
-    result = subprocess.run([sys.executable, str(ROOT / 'tools' / 'soak.py'), '--minutes', '0.35', '--sample-s', '3',
+    result = subprocess.run([sys.executable, str(ROOT / 'bench' / 'soak.py'), '--minutes', '0.35', '--sample-s', '3',
                              '--max-slope', '1e9', '--report', str(report_path), '--log', str(tmp_path / 'soak.log')],
                             env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]

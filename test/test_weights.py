@@ -8,16 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from trident_ros import models as trident_models
 from trident_ros.config import TridentConfig
-from trident_ros.models import load_models
-from trident_ros.weights import (SAM_CHECKPOINTS, WeightFile, WeightsError, clip_weights_error, dino_checkpoint,
-                                 dino_weights_error, download, fetch_weight_file, load_into, load_state_dict,
-                                 resolve_sam_checkpoint, verify_sha256, weights_dir)
-
-
-def tiny_sam() -> torch.nn.Module:
-    return trident_models._tiny_sam()
+from trident_ros.models import load_models, tiny_sam
+from trident_ros.models.build import clip_weights_error, dino_weights_error
+from trident_ros.weight_files import WeightFile, WeightsError, download, load_into, load_state_dict, verify_sha256
+from trident_ros.weights import SAM_CHECKPOINTS, dino_checkpoint, fetch_weight_file, resolve_sam_checkpoint, weights_dir
 
 
 def file_sha256(path: Path) -> str:

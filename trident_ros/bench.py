@@ -13,17 +13,13 @@ and the process's peak RSS.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import logging
-import os
 import resource
 import statistics
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -31,114 +27,13 @@ import torch
 
 from .aggregation import SamAggregation, aggregation_chunk_bytes
 from .config import TridentConfig
-from .pipeline import TridentPipeline, _normalise
-from .sliding_window import resize_for_windows, window_boxes
+from .measure import (BENCH_NAMES, CLOCKS, PeakRss, Timing, cpu_name, parse_size, release_freed_memory,
+                      synthetic_image, time_call)
+from .method_bench import benchmark_methods, format_method_table
+from .pipeline import TridentPipeline, normalise
 from .vocabulary import IMAGENET_TEMPLATES, TextFeatureCache, Vocabulary
 
-logger = logging.getLogger('trident_ros.bench')
-
-BENCH_NAMES = ('door', 'chair', 'table', 'person')
 NEW_NAMES = ('sofa', 'window', 'plant', 'floor')
-
-
-@dataclass
-class Timing:
-    """Seconds of each repetition of one measured thing."""
-
-    samples: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    @property
-    def min(self) -> float:
-        return min(self.samples)
-
-
-class PeakRss:
-    """Samples this process's RSS in a thread; ``extra`` = peak above the RSS at entry (bytes).
-
-    RSS follows tensor memory only where freed blocks go back to the OS: see
-    :func:`release_freed_memory`, which callers use first. The sampling interval (0.5 ms) can miss
-    very short peaks, so this is a lower bound.
-    """
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._process = psutil.Process()
-        self._stop = threading.Event()
-        self.base = self.peak = 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            time.sleep(0.0005)
-
-    def __enter__(self) -> 'PeakRss':
-        self.base = self.peak = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
-
-    @property
-    def extra(self) -> int:
-        return self.peak - self.base
-
-
-M_MMAP_THRESHOLD = -3
-"""glibc ``mallopt`` parameter: allocations at least this big get their own mapping."""
-
-
-def release_freed_memory(mmap_threshold: int = 64 * 1024) -> bool:
-    """Make RSS follow live tensor memory on glibc: return freed heap memory to the OS now
-    (``malloc_trim``) and give every later allocation of ``mmap_threshold`` bytes or more its own
-    mapping, unmapped when freed. (By default glibc raises that threshold up to 32 MiB as big blocks
-    are freed, and keeps the freed ones: RSS then stays near its high-water mark and a peak *above
-    the start* says little.) Process-wide and permanent; False where glibc is not there.
-    """
-    name = ctypes.util.find_library('c')
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return False
-    mallopt(M_MMAP_THRESHOLD, mmap_threshold)
-    malloc_trim(0)
-    return True
-
-
-def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """(H, W, 3) uint8: smooth colour blobs (not noise, so SAM regions are image-like)."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, size=(max(height // 40, 2), max(width // 40, 2), 3), dtype=np.uint8)
-    import cv2
-
-    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-CLOCKS: dict[str, Callable[[], float]] = {'wall': time.perf_counter, 'cpu': time.process_time}
-"""``wall``: elapsed time; ``cpu``: CPU time of this process, all threads (on a CPU shared with other
-jobs it leaves out the time they take; it also counts a parallel region once per thread)."""
-
-
-def time_call(fn: Callable[[], object], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
-    _sync(device)
-    start = clock()
-    fn()
-    _sync(device)
-    return clock() - start
 
 
 @torch.inference_mode()
@@ -147,12 +42,9 @@ def encoders_only(pipeline: TridentPipeline, image: np.ndarray) -> Callable[[], 
     prepared input, DINO and CLIP over the same crops (CLIP up to its last block's values)."""
     cfg, models = pipeline.config, pipeline.models
     sam_input = models.sam.prepare(image)
-    rgb = torch.from_numpy(image).to(models.device).permute(2, 0, 1)
-    resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, cfg.slide_crop)
-    boxes = window_boxes(resized.shape[1], resized.shape[2], cfg.slide_crop, cfg.slide_stride)
-    crops = torch.stack([resized[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes]).float().div_(255)
-    dino_in = _normalise(crops, models.dino.mean, models.dino.std, models.dtype)
-    clip_in = _normalise(crops, models.clip.mean, models.clip.std, models.dtype)
+    _, _, crops = pipeline.windows(image, cfg.slide_crop, cfg.slide_stride)
+    dino_in = normalise(crops, models.dino.mean, models.dino.std, models.dtype)
+    clip_in = normalise(crops, models.clip.mean, models.clip.std, models.dtype)
 
     def run() -> None:
         with torch.inference_mode():
@@ -235,7 +127,7 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = {
         'device': str(device),
-        'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else _cpu_name(),
+        'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name(),
         'dtype': str(pipeline.models.dtype).replace('torch.', ''),
         'threads': torch.get_num_threads(),
         'clock': clock,
@@ -349,17 +241,6 @@ def aggregation_memory(pipeline: TridentPipeline, image: np.ndarray) -> Aggregat
     return AggregationMemory(valid, measured.state + measured.transient, measured.inner.seconds, method, blocks)
 
 
-def _cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo', encoding='utf-8') as stream:
-            for line in stream:
-                if line.startswith('model name'):
-                    return f'{line.split(":", 1)[1].strip()} ({os.cpu_count()} cores)'
-    except OSError:
-        pass
-    return f'CPU ({os.cpu_count()} cores)'
-
-
 def format_table(report: dict) -> str:
     ms = lambda s: f'{1000 * s:9.1f}'  # noqa: E731
     lines = [
@@ -401,11 +282,6 @@ def format_table(report: dict) -> str:
     return '\n'.join(lines)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    width, height = (int(v) for v in text.lower().split('x'))
-    return width, height
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='trident-bench', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -440,8 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         image = synthetic_image(*args.size)
     if args.method == 'all':
-        from .method_bench import benchmark_methods, format_method_table
-
         rows = benchmark_methods(image, args.repeat, args.warmup, args.tiny, args.device)
         print(json.dumps(rows, indent=2) if args.json else format_method_table(rows))
         return 0

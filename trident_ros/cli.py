@@ -20,16 +20,12 @@ from tqdm import tqdm
 from .config import METHODS, ConfigError, TridentConfig
 from .labelling import Segmentation
 from .vocabulary import VocabularyError
-from .weights import WeightsError
+from .weights import RANDOM_WEIGHTS_BANNER, WeightsError
 
 logger = logging.getLogger('trident_ros.cli')
 
 IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp'}
 VIDEO_SUFFIXES = {'.mp4', '.avi', '.mov', '.mkv', '.webm'}
-RANDOM_WEIGHTS_BANNER = (
-    '\n' + '!' * 78 + '\n'
-    '!!  SMOKE TEST: RANDOM WEIGHTS. The pipeline runs, but LABELS ARE MEANINGLESS.  !!\n'
-    + '!' * 78)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -146,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import TridentPipeline
 
         pipeline = TridentPipeline(config)
-        logger.info('models: %s', pipeline.describe())
+        logger.info('%s', pipeline.describe())
         vocabulary = pipeline.encode_vocabulary(args.vocabulary)
     except (ConfigError, WeightsError, VocabularyError) as error:
         logger.error('%s', error)

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .models import ClipDense, ClipLastBlock
+from .models.clip import ClipDense, ClipLastBlock
 
 NACLIP_GAUSSIAN_STD = 5.0
 """NACLIP's default standard deviation (in patches) of its neighbourhood prior."""

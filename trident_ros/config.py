@@ -13,6 +13,16 @@ METHODS = ('trident', 'trident_fast', 'proxy', 'maskclip', 'sclip', 'clearclip',
 """Segmentation methods, slowest and most accurate first (see :mod:`trident_ros.clip_attention`)."""
 CLIP_ONLY_METHODS = ('maskclip', 'sclip', 'clearclip', 'naclip')
 """Methods that change only CLIP's last block: no DINO, no SAM; windows ``clip_slide_crop/stride``."""
+METHOD_MODELS: dict[str, tuple[str, ...]] = {
+    'trident': ('clip', 'dino', 'sam'),
+    'trident_fast': ('clip', 'dino', 'sam'),
+    'proxy': ('clip', 'dino'),
+    **{method: ('clip',) for method in CLIP_ONLY_METHODS},
+}
+"""The models each method needs; only these are loaded (and their weights looked up)."""
+PATCH_SIZE = 16
+"""The patch size of every ViT here (CLIP and DINO ViT-B/16, SAM's encoder): crops, token grids and
+SAM's input rounding are multiples of it."""
 
 
 class ConfigError(ValueError):
@@ -42,12 +52,13 @@ class TridentConfig:
     dino_model: str = field(default='vit_base_patch16_224.dino', metadata={
         'help': 'timm name of the DINO ViT whose patch features guide CLIP attention'})
     dino_checkpoint: str = field(default='', metadata={
-        'help': 'local file of DINO weights; empty: timm/hub cache, else weights_dir'})
+        'help': 'local file of DINO weights; empty: the standard file in weights_dir, else the hub cache'})
     sam_model: str = field(default='vit_b', metadata={'help': 'SAM image encoder: vit_b, vit_l or vit_h'})
     sam_checkpoint: str = field(default='', metadata={
         'help': 'SAM checkpoint file; empty: the official file name in weights_dir'})
     weights_dir: str = field(default='', metadata={
-        'help': 'where weights are looked up/downloaded; empty: $TRIDENT_WEIGHTS_DIR, else ~/.cache/trident_ros'})
+        'help': 'the folder where SAM, CLIP and DINO weights are found by their standard names and downloaded to '
+                '(trident-weights fetch); empty: $TRIDENT_WEIGHTS_DIR, else ~/.cache/trident_ros'})
     download: bool = field(default=True, metadata={'help': 'download missing weights from their official URLs'})
     random_weights: bool = field(default=False, metadata={
         'help': 'SMOKE TEST ONLY: random weights, labels are meaningless'})
@@ -127,8 +138,8 @@ class TridentConfig:
         for crop, stride in (('slide_crop', 'slide_stride'), ('clip_slide_crop', 'clip_slide_stride')):
             if getattr(self, stride) > getattr(self, crop):
                 fail(stride, f'must not exceed {crop}={getattr(self, crop)} (windows would leave gaps)')
-            if getattr(self, crop) % 16:
-                fail(crop, 'must be a multiple of the patch size 16')
+            if getattr(self, crop) % PATCH_SIZE:
+                fail(crop, f'must be a multiple of the patch size {PATCH_SIZE}')
         if not 0.0 <= self.reuse_threshold <= 255.0:
             fail('reuse_threshold', 'must be in [0, 255] (0: off)')
         if self.input_short_side < 0:
@@ -190,9 +201,6 @@ class TridentConfig:
                 data = {k: v for k, v in value['ros__parameters'].items() if k in {f.name for f in dataclasses.fields(cls)}}
                 break
         return cls.from_dict(data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @staticmethod
     def describe(name: str) -> str:

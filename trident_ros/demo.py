@@ -18,11 +18,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .cli import RANDOM_WEIGHTS_BANNER
 from .config import TridentConfig
 from .fake_camera import sample_images
-from .models import fetch_weights
-from .weights import WeightsError
+from .weights import RANDOM_WEIGHTS_BANNER, WeightsError, fetch_weights
 
 SMOKE_COMMAND = 'make demo ARGS=--random-weights'
 

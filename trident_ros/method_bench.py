@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 from .config import CLIP_ONLY_METHODS, METHODS, TridentConfig
+from .measure import BENCH_NAMES, cpu_name, time_call
+from .models import resolve_device
+from .pipeline import TridentPipeline
 
 
 def measure_method(method: str, image: np.ndarray, repeat: int, warmup: int, tiny: bool, device: str) -> dict:
@@ -24,10 +27,6 @@ def measure_method(method: str, image: np.ndarray, repeat: int, warmup: int, tin
 
     Returns the row :func:`benchmark_methods` documents, without ``ratio_to_trident``.
     """
-    from .bench import BENCH_NAMES, _cpu_name, time_call
-    from .models import resolve_device
-    from .pipeline import TridentPipeline
-
     config = TridentConfig(random_weights=True, model_scale='tiny' if tiny else 'full', device=device, method=method)
     torch_device = resolve_device(device)
     cuda = torch_device.type == 'cuda'
@@ -54,7 +53,7 @@ def measure_method(method: str, image: np.ndarray, repeat: int, warmup: int, tin
         'memory_measure': 'CUDA max allocated' if cuda else 'peak RSS',
         'peak_rss_bytes': peak_rss,
         'device': str(torch_device),
-        'device_name': torch.cuda.get_device_name(torch_device) if cuda else _cpu_name(),
+        'device_name': torch.cuda.get_device_name(torch_device) if cuda else cpu_name(),
         'dtype': str(pipeline.models.dtype).replace('torch.', ''),
         'model_scale': config.model_scale,
         'image_size': [int(image.shape[1]), int(image.shape[0])],

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -32,15 +31,13 @@ import torch.nn.functional as F
 
 from .aggregation import SamAggregation
 from .clip_attention import clip_only_features
-from .config import CLIP_ONLY_METHODS, ConfigError, TridentConfig
+from .config import CLIP_ONLY_METHODS, METHOD_MODELS, ConfigError, TridentConfig
 from .labelling import Segmentation, class_masks, class_probabilities, label_map
-from .models import METHOD_MODELS, SamImage, TridentModels, load_models
+from .models import SamImage, TridentModels, load_models
 from .refinement import RefinementParams, refine_with_sam
 from .sliding_window import dino_guided_attention, resize_for_windows, window_boxes
 from .splice import splice_windows
 from .vocabulary import TextFeatureCache, Vocabulary, encode_vocabulary, parse_vocabulary
-
-logger = logging.getLogger(__name__)
 
 # Fields that change which models are loaded (or how): they need a new pipeline.
 MODEL_FIELDS = frozenset({
@@ -111,9 +108,19 @@ class TridentPipeline:
             torch.cuda.synchronize(self.models.device)
         timings[name] = time.perf_counter() - start
 
-    def _windows(self, image: np.ndarray, crop: int,
-                 stride: int) -> tuple[torch.Tensor, list[tuple[int, int, int, int]], torch.Tensor]:
-        """The resized image (3, H', W'), its window boxes and the crops (B, 3, crop, crop) in [0, 1]."""
+    def windows(self, image: np.ndarray, crop: int,
+                stride: int) -> tuple[torch.Tensor, list[tuple[int, int, int, int]], torch.Tensor]:
+        """Cut the sliding windows of a frame, as every method's image side does.
+
+        Args:
+            image: (H, W, 3) uint8 RGB.
+            crop: window side in pixels.
+            stride: window step in pixels.
+
+        Returns:
+            The resized image (3, H', W'), its window boxes ``(y0, x0, y1, x1)`` and the crops
+            (B, 3, crop, crop) float32 in [0, 1], on the models' device.
+        """
         cfg, models = self.config, self.models
         rgb = torch.from_numpy(np.ascontiguousarray(image)).to(models.device).permute(2, 0, 1)
         resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, crop)
@@ -126,10 +133,10 @@ class TridentPipeline:
         cfg, models = self.config, self.models
         crop = cfg.clip_slide_crop
         with self._stage(timings, 'windows'):
-            resized, boxes, crops = self._windows(image, crop, cfg.clip_slide_stride)
+            resized, boxes, crops = self.windows(image, crop, cfg.clip_slide_stride)
         with self._stage(timings, 'clip'):
             features, grid = clip_only_features(
-                models.clip, _normalise(crops, models.clip.mean, models.clip.std, models.dtype), cfg.method)
+                models.clip, normalise(crops, models.clip.mean, models.clip.std, models.dtype), cfg.method)
         with self._stage(timings, 'splice'):
             tokens = features.transpose(1, 2).reshape(len(boxes), -1, *grid)
             patch = crop // grid[0]
@@ -140,12 +147,12 @@ class TridentPipeline:
         token grid of the resized image."""
         cfg, models = self.config, self.models
         with self._stage(timings, 'windows'):
-            resized, boxes, crops = self._windows(image, cfg.slide_crop, cfg.slide_stride)
+            resized, boxes, crops = self.windows(image, cfg.slide_crop, cfg.slide_stride)
         with self._stage(timings, 'dino'):
-            dino = models.dino.patch_features(_normalise(crops, models.dino.mean, models.dino.std, models.dtype))
+            dino = models.dino.patch_features(normalise(crops, models.dino.mean, models.dino.std, models.dtype))
         with self._stage(timings, 'clip'):
             values, clip_grid = models.clip.last_block_values(
-                _normalise(crops, models.clip.mean, models.clip.std, models.dtype))
+                normalise(crops, models.clip.mean, models.clip.std, models.dtype))
             dino_grid = (cfg.slide_crop // models.dino.patch_size,) * 2
             attended = dino_guided_attention(dino, values, clip_grid, dino_grid, cfg.beta, cfg.gamma)
             tokens = models.clip.attention_output(attended)  # (B, Nd, D)
@@ -268,8 +275,8 @@ def mean_absolute_difference(first: np.ndarray, second: np.ndarray) -> float:
     return cv2.norm(first, second, cv2.NORM_L1) / first.size
 
 
-def _normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> normalised, in the encoders' dtype."""
+def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+    """Normalise crops for an encoder: (B, 3, H, W) in [0, 1] -> ``(x - mean) / std`` in ``dtype``."""
     mean_t = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     std_t = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     return ((images - mean_t) / std_t).to(dtype)

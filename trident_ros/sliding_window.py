@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PATCH = 16
-"""CLIP's patch size in pixels: window sides and positions are multiples of it."""
+from .config import PATCH_SIZE as PATCH
 
 
 def _bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

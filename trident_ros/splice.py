@@ -5,9 +5,11 @@ from typing import Sequence
 
 import torch
 
+from .config import PATCH_SIZE
+
 
 def splice_windows(tokens: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], out_size: tuple[int, int],
-                   patch: int = 16) -> torch.Tensor:
+                   patch: int = PATCH_SIZE) -> torch.Tensor:
     """Place every crop's token map at its patch coordinates, averaging where crops overlap.
 
     Args:

@@ -1,45 +1,34 @@
-"""Weight files: where they live, how they are fetched and checked, and errors that say what to do.
+"""Weight files: where they live, how they are found, fetched and checked, and errors that say what to do.
 
-SAM checkpoints are resolved here (explicit file, else the official file in the weights folder,
-else a verified download). CLIP and DINO weights come through open_clip's and timm's own caches;
-this module only turns their failures into a :class:`WeightsError` that names the file to fetch.
+All three models' files have a standard name in one folder (:func:`weights_dir`): SAM's official
+checkpoint, and the Hugging Face hub files open_clip (CLIP) and timm (DINO) load, named after
+their hub repository (:func:`needed_weights`). :func:`fetch_weights` finds every file the
+configured method needs -- an explicit file, else the standard file in that folder, else (CLIP,
+DINO) the hub's own cache, else a verified download into the folder -- and reports every missing
+one at once, with the same list ``trident-weights fetch --print`` gives (:func:`format_weights`).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Sequence, TypeVar
 
-import torch
+from .config import METHOD_MODELS, TridentConfig
+from .weight_files import WeightFile, WeightsError, download, verify_sha256
 
-from .config import TridentConfig
+T = TypeVar('T')
 
 log = logging.getLogger(__name__)
 
 SMOKE_HINT = ('To try the pipeline without any weights, run the smoke mode: --random-weights '
               '(random_weights: true); its labels are meaningless.')
-_CHUNK = 1 << 20
-_DOWNLOAD_TIMEOUT_S = 30.0
-
-
-class WeightsError(RuntimeError):
-    """A weight file is missing, corrupt, or does not fit the model; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """An official weight file: its file name, where to download it, and its SHA-256 (None: unknown)."""
-
-    name: str
-    url: str
-    sha256: str | None = None
-
+RANDOM_WEIGHTS_BANNER = (  # trident-segment and make demo, before and after a smoke run
+    '\n' + '!' * 78 + '\n'
+    '!!  SMOKE TEST: RANDOM WEIGHTS. The pipeline runs, but LABELS ARE MEANINGLESS.  !!\n'
+    + '!' * 78)
+_WEIGHT_SUFFIXES = ('.pt', '.pth', '.bin', '.safetensors', '.ckpt')
 
 _SAM_URL = 'https://dl.fbaipublicfiles.com/segment_anything/'
 SAM_CHECKPOINTS: dict[str, WeightFile] = {
@@ -53,8 +42,11 @@ SAM_CHECKPOINTS: dict[str, WeightFile] = {
 
 
 def weights_dir(config: TridentConfig) -> Path:
-    """The weights folder: ``config.weights_dir``, else ``$TRIDENT_WEIGHTS_DIR``, else
-    ``$XDG_CACHE_HOME/trident_ros`` or ``~/.cache/trident_ros``."""
+    """The weights folder.
+
+    ``config.weights_dir``, else ``$TRIDENT_WEIGHTS_DIR``, else ``$XDG_CACHE_HOME/trident_ros`` or
+    ``~/.cache/trident_ros``.
+    """
     if config.weights_dir:
         return Path(config.weights_dir).expanduser()
     if os.environ.get('TRIDENT_WEIGHTS_DIR'):
@@ -63,97 +55,25 @@ def weights_dir(config: TridentConfig) -> Path:
     return Path(cache).expanduser() / 'trident_ros'
 
 
-def sha256_of(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as stream:
-        for block in iter(lambda: stream.read(_CHUNK), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_sha256(path: str | Path, expected: str | None, url: str = '') -> None:
-    """Raise :class:`WeightsError` naming ``path`` when its SHA-256 is not ``expected`` (None: no check).
-
-    A successful check leaves a stamp next to the file (``.<name>.sha256``, holding the hash, size
-    and modification time) so that an unchanged file is not hashed again on the next start.
-    """
-    if expected is None:
-        return
-    path = Path(path)
-    stamp, fingerprint = _stamp(path, expected)
-    try:
-        if stamp.read_text(encoding='ascii').strip() == fingerprint:
-            return
-    except OSError:
-        pass
-    actual = sha256_of(path)
-    if actual != expected.lower():
-        raise WeightsError(
-            f'{path} is corrupt or truncated: SHA-256 {actual}, expected {expected} '
-            f'({path.stat().st_size} bytes). Delete it and fetch it again'
-            + (f' from {url}' if url else '') + '.')
-    _write_stamp(path, expected)
-
-
-def _stamp(path: Path, sha256: str) -> tuple[Path, str]:
-    """The stamp file of ``path`` and the line it holds while ``path`` is unchanged and verified."""
-    stat = path.stat()
-    return path.with_name(f'.{path.name}.sha256'), f'{sha256.lower()} {stat.st_size} {stat.st_mtime_ns}'
-
-
-def _write_stamp(path: Path, sha256: str) -> None:
-    stamp, fingerprint = _stamp(path, sha256)
-    try:
-        stamp.write_text(fingerprint + '\n', encoding='ascii')
-    except OSError:
-        log.debug('cannot write the checksum stamp %s', stamp)
-
-
-def download(url: str, dest: str | Path, sha256: str | None = None) -> Path:
-    """Download ``url`` to ``dest`` with a progress bar, through a temporary file in the same folder
-    that is checked against ``sha256`` and then renamed into place (so ``dest`` is never partial).
-
-    :raises WeightsError: the download failed or the checksum does not match (nothing is left at
-        ``dest``). ``OSError``/``urllib.error.URLError`` are wrapped.
-    """
-    from tqdm import tqdm
-
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.part', delete=False)
-    digest = hashlib.sha256()
-    try:
-        with tmp, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
-            total = int(response.headers.get('Content-Length') or 0) or None
-            with tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, desc=dest.name) as bar:
-                for block in iter(lambda: response.read(_CHUNK), b''):
-                    tmp.write(block)
-                    digest.update(block)
-                    bar.update(len(block))
-        if sha256 is not None and digest.hexdigest() != sha256.lower():
-            raise WeightsError(f'download of {url} is corrupt: SHA-256 {digest.hexdigest()}, expected {sha256}')
-        os.replace(tmp.name, dest)
-    except (OSError, ValueError, urllib.error.URLError) as error:
-        raise WeightsError(f'download of {url} failed: {error}') from error
-    finally:
-        if os.path.exists(tmp.name):
-            os.unlink(tmp.name)
-    if sha256 is not None:
-        _write_stamp(dest, sha256)  # hashed while downloading: no second read
-    return dest
-
-
 def fetch_weight_file(spec: WeightFile, directory: Path, allow_download: bool, what: str,
                       parameter: str = 'the checkpoint parameter') -> Path:
     """The file ``spec.name`` in ``directory``, downloaded from ``spec.url`` when missing and allowed.
 
     The file is checked against ``spec.sha256`` (when known).
 
-    :param what: the model it is for, for messages (e.g. ``'SAM vit_b'``).
-    :param parameter: the config field that takes a local copy instead, for messages.
-    :raises WeightsError: missing and not downloadable, or corrupt; the message gives the URL and
-        the exact path to put the file at.
+    Args:
+        spec: the official file.
+        directory: the weights folder.
+        allow_download: download a missing file.
+        what: the model it is for, for messages (e.g. ``'SAM vit_b'``).
+        parameter: the config field that takes a local copy instead, for messages.
+
+    Returns:
+        The file's path.
+
+    Raises:
+        WeightsError: missing and not downloadable, or corrupt; the message gives the URL and the
+            exact path to put the file at.
     """
     path = directory / spec.name
     if not path.is_file():
@@ -184,7 +104,8 @@ def resolve_sam_checkpoint(config: TridentConfig) -> Path:
     file name); else the official file in :func:`weights_dir`; else it is downloaded there when
     ``config.download``.
 
-    :raises WeightsError: missing (with the URL and the path to put it at) or corrupt.
+    Raises:
+        WeightsError: missing (with the URL and the path to put it at) or corrupt.
     """
     spec = SAM_CHECKPOINTS[config.sam_model]
     if config.sam_checkpoint:
@@ -198,64 +119,292 @@ def resolve_sam_checkpoint(config: TridentConfig) -> Path:
     return fetch_weight_file(spec, weights_dir(config), config.download, f'SAM {config.sam_model}',
                              'sam_checkpoint')
 
+def _hub_url(repo: str, filename: str) -> str:
+    """The download URL of ``filename`` in the Hugging Face hub repository ``repo`` (``$HF_ENDPOINT`` honoured)."""
+    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
+    return f'{endpoint}/{repo}/resolve/main/{filename}'
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict on the CPU: ``.safetensors`` through safetensors, anything else through
-    ``torch.load(map_location='cpu', weights_only=True)``. A ``{'state_dict': ...}``/``{'model': ...}``
-    wrapper is unwrapped.
 
-    :raises WeightsError: unreadable (corrupt, truncated, not a checkpoint), naming the file.
+def _hub_offline() -> bool:
+    return os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
+
+
+def _sha256_in_url(url: str) -> str | None:
+    """The SHA-256 a URL publishes in its path (OpenAI's CLIP URLs: ``.../<sha256>/ViT-B-16.pt``)."""
+    parts = url.split('/')
+    digest = parts[-2].lower() if len(parts) > 1 else ''
+    return digest if len(digest) == 64 and all(c in '0123456789abcdef' for c in digest) else None
+
+
+@dataclass(frozen=True)
+class NeededWeight:
+    """One weight file the configured method needs, and its standard place in the weights folder.
+
+    Attributes:
+        model: ``'sam'``, ``'dino'`` or ``'clip'``.
+        what: the model, for messages (e.g. ``'SAM vit_b'``).
+        file: name (in the folder), URL and SHA-256 (None: not published).
+        path: ``weights_dir / file.name``.
+        hub: ``(repo, file names)`` of the Hugging Face hub files the upstream library itself loads
+            (its cache is looked in too); None for SAM.
+        parameter: the config field that takes a local copy instead.
     """
-    path = Path(path)
+
+    model: str
+    what: str
+    file: WeightFile
+    path: Path
+    hub: tuple[str, tuple[str, ...]] | None
+    parameter: str
+
+
+def _dino_file(config: TridentConfig) -> tuple[WeightFile, tuple[str, tuple[str, ...]] | None] | None:
+    """timm's file for ``config.dino_model``: its hub file, named after the repository."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(config.dino_model)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        repo, filename = cfg.hf_hub_id, cfg.hf_hub_filename or 'model.safetensors'
+        name = repo.rsplit('/', 1)[-1] + Path(filename).suffix
+        return WeightFile(name, _hub_url(repo, filename)), (repo, (filename, 'pytorch_model.bin'))
+    if cfg.url:
+        return WeightFile(cfg.url.rsplit('/', 1)[-1], cfg.url, _sha256_in_url(cfg.url)), None
+    return None
+
+
+def _clip_file(config: TridentConfig) -> tuple[WeightFile, tuple[str, tuple[str, ...]] | None] | None:
+    """open_clip's file for ``config.clip_model`` / ``config.clip_pretrained``: its hub file, named
+    after the repository (OpenAI's own ``.pt`` is a TorchScript archive, which ``weights_only``
+    loading refuses)."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(config.clip_model, config.clip_pretrained) or {}
+    if cfg.get('hf_hub'):
+        parts = cfg['hf_hub'].strip('/').split('/')
+        repo, filename = '/'.join(parts[:2]), '/'.join(parts[2:]) or 'open_clip_model.safetensors'
+        name = repo.rsplit('/', 1)[-1] + Path(filename).suffix
+        return WeightFile(name, _hub_url(repo, filename)), (repo, (filename, 'open_clip_pytorch_model.bin'))
+    if cfg.get('url'):
+        return WeightFile(cfg['url'].rsplit('/', 1)[-1], cfg['url'], _sha256_in_url(cfg['url'])), None
+    return None
+
+
+def _is_local_file(value: str) -> bool:
+    return Path(value).suffix in _WEIGHT_SUFFIXES or '/' in value or value.startswith('~')
+
+
+def needed_weights(config: TridentConfig) -> list[NeededWeight]:
+    """The standard weight files of the models ``config.method`` needs, in :func:`weights_dir`.
+
+    A model given a local file (``sam_checkpoint``, ``dino_checkpoint``, a ``clip_pretrained``
+    path) is left out, and so is one whose library knows no file for it.
+
+    Args:
+        config: the configuration (method, model names, weights folder).
+
+    Returns:
+        One entry per file, in the order SAM, DINO, CLIP.
+    """
+    folder = weights_dir(config)
+    models = METHOD_MODELS[config.method]
+    entries = []
+    if 'sam' in models and not config.sam_checkpoint:
+        spec = SAM_CHECKPOINTS[config.sam_model]
+        entries.append(NeededWeight('sam', f'SAM {config.sam_model}', spec, folder / spec.name, None,
+                                    'sam_checkpoint'))
+    if 'dino' in models and not config.dino_checkpoint and (found := _dino_file(config)) is not None:
+        entries.append(NeededWeight('dino', f'DINO {config.dino_model}', found[0], folder / found[0].name, found[1],
+                                    'dino_checkpoint'))
+    if not _is_local_file(config.clip_pretrained) and (found := _clip_file(config)) is not None:
+        entries.append(NeededWeight('clip', f'CLIP {config.clip_model} ({config.clip_pretrained})', found[0],
+                                    folder / found[0].name, found[1], 'clip_pretrained'))
+    return entries
+
+
+def format_weights(entries: Sequence[NeededWeight]) -> str:
+    """The list ``trident-weights fetch --print`` shows, and missing-weights errors repeat.
+
+    Per file: the model, the URL, the path to put it at, and its SHA-256 (or that none is published).
+    """
+    lines = []
+    for entry in entries:
+        digest = entry.file.sha256 or 'not published (the download is not checked)'
+        lines += [f'  {entry.what}: {entry.file.name}', f'    url     {entry.file.url}', f'    path    {entry.path}',
+                  f'    sha256  {digest}']
+    return '\n'.join(lines)
+
+
+def fetch_files(entries: Sequence[NeededWeight]) -> dict[Path, str]:
+    """Make every file of ``entries`` present at its path: downloaded (progress bar, SHA-256) or verified.
+
+    Every entry is tried, whatever happens to the others.
+
+    Args:
+        entries: the files (e.g. :func:`needed_weights`).
+
+    Returns:
+        ``path -> 'present' | 'downloaded'``.
+
+    Raises:
+        WeightsError: some files could not be fetched or are corrupt; the message names each with
+            its reason, then lists them as :func:`format_weights` does. The others are in place.
+    """
+    done: dict[Path, str] = {}
+    failed: list[tuple[NeededWeight, str]] = []
+    for entry in entries:
+        try:
+            if entry.path.is_file():
+                verify_sha256(entry.path, entry.file.sha256, entry.file.url)
+                done[entry.path] = 'present'
+            else:
+                log.info('downloading %s weights %s to %s', entry.what, entry.file.url, entry.path)
+                download(entry.file.url, entry.path, entry.file.sha256)
+                done[entry.path] = 'downloaded'
+        except WeightsError as error:
+            failed.append((entry, str(error)))
+    if failed:
+        reasons = '\n'.join(f'  {entry.what}: {reason}' for entry, reason in failed)
+        raise WeightsError(f'{len(failed)} of {len(entries)} weight files could not be fetched:\n{reasons}\n'
+                           f'Fetch them elsewhere and put each at its path:\n'
+                           f'{format_weights([entry for entry, _ in failed])}')
+    return done
+
+
+@dataclass
+class WeightSources:
+    """Where each needed model's weights come from, all checked present (see :func:`fetch_weights`).
+
+    Attributes:
+        models: the models ``config.method`` needs (``METHOD_MODELS``).
+        sam: the SAM checkpoint; None: SAM not needed.
+        dino: a local DINO file; None: timm's hub cache (already fetched), or DINO not needed.
+        clip: a local file, or an open_clip pretrained tag whose file is in the hub cache.
+    """
+
+    models: tuple[str, ...]
+    sam: Path | None
+    dino: Path | None
+    clip: str
+
+    def describe(self, config: TridentConfig) -> str:
+        parts = [f'CLIP {config.clip_model} ({self.clip})']
+        if 'dino' in self.models:
+            parts.append(f'DINO {config.dino_model} ({self.dino or "timm hub cache"})')
+        if 'sam' in self.models:
+            parts.append(f'SAM {config.sam_model} ({self.sam})')
+        return ', '.join(parts)
+
+
+def _in_hub_cache(entry: NeededWeight) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    if entry.hub is None:
+        return False
+    repo, names = entry.hub
+    return any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)
+
+
+def _find(entry: NeededWeight, allow_download: bool, problems: list[str],
+          missing: list[NeededWeight]) -> Path | None:
+    """``entry``'s file at its standard path (verified), else downloaded there when allowed; None:
+    missing (``missing`` and ``problems`` say why) or in the library's hub cache (``missing`` unchanged)."""
+    if entry.path.is_file():
+        try:
+            verify_sha256(entry.path, entry.file.sha256, entry.file.url)
+            return entry.path
+        except WeightsError as error:
+            problems.append(str(error))
+            return None
+    if _in_hub_cache(entry):
+        return None
+    if not allow_download:
+        problems.append(f'{entry.what}: downloads are disabled (download: false)')
+    elif entry.hub is not None and _hub_offline():
+        problems.append(f'{entry.what}: the Hugging Face hub is off (HF_HUB_OFFLINE is set)')
+    else:
+        try:
+            return download(entry.file.url, entry.path, entry.file.sha256)
+        except WeightsError as error:
+            problems.append(f'{entry.what}: {error}')
+    missing.append(entry)
+    return None
+
+
+def _attempt(load: Callable[[], T], problems: list[str]) -> T | None:
     try:
-        if path.suffix == '.safetensors':
-            try:
-                from safetensors.torch import load_file
-            except ImportError as error:
-                raise WeightsError(f'{path} is a .safetensors file: pip install safetensors') from error
-            state = load_file(str(path), device='cpu')
-        else:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-    except WeightsError:
-        raise
-    except Exception as error:  # torch/safetensors raise many types for a bad file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WeightsError(f'cannot read weights file {path} ({type(error).__name__}: {reason}). It may be '
-                           'truncated or corrupt: delete it and fetch it again.') from error
-    for key in ('state_dict', 'model'):
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f'{path} does not hold a state dict (a mapping of names to tensors).')
-    return dict(state)
+        return load()
+    except WeightsError as error:
+        problems.append(str(error).replace(f'\n  {SMOKE_HINT}', ''))
+        return None
 
 
-def load_into(module: torch.nn.Module, path: str | Path, what: str) -> None:
-    """Load the state dict in ``path`` into ``module``; every key must match in name and shape.
+def fetch_weights(config: TridentConfig) -> WeightSources:
+    """Find (or download, where allowed) every weight file the models of ``config.method`` need, no others.
 
-    :param what: the expected model, for messages (e.g. ``'SAM vit_b'``).
-    :raises WeightsError: unreadable file, or a file of another model (missing/unexpected keys,
-        wrong shapes), naming the file.
+    Per model: the file the config names (``sam_checkpoint``, ``dino_checkpoint``, a
+    ``clip_pretrained`` path), else its standard file in :func:`weights_dir` (:func:`needed_weights`;
+    DINO's official ``.pth`` there too), else (CLIP, DINO) the file in the Hugging Face hub cache
+    that open_clip/timm load themselves, else a verified download into :func:`weights_dir` when
+    ``config.download``. Nothing is built here.
+
+    Args:
+        config: the configuration.
+
+    Returns:
+        Where each model's weights come from.
+
+    Raises:
+        WeightsError: one error naming EVERY missing file (the list :func:`format_weights` gives,
+            as ``trident-weights fetch --print``) with the reasons, so a user offline learns all
+            of them at once.
     """
-    state = load_state_dict(path)
-    module_state = module.state_dict()
-    missing = [k for k in module_state if k not in state]
-    unexpected = [k for k in state if k not in module_state]
-    wrong_shape = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}'
-                   for k, v in module_state.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong_shape:
-        problems = [f'{len(items)} {label} (e.g. {", ".join(items[:3])})'
-                    for label, items in (('missing keys', missing), ('unexpected keys', unexpected),
-                                         ('tensors of the wrong shape', wrong_shape)) if items]
-        raise WeightsError(f'{path} is not a {what} checkpoint: {"; ".join(problems)}. '
-                           'Check that the file matches the configured model.')
-    module.load_state_dict(state, strict=True)
+    problems: list[str] = []
+    missing: list[NeededWeight] = []
+    models = METHOD_MODELS[config.method]
+    standard = {entry.model: entry for entry in needed_weights(config)}
+    sam_path = dino_path = None
+    if 'sam' in models:
+        if 'sam' in standard:
+            sam_path = _find(standard['sam'], config.download, problems, missing)
+        else:
+            sam_path = _attempt(lambda: resolve_sam_checkpoint(config), problems)
+    if 'dino' in models:
+        dino_path = _attempt(lambda: dino_checkpoint(config), problems)
+        if dino_path is None and 'dino' in standard:
+            dino_path = _find(standard['dino'], config.download, problems, missing)
+    clip_source = config.clip_pretrained
+    if 'clip' in standard:
+        found = _find(standard['clip'], config.download, problems, missing)
+        clip_source = str(found) if found is not None else clip_source
+    elif _is_local_file(clip_source):
+        clip_file = Path(clip_source).expanduser()
+        if not clip_file.is_file():
+            problems.append(f'clip_pretrained {clip_file} does not exist (a local CLIP weight file, or an '
+                            "open_clip tag such as 'openai').")
+        clip_source = str(clip_file)
+    if problems:
+        listing = ''
+        if missing:
+            listing = (f'\nMissing weight files (fetch them with `trident-weights fetch` or '
+                       f'`ros2 run trident_ros fetch_weights`, or download each URL to its path; or set '
+                       f'{" / ".join(entry.parameter for entry in missing)} to a local copy):\n'
+                       f'{format_weights(missing)}')
+        raise WeightsError('\n'.join(problems) + listing + f'\n  {SMOKE_HINT}')
+    return WeightSources(models=models, sam=sam_path, dino=dino_path, clip=clip_source)
 
 
 def dino_checkpoint(config: TridentConfig) -> Path | None:
-    """A local DINO weight file: ``config.dino_checkpoint``, else DINO's official file for
-    ``config.dino_model`` (e.g. ``dino_vitbase16_pretrain.pth``) if it is in :func:`weights_dir`;
-    None: use timm's own pretrained weights (its hub cache or download)."""
+    """A local DINO weight file given by the config or found in the weights folder.
+
+    ``config.dino_checkpoint``, else DINO's official file for ``config.dino_model`` (e.g.
+    ``dino_vitbase16_pretrain.pth``) if it is in :func:`weights_dir`; None: look for the standard
+    hub file (:func:`needed_weights`).
+
+    Raises:
+        WeightsError: ``config.dino_checkpoint`` names a file that does not exist.
+    """
     if config.dino_checkpoint:
         path = Path(config.dino_checkpoint).expanduser()
         if not path.is_file():
@@ -274,43 +423,3 @@ def _timm_weights_url(model_name: str) -> str:
 
     cfg = get_pretrained_cfg(model_name)
     return (cfg.url or '') if cfg is not None else ''
-
-
-def dino_weights_error(config: TridentConfig, error: Exception) -> WeightsError:
-    """The :class:`WeightsError` for timm failing to provide ``config.dino_model``'s weights."""
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(config.dino_model)
-    sources = []
-    if cfg is not None and cfg.hf_hub_id:
-        sources.append(f'the Hugging Face repo {cfg.hf_hub_id} (file model.safetensors)')
-    if cfg is not None and cfg.url:
-        sources.append(f'{cfg.url}')
-    where = weights_dir(config) / (cfg.url.rsplit('/', 1)[-1] if cfg is not None and cfg.url else 'dino.pth')
-    return WeightsError(
-        f'timm could not load the pretrained weights of {config.dino_model} ({type(error).__name__}: {error}).\n'
-        f'  Fetch ' + (' or '.join(sources) or 'the DINO weights') + ' on a machine with network access,\n'
-        f'  then set dino_checkpoint to the local file, or put DINO\'s file at {where}.\n  {SMOKE_HINT}')
-
-
-def clip_weights_error(config: TridentConfig, error: Exception) -> WeightsError:
-    """The :class:`WeightsError` for open_clip failing to provide ``config.clip_pretrained``.
-
-    It points at the Hugging Face file open_clip itself fetches for the tag (OpenAI's own ``.pt``
-    is a TorchScript archive, which loading with ``weights_only=True`` refuses).
-    """
-    import open_clip
-
-    cfg = open_clip.get_pretrained_cfg(config.clip_model, config.clip_pretrained) or {}
-    if cfg.get('hf_hub'):
-        repo, file_name = os.path.split(cfg['hf_hub'])
-        source = f'https://huggingface.co/{repo}/resolve/main/{file_name or "open_clip_model.safetensors"}'
-    else:
-        source = cfg.get('url') or f'the open_clip weights of {config.clip_model} ({config.clip_pretrained})'
-    local_name = source.rsplit('/', 1)[-1] if '/' in source else 'clip_weights.safetensors'
-    return WeightsError(
-        f'open_clip could not load CLIP weights {config.clip_pretrained!r} for {config.clip_model} '
-        f'({type(error).__name__}: {error}).\n'
-        f'  Fetch {source}\n'
-        f'  on a machine with network access, copy it here and set clip_pretrained to its path '
-        f'(e.g. clip_pretrained: {weights_dir(config) / local_name}).\n  {SMOKE_HINT}')

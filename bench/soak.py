@@ -1,6 +1,6 @@
 """Soak test of the trident node: minutes of mixed good and bad input against a launched node.
 
-    bash tools/with_env.sh python tools/soak.py --minutes 10 --report log/soak.json
+    bash tools/with_env.sh python bench/soak.py --minutes 10 --report log/soak.json
 
 Starts ``ros2 launch trident_ros trident.launch.py`` (tiny random-weight models, autostart, in the
 namespace ``soak``) on this shell's ROS_DOMAIN_ID, then, for ``--minutes``, publishes camera frames

@@ -1,0 +1,122 @@
+"""The layering of ``trident_ros``, read from the source with ``ast``: the core imports no ROS, the
+model wrappers import neither the pipeline nor the node, no import cycles, no oversized files."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / 'trident_ros'
+ROS_MODULES = {'node', 'conversions', 'fake_camera', 'demo', 'msg'}
+"""The ROS adapter: the only modules that may import ROS (``msg``: the generated interfaces)."""
+ROS_PACKAGES = {'rclpy', 'rosidl_runtime_py', 'rosidl_parser', 'sensor_msgs', 'std_msgs', 'builtin_interfaces',
+                'diagnostic_msgs', 'lifecycle_msgs', 'rcl_interfaces', 'vision_msgs', 'message_filters',
+                'sensor_msgs_py', 'cv_bridge', 'launch', 'launch_ros', 'rosbags'}
+MAX_LINES = 450
+LONG_FILES_ALLOWED = {
+    'node.py': 'the lifecycle node; being split (NodeHealth, the vocabulary path) in its own change',
+}
+"""Files allowed over MAX_LINES, each with the reason it is one file."""
+
+
+def module_name(path: Path) -> str:
+    """``trident_ros/models/sam.py`` -> ``models.sam``; ``trident_ros/models/__init__.py`` -> ``models``."""
+    parts = path.relative_to(PACKAGE).with_suffix('').parts
+    return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob('*.py'))}
+
+
+def imports(name: str) -> list[tuple[str, int]]:
+    """(imported module, line) for every import in module ``name``, function-local ones included.
+
+    Names inside ``trident_ros`` are given relative to it (``models.sam``), others as written
+    (``torch.nn``). ``from .x import y`` counts ``x.y`` when that is a module, else ``x``.
+    """
+    path = MODULES[name]
+    package = name.split('.') if path.name == '__init__.py' else name.split('.')[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                target = '.'.join([*base, *(node.module.split('.') if node.module else [])])
+            elif node.module and node.module.split('.')[0] == 'trident_ros':
+                target = node.module.removeprefix('trident_ros').lstrip('.')
+            else:
+                found.append((node.module or '', node.lineno))
+                continue
+            for alias in node.names:
+                child = f'{target}.{alias.name}' if target else alias.name
+                found.append((child if child in MODULES else target, node.lineno))
+    internal = []
+    for module, line in found:
+        if module.startswith('trident_ros.'):
+            module = module.removeprefix('trident_ros.')
+        internal.append((module, line))
+    return internal
+
+
+def internal_imports(name: str) -> set[str]:
+    return {module for module, _ in imports(name) if module in MODULES and module != name}
+
+
+def test_the_walk_sees_relative_absolute_and_function_local_imports():
+    assert 'config' in internal_imports('pipeline') and 'models' in internal_imports('pipeline')
+    assert {'models.clip', 'models.dino', 'models.sam', 'models.build'} <= internal_imports('models')
+    assert 'config' in internal_imports('models.build') and 'weights' in internal_imports('models.build')
+    assert 'rclpy' in {module for module, _ in imports('node')}
+    assert 'pipeline' in internal_imports('node')  # imported inside a function there
+
+
+@pytest.mark.parametrize('name', sorted(name for name in MODULES if name and name.split('.')[0] not in ROS_MODULES))
+def test_core_modules_import_no_ros(name):
+    ros = [(module, line) for module, line in imports(name) if module.split('.')[0] in ROS_PACKAGES
+           or module.split('.')[0] in ROS_MODULES]
+    assert not ros, f'{MODULES[name]} imports ROS (module, line): {ros}'
+
+
+@pytest.mark.parametrize('name', sorted(name for name in MODULES if name.startswith('models')))
+def test_model_wrappers_import_neither_pipeline_nor_node(name):
+    above = sorted(module for module in internal_imports(name)
+                   if module.split('.')[0] not in ('models', 'config', 'weights', 'weight_files'))
+    assert not above, f'{MODULES[name]} imports {above}: models/* may use only config, weights and each other'
+
+
+def test_no_import_cycles():
+    graph = {name: internal_imports(name) for name in MODULES}
+    cycles: list[list[str]] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, stack: list[str]) -> None:
+        state[name] = 'open'
+        for child in sorted(graph[name]):
+            if child == '':
+                continue
+            if state.get(child) == 'open':
+                cycles.append(stack[stack.index(child):] + [child])
+            elif child not in state:
+                visit(child, stack + [child])
+        state[name] = 'done'
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    # a package's __init__ importing its own submodules is no cycle
+    cycles = [cycle for cycle in cycles if not all(step.startswith(cycle[0] + '.') or step == cycle[0]
+                                                   for step in cycle)]
+    assert not cycles, 'import cycles: ' + '; '.join(' -> '.join(cycle) for cycle in cycles)
+
+
+def test_no_oversized_files():
+    long = {str(path.relative_to(PACKAGE)): count for path in MODULES.values()
+            if (count := len(path.read_text(encoding='utf-8').splitlines())) > MAX_LINES}
+    unexplained = {name: count for name, count in long.items() if name not in LONG_FILES_ALLOWED}
+    assert not unexplained, f'files over {MAX_LINES} lines (split them, or say why in LONG_FILES_ALLOWED): {unexplained}'
+    stale = set(LONG_FILES_ALLOWED) - set(long)
+    assert not stale, f'no longer over {MAX_LINES} lines, remove from LONG_FILES_ALLOWED: {stale}'
