@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(('python + numpy + psutil', 0.0, 0, PROCESS.memory_info().rss))
     import torch  # noqa: F401  (measured on its own: the CUDA build maps its libraries at import)
     rows.append(('import torch', 0.0, 0, PROCESS.memory_info().rss))
-    from trident_ros.measure import BENCH_NAMES, parse_size, release_freed_memory, synthetic_image
     from trident_ros.config import TridentConfig
+    from trident_ros.measure import BENCH_NAMES, parse_size, release_freed_memory, synthetic_image
     from trident_ros.pipeline import TridentPipeline
     rows.append(('import trident_ros (open_clip, timm, ...)', 0.0, 0, PROCESS.memory_info().rss))
     if args.release and not release_freed_memory():
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 def undo_chunked_blocks(pipeline) -> None:
     """Give the pipeline a SAM encoder whose blocks are segment-anything's own modules, with the
     same weights (for before/after comparisons), except the last block's attention, which hands
-    its rows to the aggregation (``SamEncoder`` puts a chunked one back there)."""
+    its rows to the aggregation (``SamEncoder`` puts a chunked one back there).
+    """
     from segment_anything.modeling.common import MLPBlock
     from segment_anything.modeling.image_encoder import Attention
 

@@ -21,6 +21,7 @@ error, the slope is below ``--max-slope``, and the node exited cleanly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -29,9 +30,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -145,10 +147,8 @@ class SoakClient:
         self._thread.start()
 
     def _spin(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the context was shut down under it
             self.executor.spin()
-        except Exception:  # the context was shut down under it
-            pass
 
     def _on_labels(self, msg: Image) -> None:
         self.outputs += 1
@@ -252,7 +252,8 @@ def slope_mb_per_min(samples: list[Sample]) -> float:
 
 def floor_slope_mb_per_min(samples: list[Sample]) -> float | None:
     """Slope of the per-minute minimum RSS (MB/min): the baseline without the spikes of frames in
-    flight; whole minutes only, None for less than two."""
+    flight; whole minutes only, None for less than two.
+    """
     minima: dict[int, float] = {}
     for sample in samples:
         minute = int(sample.t_s // 60)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -11,7 +11,8 @@ import pytest
 def log_records() -> Iterator[Callable[[str], list[logging.LogRecord]]]:
     """``capture(name)``: the WARNING+ records of logger ``name`` from now on, read from the logger
     itself (the launch_testing pytest plugin installs a logger class that does not propagate, so
-    ``caplog`` would miss them)."""
+    ``caplog`` would miss them).
+    """
     attached: list[tuple[logging.Logger, logging.Handler]] = []
 
     def capture(name: str) -> list[logging.LogRecord]:

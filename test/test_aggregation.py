@@ -43,7 +43,8 @@ def make_capture(grid: int, valid: tuple[int, int], heads: int = 3, head_dim: in
 def aggregate(features: torch.Tensor, capture: AttentionCapture, cos_fac: float, refine_neg_cos: bool, chunk: int,
               rows_per_block: int = 1) -> torch.Tensor:
     """Drive a SamAggregation as SamChunkedAttention does: the values, then the attention of
-    ``rows_per_block`` image rows of queries at a time, in order."""
+    ``rows_per_block`` image rows of queries at a time, in order.
+    """
     grid = capture.v.shape[2]
     attention = capture.full_attention()
     aggregation = SamAggregation(features, capture.valid, cos_fac, refine_neg_cos, chunk)
@@ -176,7 +177,8 @@ class LargestOutput(TorchDispatchMode):
 def test_holds_only_chunk_sized_blocks(chunk: int, rows: int) -> None:
     """Largest new tensor: the (heads, c, N) kept attention of c = ``rows`` whole valid rows of 7
     queries (here bigger than the unit values (heads, N, hd) and the output (D, N)); the naive
-    formula holds (heads, N, N) matrices."""
+    formula holds (heads, N, N) matrices.
+    """
     capture = make_capture(grid=8, valid=(6, 7), seed=8)
     features = torch.randn(6, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     attention = capture.full_attention()

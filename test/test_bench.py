@@ -1,5 +1,6 @@
 """trident-bench runs on the small configuration and reports every field; bench/node_bench.py runs
-against a tiny node it launches (no timing assertions)."""
+against a tiny node it launches (no timing assertions).
+"""
 from __future__ import annotations
 
 import json
@@ -54,7 +55,8 @@ def test_bench_table_names_the_ratios_and_takes_chunk_and_clock():
     assert result.returncode == 0, result.stderr
     # tiny SAM, square 48x48 crop -> 256 x 256 input, 16 x 16 tokens: a block of 2 heads x 16 queries x 256 keys, fp32
     for text in ('overhead ratio', 'relabel ratio', 'encoders_only', 'text features', 'peak RSS', 'device: cpu',
-                 'clock cpu', 'peak RSS after the first repetition', 'unchanged frame with reuse_threshold on', 'aggregation (chunk 7, 16x16 tokens',
+                 'clock cpu', 'peak RSS after the first repetition', 'unchanged frame with reuse_threshold on',
+                 'aggregation (chunk 7, 16x16 tokens',
                  f'chunk block {2 * 16 * 256 * 4 / 2**20:.1f} MiB computed'):  # 1 row of 16 queries
         assert text in result.stdout, text
 

@@ -6,12 +6,11 @@ import sys
 import cv2
 import numpy as np
 import pytest
-
 import ros_helpers  # noqa: F401,E402  (fails with a clear message outside the project environment)
-from trident_ros import conversions  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
+from trident_ros import conversions  # noqa: E402
 from trident_ros.conversions import ImageConversionError  # noqa: E402
 from trident_ros.labelling import ClassMask  # noqa: E402
 

@@ -1,5 +1,6 @@
 """Weights in one folder: `trident-weights fetch` over a local HTTP server (files this test makes, checksums
-given), a checksum mismatch, an unreachable URL, `--print`, and discovery of all three files in weights_dir."""
+given), a checksum mismatch, an unreachable URL, `--print`, and discovery of all three files in weights_dir.
+"""
 from __future__ import annotations
 
 import functools
@@ -9,15 +10,21 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from trident_ros.config import TridentConfig
 from trident_ros.weight_files import WeightFile, WeightsError
-from trident_ros.weights import (SAM_CHECKPOINTS, NeededWeight, fetch_files, fetch_weights, format_weights,
-                                 needed_weights)
+from trident_ros.weights import (
+    SAM_CHECKPOINTS,
+    NeededWeight,
+    fetch_files,
+    fetch_weights,
+    format_weights,
+    needed_weights,
+)
 
 
 @pytest.fixture
@@ -98,7 +105,8 @@ def test_offline_error_is_the_same_list(tmp_path, monkeypatch):
 
 def test_cli_fetches_into_weights_dir_then_everything_is_found_there(server, tmp_path):
     """`trident-weights fetch` against the hub files on a local server (HF_ENDPOINT), method proxy
-    (CLIP + DINO): both land in weights_dir under their standard names and are then found there."""
+    (CLIP + DINO): both land in weights_dir under their standard names and are then found there.
+    """
     base, root = server
     clip, _ = serve(root, 'timm/vit_base_patch16_clip_224.openai/resolve/main/open_clip_model.safetensors', 5000, 3)
     dino, _ = serve(root, 'timm/vit_base_patch16_224.dino/resolve/main/model.safetensors', 7000, 4)
@@ -132,3 +140,16 @@ def test_all_three_files_are_found_in_weights_dir_by_standard_name(tmp_path, mon
     assert sources.sam == folder / 'sam_vit_b_01ec64.pth'
     assert sources.dino == folder / 'vit_base_patch16_224.dino.safetensors'
     assert sources.clip == str(folder / 'vit_base_patch16_clip_224.openai.safetensors')
+
+
+@pytest.mark.ros
+def test_ros2_run_fetch_weights_prints_the_list(tmp_path):
+    """The installed executable: `ros2 run trident_ros fetch_weights --print`."""
+    import shutil
+
+    if shutil.which('ros2') is None:
+        pytest.skip('the ros2 CLI is not on PATH: source tools/env.sh')
+    result = subprocess.run(['ros2', 'run', 'trident_ros', 'fetch_weights', '--print', '--weights-dir', str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert SAM_CHECKPOINTS['vit_b'].url in result.stdout and str(tmp_path / 'sam_vit_b_01ec64.pth') in result.stdout

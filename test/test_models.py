@@ -17,8 +17,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from trident_ros.config import TridentConfig
-from trident_ros.models import (SAM_BLOCK_ELEMENTS, ClipDense, DinoPatches, SamChunkedAttention, SamChunkedMlp,
-                                SamEncoder, TridentModels, interpolate_pos_embed, load_models, use_chunked_blocks)
+from trident_ros.models import (
+    SAM_BLOCK_ELEMENTS,
+    ClipDense,
+    DinoPatches,
+    SamChunkedAttention,
+    SamChunkedMlp,
+    SamEncoder,
+    TridentModels,
+    interpolate_pos_embed,
+    load_models,
+    use_chunked_blocks,
+)
 
 TINY = TridentConfig(model_scale='tiny', random_weights=True, device='cpu')
 
@@ -216,7 +226,8 @@ def test_sam_rounds_sides_to_multiples_of_16_first(models):
 
 def upstream_last_attention(sam: SamEncoder, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Input, softmax attention and output of the last encoder block's ``attn``, recomputed in the test
-    from the block's own weights and segment-anything's ``add_decomposed_rel_pos``."""
+    from the block's own weights and segment-anything's ``add_decomposed_rel_pos``.
+    """
     attn = sam.model.image_encoder.blocks[-1].attn
     outputs: list[torch.Tensor] = []
     handle = attn.register_forward_hook(lambda mod, args, out: outputs.append(out.detach().clone()))
@@ -260,7 +271,7 @@ def test_observer_gets_the_upstream_block_attention(models):
     assert values.shape == (heads, 16, 16, 16)
     blocks = [rows for rows, _ in observer.blocks]
     assert blocks[0].start == 0 and blocks[-1].stop == g
-    assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))  # every row once, in order
+    assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:], strict=False))  # every row once, in order
     everything = observer.attention()
     assert everything.shape == (heads, g * g, g * g)
     torch.testing.assert_close(everything, expected, rtol=1e-5, atol=1e-6)
@@ -321,7 +332,8 @@ def upstream_attention(dim: int, heads: int, size: tuple[int, int], use_rel_pos:
 
 class LargestOutputs(TorchDispatchMode):
     """Records, per last dimension, the most elements of any new tensor a torch op returned while
-    active (views of its inputs not counted)."""
+    active (views of its inputs not counted).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -410,7 +422,8 @@ def test_chunked_mlp_equals_the_upstream_module():
 
 def test_encoder_with_chunked_blocks_equals_the_upstream_encoder():
     """A small ImageEncoderViT with window blocks (padded windows: 8 tokens in windows of 3) and two
-    global blocks: the image embedding is the upstream encoder's."""
+    global blocks: the image embedding is the upstream encoder's.
+    """
     torch.manual_seed(0)
     encoder = ImageEncoderViT(img_size=128, patch_size=16, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0,
                               out_chans=16, use_rel_pos=True, rel_pos_zero_init=False, window_size=3,

@@ -1,5 +1,6 @@
 """Package foundation: interfaces built by colcon, importable next to the hand-written modules,
-exchanged over real DDS; the core importable without ROS; package.xml/rosdep consistent."""
+exchanged over real DDS; the core importable without ROS; package.xml/rosdep consistent.
+"""
 from __future__ import annotations
 
 import os
@@ -57,7 +58,8 @@ def test_core_imports_without_ros():
 @pytest.mark.ros
 def test_generated_msgs_and_modules_import_from_one_prefix(tmp_path):
     """From outside the source tree, trident_ros.msg and the hand-written modules both come from
-    the colcon install prefix (rosidl's generated package and ours are one package)."""
+    the colcon install prefix (rosidl's generated package and ours are one package).
+    """
     result = run_python('''
         import trident_ros, trident_ros.config, trident_ros.msg
         from trident_ros.msg import ClassMask, ClassMaskArray, VocabularyInfo
@@ -132,7 +134,8 @@ def test_class_mask_array_between_two_processes(tmp_path):
 @pytest.mark.ros
 def test_colcon_build_from_scratch(tmp_path):
     """The path ROS users take: `colcon build` of a clean copy of the package against the same
-    ROS prefix installs the interfaces, the Python package, executables, launch and config files."""
+    ROS prefix installs the interfaces, the Python package, executables, launch and config files.
+    """
     if shutil.which('colcon') is None:
         pytest.skip('colcon is not installed in this environment')
     src = tmp_path / 'src' / 'trident_ros'

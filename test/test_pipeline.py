@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from trident_ros.measure import synthetic_image
 from trident_ros.config import TridentConfig
+from trident_ros.measure import synthetic_image
 from trident_ros.pipeline import TridentPipeline
 
 TINY = TridentConfig(model_scale='tiny', random_weights=True, device='cpu')
@@ -40,7 +40,7 @@ def test_segmentation_shapes_dtypes_and_labels_from_vocabulary(pipeline, image, 
     seg = pipeline.label(pipeline.encode_image(image), vocabulary)
     assert seg.labels.shape == image.shape[:2] and seg.labels.dtype == np.uint8
     assert seg.confidence.shape == image.shape[:2] and seg.confidence.dtype == np.float32
-    assert 0.0 <= seg.confidence.min() and seg.confidence.max() <= 1.0
+    assert seg.confidence.min() >= 0.0 and seg.confidence.max() <= 1.0
     assert seg.vocabulary == ['door', 'sofa; couch', 'table']
     assert set(np.unique(seg.labels)) <= {1, 2, 3}  # prob_thd 0: every pixel labelled, only vocabulary ids
     assert sum(m.area for m in seg.masks) == seg.labels.size

@@ -11,7 +11,7 @@ from trident_ros.splice import splice_windows
 def naive_splice(tokens: torch.Tensor, boxes, out_size, patch: int) -> torch.Tensor:
     total = torch.zeros(tokens.shape[1], *out_size, dtype=torch.float64)
     count = torch.zeros(1, *out_size, dtype=torch.float64)
-    for crop, (y0, x0, y1, x1) in zip(tokens, boxes):
+    for crop, (y0, x0, y1, x1) in zip(tokens, boxes, strict=True):
         total[:, y0 // patch:y1 // patch, x0 // patch:x1 // patch] += crop.double()
         count[:, y0 // patch:y1 // patch, x0 // patch:x1 // patch] += 1
     return total / count

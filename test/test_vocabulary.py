@@ -10,8 +10,14 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from trident_ros.config import TridentConfig
 from trident_ros.models import TridentModels, load_models
-from trident_ros.vocabulary import (IMAGENET_TEMPLATES, TextFeatureCache, Vocabulary, VocabularyError,
-                                    encode_vocabulary, parse_vocabulary)
+from trident_ros.vocabulary import (
+    IMAGENET_TEMPLATES,
+    TextFeatureCache,
+    Vocabulary,
+    VocabularyError,
+    encode_vocabulary,
+    parse_vocabulary,
+)
 
 
 @pytest.fixture(scope='module')

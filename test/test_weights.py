@@ -1,5 +1,6 @@
 """Weight files: lookup order, verified downloads (file:// URLs, no network), loading, and errors that
-say which file to put where."""
+say which file to put where.
+"""
 from __future__ import annotations
 
 import hashlib

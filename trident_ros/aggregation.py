@@ -31,7 +31,8 @@ TAU_CAP = 0.9
 def aggregation_chunk_bytes(heads: int, valid: tuple[int, int], chunk_size: int, element_size: int) -> int:
     """Bytes of the per-chunk block :class:`SamAggregation` holds at most: the (heads, c, N) kept
     attention of c queries (``chunk_size`` rounded down to whole rows of the valid grid, at least
-    one row) over the N valid keys."""
+    one row) over the N valid keys.
+    """
     rows = max(1, min(chunk_size // valid[1], valid[0]))
     count = valid[0] * valid[1]
     return heads * rows * valid[1] * count * element_size
@@ -56,14 +57,13 @@ class SamAggregation:
     @torch.inference_mode()
     def __init__(self, features: torch.Tensor, valid: tuple[int, int], cos_fac: float, refine_neg_cos: bool,
                  chunk_size: int) -> None:
-        """
-        Args:
-            features: (D, Hg, Wg) spliced CLIP tokens; resized bilinearly to the valid SAM grid.
-            valid: (hs, ws) unpadded SAM token grid (``SamEncoder.token_grid``).
-            cos_fac: factor on the mean value cosine giving each query's threshold tau.
-            refine_neg_cos: keep a negative tau (False: a negative tau becomes 0.6).
-            chunk_size: queries per chunk, rounded down to whole rows of the valid grid (at least
-                one row); bounds memory, the result does not depend on it.
+        """Args:
+        features: (D, Hg, Wg) spliced CLIP tokens; resized bilinearly to the valid SAM grid.
+        valid: (hs, ws) unpadded SAM token grid (``SamEncoder.token_grid``).
+        cos_fac: factor on the mean value cosine giving each query's threshold tau.
+        refine_neg_cos: keep a negative tau (False: a negative tau becomes 0.6).
+        chunk_size: queries per chunk, rounded down to whole rows of the valid grid (at least
+            one row); bounds memory, the result does not depend on it.
         """
         if chunk_size < 1:
             raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
@@ -88,7 +88,8 @@ class SamAggregation:
         heads = v.shape[0]
         if v.shape[1] < valid_h or v.shape[2] < valid_w:
             raise ValueError(f'valid grid {self.valid} exceeds the attention grid {tuple(v.shape[1:3])}')
-        self.unit = F.normalize(v[:, :valid_h, :valid_w].reshape(heads, valid_h * valid_w, -1), dim=-1)  # (heads, N, hd)
+        # (heads, N, hd)
+        self.unit = F.normalize(v[:, :valid_h, :valid_w].reshape(heads, valid_h * valid_w, -1), dim=-1)
         self.unit_t = self.unit.transpose(1, 2)  # (heads, hd, N)
         # tau_m = cos_fac * mean_h mean_k (u_hm . u_hk) = cos_fac / heads * sum_h u_hm . (mean_k u_hk)
         self.key_mean = self.unit.mean(dim=1).unsqueeze(-1).mul_(self.cos_fac / heads)  # (heads, hd, 1)
@@ -99,7 +100,8 @@ class SamAggregation:
     @torch.inference_mode()
     def rows(self, rows: slice, attention: torch.Tensor) -> None:
         """:param rows: image rows of the queries; :param attention: (heads, len(rows) * G', G * G')
-        their softmax attention over the whole padded grid."""
+        their softmax attention over the whole padded grid.
+        """
         if self.unit is None:
             raise RuntimeError('SamAggregation.rows before start')
         begin = time.perf_counter()

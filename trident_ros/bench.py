@@ -19,16 +19,27 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
 
 import numpy as np
 import torch
 
 from .aggregation import SamAggregation, aggregation_chunk_bytes
 from .config import TridentConfig
-from .measure import (BENCH_NAMES, CLOCKS, PeakRss, Timing, cpu_name, parse_size, release_freed_memory,
-                      synthetic_image, time_call)
+from .measure import (
+    BENCH_NAMES,
+    CLOCKS,
+    PeakRss,
+    Timing,
+    cpu_name,
+    parse_size,
+    release_freed_memory,
+    synthetic_image,
+    time_call,
+    timed_call,
+)
 from .method_bench import benchmark_methods, format_method_table
 from .pipeline import TridentPipeline, normalise
 from .vocabulary import IMAGENET_TEMPLATES, TextFeatureCache, Vocabulary
@@ -39,7 +50,8 @@ NEW_NAMES = ('sofa', 'window', 'plant', 'floor')
 @torch.inference_mode()
 def encoders_only(pipeline: TridentPipeline, image: np.ndarray) -> Callable[[], object]:
     """The encoder forwards a frame needs, without any other stage: SAM's image encoder on the
-    prepared input, DINO and CLIP over the same crops (CLIP up to its last block's values)."""
+    prepared input, DINO and CLIP over the same crops (CLIP up to its last block's values).
+    """
     cfg, models = pipeline.config, pipeline.models
     sam_input = models.sam.prepare(image)
     _, _, crops = pipeline.windows(image, cfg.slide_crop, cfg.slide_stride)
@@ -58,7 +70,8 @@ def encoders_only(pipeline: TridentPipeline, image: np.ndarray) -> Callable[[], 
 def reused_frame_time(pipeline: TridentPipeline, config: TridentConfig, image: np.ndarray, vocabulary: Vocabulary,
                       clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds for a frame equal to the last encoded one with ``reuse_threshold`` on: the
-    comparison, the reused image side and labelling with ``config`` (one frame is encoded first)."""
+    comparison, the reused image side and labelling with ``config`` (one frame is encoded first).
+    """
     pipeline.apply_label_config(config.replace(reuse_threshold=1.0))
     pipeline.encode_image(image)
     reuses = pipeline.image_side_reuses
@@ -101,14 +114,12 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
     for rep in range(warmup + repeat):
         measured = rep >= warmup
         t_enc = time_call(encoders, device, tick)
-        features = {}
-        t_img = time_call(lambda: features.setdefault('f', pipeline.encode_image(image)), device, tick)
+        t_img, features = timed_call(partial(pipeline.encode_image, image), device, tick)
         labels = {}
         for mode, cfg in (('off', refine_off), ('on', refine_on)):
             pipeline.apply_label_config(cfg)
-            t_label = time_call(lambda: labels.setdefault(mode, pipeline.label(features['f'], vocabulary)), device,
-                                tick)
-            t_relabel = time_call(lambda: pipeline.label(features['f'], relabel_vocabulary), device, tick)
+            t_label, labels[mode] = timed_call(partial(pipeline.label, features, vocabulary), device, tick)
+            t_relabel = time_call(partial(pipeline.label, features, relabel_vocabulary), device, tick)
             if measured:
                 results[f'full_refine_{mode}'].samples.append(t_img + t_label)
                 results[f'relabel_refine_{mode}'].samples.append(t_relabel)
@@ -181,7 +192,8 @@ class AggregationMemory:
 
 class _MeasuredAggregation:
     """Wraps a SamAggregation (as the encoder's observer) and measures its own memory: what
-    ``start`` leaves allocated, and the peak of every ``rows`` call above the memory at its entry."""
+    ``start`` leaves allocated, and the peak of every ``rows`` call above the memory at its entry.
+    """
 
     def __init__(self, make: Callable[[], SamAggregation], device: torch.device) -> None:
         self.device = device
@@ -221,7 +233,8 @@ def aggregation_memory(pipeline: TridentPipeline, image: np.ndarray) -> Aggregat
     """Peak extra memory and time of the aggregation on a square crop of ``image`` (all of SAM's
     64 x 64 tokens valid at full scale; random spliced features), measured around each of its
     calls inside SAM's encoder. On the CPU this calls :func:`release_freed_memory` (so run it
-    last: later allocations are slower)."""
+    last: later allocations are slower).
+    """
     models, cfg = pipeline.models, pipeline.config
     sam, device = models.sam, models.device
     side = min(image.shape[:2])
@@ -268,11 +281,13 @@ def format_table(report: dict) -> str:
         f"unchanged frame with reuse_threshold on, refine off: {ms(report['reused_frame_refine_off_s']).strip()} ms "
         f"(ratio to a full frame {report['reused_frame_ratio']:.4f})",
         f"text features, {len(NEW_NAMES)} new names x {len(IMAGENET_TEMPLATES)} templates: "
-        f"{ms(report['text_new_names_s']).strip()} ms vs open_clip encode_text {ms(report['text_open_clip_standard_s']).strip()} ms "
+        f"{ms(report['text_new_names_s']).strip()} ms vs open_clip encode_text "
+        f"{ms(report['text_open_clip_standard_s']).strip()} ms "
         f"(ratio {report['text_ratio']:.3f})",
         f"aggregation (chunk {report['aggregation_chunk']}, "
         f"{report['aggregation_tokens'][0]}x{report['aggregation_tokens'][1]} tokens, fused into SAM's encoder): "
-        f"{ms(report['aggregation_s']).strip()} ms, peak extra memory {report['aggregation_peak_extra_bytes'] / 2**20:.1f} MiB "
+        f"{ms(report['aggregation_s']).strip()} ms, "
+        f"peak extra memory {report['aggregation_peak_extra_bytes'] / 2**20:.1f} MiB "
         f"(its chunk block {report['aggregation_chunk_blocks_bytes'] / 2**20:.1f} MiB computed; "
         f"{report['aggregation_memory_method']})",
         f"peak RSS after the first repetition (models, vocabulary, one frame): "

@@ -29,8 +29,9 @@ from __future__ import annotations
 import io
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -181,7 +182,8 @@ def compressed_to_rgb(msg: CompressedImage, max_pixels: int) -> np.ndarray:
 
 def compressed_size(data: np.ndarray) -> tuple[int, int] | None:
     """``(height, width)`` from a compressed image's header (Pillow reads the header only), or
-    None when Pillow does not know the format (OpenCV may still decode it)."""
+    None when Pillow does not know the format (OpenCV may still decode it).
+    """
     from PIL import Image as PilImage
 
     try:
@@ -227,7 +229,8 @@ def confidence_to_image(confidence: np.ndarray, header: Header) -> Image:
 
 def class_masks_to_msg(masks: Sequence[Any], vocabulary: Sequence[str], header: Header) -> ClassMaskArray:
     """Per-class masks (``labelling.ClassMask``: label, class_id, score, area, bbox (x, y, w, h),
-    mask bool (h, w) cropped to bbox) as a ``trident_ros/ClassMaskArray``, masks mono8 255 inside."""
+    mask bool (h, w) cropped to bbox) as a ``trident_ros/ClassMaskArray``, masks mono8 255 inside.
+    """
     out = ClassMaskArray(header=header, vocabulary=list(vocabulary))
     for mask in sorted(masks, key=lambda m: m.class_id):
         x, y, w, h = (int(v) for v in mask.bbox)

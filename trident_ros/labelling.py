@@ -4,15 +4,15 @@ Label images use ``0`` for unlabeled pixels and ``k + 1`` for class ``k`` of the
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .vocabulary import Vocabulary
 from .visualization import class_colors, colorize, overlay
+from .vocabulary import Vocabulary
 
 NAME_CHUNK = 64
 """Names upsampled at once in :func:`class_probabilities` (memory: NAME_CHUNK x H x W floats)."""

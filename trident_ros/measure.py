@@ -11,12 +11,15 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TypeVar
 
 import cv2
 import numpy as np
 import torch
+
+T = TypeVar('T')
 
 BENCH_NAMES = ('door', 'chair', 'table', 'person')
 """The vocabulary every benchmark labels with."""
@@ -57,7 +60,7 @@ class PeakRss:
             self.peak = max(self.peak, self._process.memory_info().rss)
             time.sleep(0.0005)
 
-    def __enter__(self) -> 'PeakRss':
+    def __enter__(self) -> PeakRss:
         self.base = self.peak = self._process.memory_info().rss
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -112,12 +115,19 @@ CLOCKS: dict[str, Callable[[], float]] = {'wall': time.perf_counter, 'cpu': time
 jobs it leaves out the time they take; it also counts a parallel region once per thread)."""
 
 
-def time_call(fn: Callable[[], object], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
+def timed_call(fn: Callable[[], T], device: torch.device,
+               clock: Callable[[], float] = time.perf_counter) -> tuple[float, T]:
+    """Run ``fn`` once: (seconds by ``clock``, device work included, its result)."""
     sync(device)
     start = clock()
-    fn()
+    result = fn()
     sync(device)
-    return clock() - start
+    return clock() - start, result
+
+
+def time_call(fn: Callable[[], object], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds ``fn()`` takes by ``clock``, device work included."""
+    return timed_call(fn, device, clock)[0]
 
 
 def cpu_name() -> str:

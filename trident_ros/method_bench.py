@@ -11,7 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import resource
 import statistics
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -67,10 +67,12 @@ def benchmark_methods(image: np.ndarray, repeat: int = 3, warmup: int = 1, tiny:
 
     Args:
         image: (H, W, 3) uint8 RGB frame.
-        repeat, warmup: measured and unmeasured frames per method.
+        repeat: measured frames per method.
+        warmup: unmeasured frames before them.
         tiny: small test architectures instead of the paper's.
         device: auto, cpu, cuda or cuda:N.
         methods: which methods, in this order (default: all).
+
     Returns:
         One dict per method: ``method``, ``models`` (loaded), ``windows`` (crop/stride),
         ``sam_refinement``, ``full_frame_s`` (median), ``full_frame_min_s``, ``ratio_to_trident``

@@ -21,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -144,7 +144,8 @@ class TridentPipeline:
 
     def _spliced_windows(self, image: np.ndarray, timings: dict[str, float]) -> torch.Tensor:
         """DINO-guided CLIP last block on the ``slide_crop`` windows, spliced: (D, Hg, Wg) on the
-        token grid of the resized image."""
+        token grid of the resized image.
+        """
         cfg, models = self.config, self.models
         with self._stage(timings, 'windows'):
             resized, boxes, crops = self.windows(image, cfg.slide_crop, cfg.slide_stride)
@@ -172,6 +173,7 @@ class TridentPipeline:
 
         Args:
             image: (H, W, 3) uint8 RGB.
+
         Returns:
             ImageFeatures with dense features (E, hs, ws) (see :class:`ImageFeatures` for the grid).
         """

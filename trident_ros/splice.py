@@ -1,7 +1,7 @@
 """Splice the token maps of sliding-window crops into one map of the whole (resized) image."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -18,6 +18,7 @@ def splice_windows(tokens: torch.Tensor, boxes: Sequence[tuple[int, int, int, in
             by ``gw * patch``.
         out_size: (Hg, Wg) token grid of the whole image.
         patch: pixels per token.
+
     Returns:
         (D, Hg, Wg), dtype of ``tokens`` (summed in float32); a cell no crop covers is 0.
     """

@@ -1,7 +1,7 @@
 """Colours for label images and an overlay with a legend (OpenCV drawing, RGB arrays)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -11,7 +11,8 @@ LEGEND_NAME_CHARS = 32
 
 def class_colors(num_classes: int) -> np.ndarray:
     """``(num_classes + 1, 3)`` uint8 RGB, fixed and distinct: the PASCAL VOC bit-interleaved
-    colour map (label 0 black, 1 dark red, 2 dark green, ...)."""
+    colour map (label 0 black, 1 dark red, 2 dark green, ...).
+    """
     ids = np.arange(num_classes + 1)
     colors = np.zeros((num_classes + 1, 3), dtype=np.int64)
     for bit in range(8):
@@ -33,7 +34,8 @@ def _legend_text(name: str) -> str:
 
 def draw_legend(image: np.ndarray, colors: np.ndarray, entries: Sequence[tuple[int, str]]) -> np.ndarray:
     """Draw, in place at the top-left of ``image (H, W, 3)`` uint8 RGB, a colour swatch and the name
-    of each ``(label value, name)`` entry; entries that do not fit become ``+N more``."""
+    of each ``(label value, name)`` entry; entries that do not fit become ``+N more``.
+    """
     if not entries:
         return image
     height, width = image.shape[:2]
@@ -58,7 +60,8 @@ def draw_legend(image: np.ndarray, colors: np.ndarray, entries: Sequence[tuple[i
 def overlay(image_rgb: np.ndarray, labels: np.ndarray, colors: np.ndarray, legend: Sequence[tuple[int, str]],
             alpha: float = 0.5) -> np.ndarray:
     """``image_rgb (H, W, 3)`` uint8 blended with the colours of labelled pixels (``alpha`` = colour
-    weight; unlabeled pixels unchanged), plus a legend of ``(label value, name)`` entries."""
+    weight; unlabeled pixels unchanged), plus a legend of ``(label value, name)`` entries.
+    """
     if image_rgb.shape[:2] != labels.shape or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
         raise ValueError(f'image {image_rgb.shape} does not match labels {labels.shape}')
     blend = cv2.addWeighted(np.ascontiguousarray(image_rgb), 1.0 - alpha, colorize(labels, colors), alpha, 0.0)

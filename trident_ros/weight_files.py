@@ -10,9 +10,9 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -103,7 +103,9 @@ def download(url: str, dest: str | Path, sha256: str | None = None) -> Path:
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.part', delete=False)
+    # closed by the `with` below; its name is needed after that (rename, clean-up)
+    tmp = tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.part',  # noqa: SIM115
+                                      delete=False)
     digest = hashlib.sha256()
     try:
         with tmp, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:

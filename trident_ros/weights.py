@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 from .config import METHOD_MODELS, TridentConfig
 from .weight_files import WeightFile, WeightsError, download, verify_sha256
@@ -159,7 +160,7 @@ class NeededWeight:
 
 
 def _dino_file(config: TridentConfig) -> tuple[WeightFile, tuple[str, tuple[str, ...]] | None] | None:
-    """timm's file for ``config.dino_model``: its hub file, named after the repository."""
+    """Timm's file for ``config.dino_model``: its hub file, named after the repository."""
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(config.dino_model)
@@ -177,7 +178,8 @@ def _dino_file(config: TridentConfig) -> tuple[WeightFile, tuple[str, tuple[str,
 def _clip_file(config: TridentConfig) -> tuple[WeightFile, tuple[str, tuple[str, ...]] | None] | None:
     """open_clip's file for ``config.clip_model`` / ``config.clip_pretrained``: its hub file, named
     after the repository (OpenAI's own ``.pt`` is a TorchScript archive, which ``weights_only``
-    loading refuses)."""
+    loading refuses).
+    """
     import open_clip
 
     cfg = open_clip.get_pretrained_cfg(config.clip_model, config.clip_pretrained) or {}
@@ -309,7 +311,8 @@ def _in_hub_cache(entry: NeededWeight) -> bool:
 def _find(entry: NeededWeight, allow_download: bool, problems: list[str],
           missing: list[NeededWeight]) -> Path | None:
     """``entry``'s file at its standard path (verified), else downloaded there when allowed; None:
-    missing (``missing`` and ``problems`` say why) or in the library's hub cache (``missing`` unchanged)."""
+    missing (``missing`` and ``problems`` say why) or in the library's hub cache (``missing`` unchanged).
+    """
     if entry.path.is_file():
         try:
             verify_sha256(entry.path, entry.file.sha256, entry.file.url)

@@ -7,8 +7,17 @@ neither the pipeline nor ROS.
 from .build import TridentModels, encoder_dtype, load_models, resolve_device, tiny_sam
 from .clip import CLIP_MEAN, CLIP_STD, ClipDense, ClipLastBlock
 from .dino import IMAGENET_MEAN, IMAGENET_STD, DinoPatches, interpolate_pos_embed
-from .sam import (SAM_BLOCK_ELEMENTS, SAM_BLOCK_ELEMENTS_CUDA, SAM_ROUND, AttentionObserver, SamChunkedAttention,
-                  SamChunkedMlp, SamEncoder, SamImage, use_chunked_blocks)
+from .sam import (
+                  SAM_BLOCK_ELEMENTS,
+                  SAM_BLOCK_ELEMENTS_CUDA,
+                  SAM_ROUND,
+                  AttentionObserver,
+                  SamChunkedAttention,
+                  SamChunkedMlp,
+                  SamEncoder,
+                  SamImage,
+                  use_chunked_blocks,
+)
 
 __all__ = [
     'CLIP_MEAN', 'CLIP_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'SAM_BLOCK_ELEMENTS', 'SAM_BLOCK_ELEMENTS_CUDA',

@@ -127,7 +127,8 @@ class SamChunkedAttention(nn.Module):
 
     def blocks(self, batch: int, height: int, width: int) -> list[tuple[slice, slice]]:
         """``(images, image rows)`` blocks covering the input, each at most ``max_elements`` logits
-        (but at least one image row of one image)."""
+        (but at least one image row of one image).
+        """
         per_row = self.num_heads * width * height * width
         rows_per_block = max(1, self.max_elements // per_row)
         if rows_per_block < height:
@@ -171,7 +172,8 @@ class SamChunkedMlp(nn.Module):
 def use_chunked_blocks(encoder: nn.Module, max_elements: int = SAM_BLOCK_ELEMENTS) -> None:
     """Put a :class:`SamChunkedAttention` and a :class:`SamChunkedMlp` in place of the ``attn`` and
     ``mlp`` of every block of a segment-anything ``ImageEncoderViT`` (global and window blocks;
-    modules already converted are left alone)."""
+    modules already converted are left alone).
+    """
     for block in encoder.blocks:
         if not isinstance(block.attn, SamChunkedAttention):
             block.attn = SamChunkedAttention(block.attn, max_elements)
@@ -258,14 +260,16 @@ class SamEncoder:
     def rounded_size(self, height: int, width: int) -> tuple[int, int]:
         """``(H16, W16)``: the image's sides rounded up to multiples of 16, the short side raised for
         extreme aspect ratios (e.g. 1x10000) so that after the longest-side transform it still
-        spans one SAM patch (the reference would crash there)."""
+        spans one SAM patch (the reference would crash there).
+        """
         long_side = -(-max(height, width) // SAM_ROUND) * SAM_ROUND
         floor = -(-long_side * self.patch_size // self.transform.target_length)
         return -(-max(height, floor) // SAM_ROUND) * SAM_ROUND, -(-max(width, floor) // SAM_ROUND) * SAM_ROUND
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         """``(hs, ws)``: the unpadded token grid of an ``H x W`` image (``input_size // 16``, as the
-        reference), known before encoding."""
+        reference), known before encoding.
+        """
         rounded = self.rounded_size(height, width)
         input_h, input_w = self.transform.get_preprocess_shape(rounded[0], rounded[1], self.transform.target_length)
         return input_h // self.patch_size, input_w // self.patch_size
@@ -277,7 +281,8 @@ class SamEncoder:
     @torch.inference_mode()
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """The image encoder's input for an ``(H, W, 3)`` uint8 RGB image: ``(1, 3, S, S)``
-        normalised and padded (S = 1024 at full scale), in the encoder's dtype and device."""
+        normalised and padded (S = 1024 at full scale), in the encoder's dtype and device.
+        """
         return self._encoder_input(self.resize(image)[0])
 
     @torch.inference_mode()
