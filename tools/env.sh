@@ -12,6 +12,10 @@ if [ -f "$_trident_root/install/setup.bash" ]; then
   COLCON_CURRENT_PREFIX="$_trident_root/install" . "$_trident_root/install/setup.bash"
 fi
 export ROS_AUTOMATIC_DISCOVERY_RANGE=${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}
-export FASTDDS_DEFAULT_PROFILES_FILE=${FASTDDS_DEFAULT_PROFILES_FILE:-$_trident_root/config/fastdds_large_data.xml}
+# Fast DDS 3.x (Kilted) reads FASTDDS_..., 2.x (Jazzy, Humble) FASTRTPS_...: a profile set under either name is
+# used under both, the package's large-data profile when neither is set.
+_trident_profile=${FASTDDS_DEFAULT_PROFILES_FILE:-${FASTRTPS_DEFAULT_PROFILES_FILE:-$_trident_root/config/fastdds_large_data.xml}}
+export FASTDDS_DEFAULT_PROFILES_FILE=${FASTDDS_DEFAULT_PROFILES_FILE:-$_trident_profile}
+export FASTRTPS_DEFAULT_PROFILES_FILE=${FASTRTPS_DEFAULT_PROFILES_FILE:-$_trident_profile}
 export RMW_IMPLEMENTATION=${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}
-unset _trident_root _trident_venv
+unset _trident_root _trident_venv _trident_profile
