@@ -342,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ['ROS_DOMAIN_ID'] = str(args.domain_id)
     process = launch_node(args) if args.launch else None
     try:
-        with rclpy.init():
-            report = run(args)
+        rclpy.init()
+        report = run(args)
     finally:
+        rclpy.try_shutdown()
         if process is not None:
             stop(process)
     print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))

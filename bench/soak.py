@@ -384,8 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--report', default='', help='also write the JSON report to this file')
     parser.add_argument('--log', default=str(ROOT / 'log' / 'soak' / 'launch.log'), help="the node's log file")
     args = parser.parse_args(argv)
-    if not os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE'):
-        os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(ROOT / 'config' / 'fastdds_large_data.xml')
+    # Fast DDS 3.x (Kilted) reads FASTDDS_..., 2.x (Jazzy, Humble) FASTRTPS_...
+    profile_variables = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
+    profile = next((os.environ[name] for name in profile_variables if os.environ.get(name)),
+                   str(ROOT / 'config' / 'fastdds_large_data.xml'))
+    for name in profile_variables:
+        if not os.environ.get(name):
+            os.environ[name] = profile
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     report = run(args)
     text = json.dumps(report, indent=1, ensure_ascii=False)

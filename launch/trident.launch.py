@@ -24,7 +24,8 @@ from launch_ros.parameter_descriptions import ParameterValue
 from lifecycle_msgs.msg import Transition
 
 PACKAGE = 'trident_ros'
-FASTDDS_PROFILE_VARIABLE = 'FASTDDS_DEFAULT_PROFILES_FILE'
+# Fast DDS 3.x (Kilted) reads the first, 2.x (Jazzy, Humble) the second.
+PROFILE_VARIABLES = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
 
 
 def _arguments(share: str) -> list[DeclareLaunchArgument]:
@@ -53,11 +54,16 @@ def _arguments(share: str) -> list[DeclareLaunchArgument]:
 
 
 def _profile_unless_set(context: LaunchContext) -> list:
-    """Use the package's Fast DDS profile (camera-sized messages) unless the user chose one."""
-    if os.environ.get(FASTDDS_PROFILE_VARIABLE):
-        return []
-    share = get_package_share_directory(PACKAGE)
-    return [SetEnvironmentVariable(FASTDDS_PROFILE_VARIABLE, os.path.join(share, 'config', 'fastdds_large_data.xml'))]
+    """Use the package's Fast DDS profile (camera-sized messages) unless the user chose one.
+
+    A profile the user set under either variable name is used under both, so it applies to Fast DDS 2.x and 3.x.
+    """
+    chosen = [os.environ[name] for name in PROFILE_VARIABLES if os.environ.get(name)]
+    if chosen:
+        profile = chosen[0]
+    else:
+        profile = os.path.join(get_package_share_directory(PACKAGE), 'config', 'fastdds_large_data.xml')
+    return [SetEnvironmentVariable(name, profile) for name in PROFILE_VARIABLES if not os.environ.get(name)]
 
 
 def _nodes(context: LaunchContext) -> list:

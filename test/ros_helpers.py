@@ -41,7 +41,18 @@ from rclpy.signals import SignalHandlerOptions  # noqa: E402
 
 # This process's own participants: same discovery range and profile as the processes it starts.
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(FASTDDS_PROFILE))
+# Fast DDS 3.x (Kilted) reads the first name, 2.x (Jazzy, Humble) the second.
+PROFILE_VARIABLES = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
+
+
+def set_default_profile(env: dict[str, str] | os._Environ) -> None:
+    """Give both profile variables of ``env`` the profile already set under either name, else the large-data one."""
+    profile = next((env[name] for name in PROFILE_VARIABLES if env.get(name)), str(FASTDDS_PROFILE))
+    for name in PROFILE_VARIABLES:
+        env.setdefault(name, profile)
+
+
+set_default_profile(os.environ)
 
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 BEST_EFFORT = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
@@ -58,7 +69,7 @@ def ros_env(domain_id: int, log_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(ROS_DOMAIN_ID=str(domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
                ROS_LOG_DIR=str(log_dir), PYTHONUNBUFFERED='1', RCUTILS_COLORIZED_OUTPUT='0')
-    env.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(FASTDDS_PROFILE))
+    set_default_profile(env)
     return env
 
 

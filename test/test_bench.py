@@ -69,7 +69,8 @@ def test_node_bench_launches_the_node_and_reports(tmp_path):
     if shutil.which('ros2') is None:
         pytest.skip('the ros2 CLI is not on PATH: source tools/env.sh')
     env = dict(os.environ, ROS_LOG_DIR=str(tmp_path), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
-    env.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(ROOT / 'config' / 'fastdds_large_data.xml'))
+    for name in ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE'):  # Fast DDS 3.x, 2.x
+        env.setdefault(name, str(ROOT / 'config' / 'fastdds_large_data.xml'))
     result = subprocess.run([sys.executable, str(ROOT / 'bench' / 'node_bench.py'), '--launch', '--frames', '3',
                              '--rate', '2', '--warmup', '1', '--json', '--domain-id', str(random.randint(200, 230))],
                             capture_output=True, text=True, timeout=400, env=env)

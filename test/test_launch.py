@@ -55,14 +55,30 @@ def test_launch_description_declares_the_arguments():
 
 
 def test_fastdds_profile_is_set_only_when_the_user_has_none(monkeypatch):
+    """Both names get the package's profile, or the user's own one from whichever name the user set.
+
+    Fast DDS 3.x (Kilted) reads FASTDDS_..., 2.x (Jazzy, Humble) FASTRTPS_...
+    """
     module = load_launch_module()
-    monkeypatch.delenv('FASTDDS_DEFAULT_PROFILES_FILE', raising=False)
-    [action] = module._profile_unless_set(None)
-    assert isinstance(action, SetEnvironmentVariable)
-    profile = Path(action.value[0].text)
+    names = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    actions = module._profile_unless_set(None)
+    assert all(isinstance(action, SetEnvironmentVariable) for action in actions)
+    assert [action.name[0].text for action in actions] == list(names)
+    profiles = {Path(action.value[0].text) for action in actions}
+    assert len(profiles) == 1
+    [profile] = profiles
     assert profile.name == 'fastdds_large_data.xml' and profile.is_file()
-    monkeypatch.setenv('FASTDDS_DEFAULT_PROFILES_FILE', '/users/own/profile.xml')
-    assert module._profile_unless_set(None) == []
+    for own in names:
+        other = names[1 - names.index(own)]
+        monkeypatch.delenv(other, raising=False)
+        monkeypatch.setenv(own, '/users/own/profile.xml')
+        [action] = module._profile_unless_set(None)
+        assert (action.name[0].text, action.value[0].text) == (other, '/users/own/profile.xml')
+        monkeypatch.setenv(other, '/users/own/other.xml')
+        assert module._profile_unless_set(None) == []
+        monkeypatch.delenv(own)
 
 
 def test_yaml_has_every_parameter_with_reference_defaults_and_a_comment():

@@ -69,7 +69,10 @@ def test_generated_msgs_and_modules_import_from_one_prefix(tmp_path):
     ''', cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     msg_file, config_file, init_file = (Path(line) for line in result.stdout.split())
-    prefix = ROOT / 'install' / 'trident_ros'
+    from ament_index_python.packages import get_package_prefix
+
+    prefix = Path(get_package_prefix('trident_ros'))  # this environment's build: install/ (kilted), install-jazzy/
+    assert prefix.parent.parent == ROOT and prefix.parent.name.startswith('install'), prefix
     for path in (msg_file, config_file, init_file):
         assert prefix in path.parents, path
     assert msg_file.parent.parent == config_file.parent == init_file.parent

@@ -7,8 +7,8 @@ folders are given as arguments or in the ``files`` parameter. Parameters: ``file
 ``frame_id``.
 
 Images over ~512 KiB need a Fast DDS profile with a large shared-memory segment in THIS process
-(``export FASTDDS_DEFAULT_PROFILES_FILE=.../config/fastdds_large_data.xml``; the launch file and
-``tools/env.sh`` set it).
+(``export FASTDDS_DEFAULT_PROFILES_FILE=.../config/fastdds_large_data.xml`` for Fast DDS 3.x, the same file in
+``FASTRTPS_DEFAULT_PROFILES_FILE`` for 2.x on Jazzy/Humble; the launch file and ``tools/env.sh`` set both).
 """
 from __future__ import annotations
 
@@ -100,15 +100,17 @@ def main(args: list[str] | None = None) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     try:
-        with rclpy.init(args=args):
-            try:
-                node = FakeCamera(remove_ros_args(args)[1:])
-            except ValueError as error:
-                rclpy.logging.get_logger('fake_camera').error(str(error))
-                sys.exit(1)
-            rclpy.spin(node)
+        rclpy.init(args=args)
+        try:
+            node = FakeCamera(remove_ros_args(args)[1:])
+        except ValueError as error:
+            rclpy.logging.get_logger('fake_camera').error(str(error))
+            sys.exit(1)
+        rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    finally:
+        rclpy.try_shutdown()
 
 
 if __name__ == '__main__':

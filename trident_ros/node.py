@@ -680,22 +680,24 @@ def main(args: list[str] | None = None) -> None:
     finished = True
     ignore_repeated_signals()
     try:
-        with rclpy.init(args=args):
-            node = TridentNode()
-            executor = MultiThreadedExecutor(num_threads=4)
-            executor.add_node(node)
-            try:
-                executor.spin()
-            except Exception:
-                if rclpy.ok():
-                    raise
-                # else a signal shut the context down while the executor built its wait set
-            finally:
-                finished = node.stop_worker(SHUTDOWN_WAIT_S)
-                finished = executor.shutdown(timeout_sec=0.5) and finished
-                node.destroy_node()
+        rclpy.init(args=args)  # not `with rclpy.init()`: that context manager is Kilted-only (rclpy >= 8)
+        node = TridentNode()
+        executor = MultiThreadedExecutor(num_threads=4)
+        executor.add_node(node)
+        try:
+            executor.spin()
+        except Exception:
+            if rclpy.ok():
+                raise
+            # else a signal shut the context down while the executor built its wait set
+        finally:
+            finished = node.stop_worker(SHUTDOWN_WAIT_S)
+            finished = executor.shutdown(timeout_sec=0.5) and finished
+            node.destroy_node()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    finally:
+        rclpy.try_shutdown()  # rclpy.shutdown() raises on Jazzy once a signal has shut the context down
     # Interpreter teardown would garbage-collect torch's and open_clip's module graphs (about 1 s
     # on a busy CPU); nothing there needs collecting before exit.
     gc.disable()
