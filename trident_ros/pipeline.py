@@ -115,8 +115,8 @@ class TridentPipeline:
                  stride: int) -> tuple[torch.Tensor, list[tuple[int, int, int, int]], torch.Tensor]:
         """The resized image (3, H', W'), its window boxes and the crops (B, 3, crop, crop) in [0, 1]."""
         cfg, models = self.config, self.models
-        rgb = torch.from_numpy(np.ascontiguousarray(image)).to(models.device).permute(2, 0, 1)
-        resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, crop)
+        rgb = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # on the CPU: cv2 rescales it
+        resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, crop, models.device)
         boxes = window_boxes(resized.shape[1], resized.shape[2], crop, stride)
         crops = torch.stack([resized[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes]).float().div_(255)
         return resized, boxes, crops
