@@ -5,10 +5,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 
-from trident_ros.sliding_window import (dino_guided_attention, rescale_uint8, resize_for_windows, short_side_size,
-                                        window_boxes, window_input_size)
+from trident_ros.sliding_window import (
+    dino_guided_attention,
+    rescale_uint8,
+    resize_for_windows,
+    short_side_size,
+    window_boxes,
+    window_input_size,
+)
 
 
 def test_design_example_640x480() -> None:
@@ -68,8 +74,10 @@ def test_resize_matches_cv2_then_torch() -> None:
 
 @pytest.mark.parametrize('size', [(479, 641), (641, 479), (1, 7), (7, 1), (3, 2000), (333, 333), (97, 1013)])
 def test_uint8_first_rescale_is_cv2_exactly(size: tuple[int, int]) -> None:
-    """The first rescale is bit-identical to mmcv's imrescale: cv2.resize INTER_LINEAR on uint8 to
-    (int(w * f + 0.5), int(h * f + 0.5)), f = min(2048 / long, 448 / short)."""
+    """The first rescale is bit-identical to mmcv's imrescale.
+
+    That is cv2.resize INTER_LINEAR on uint8 to (int(w * f + 0.5), int(h * f + 0.5)), f = min(2048 / long, 448 / short).
+    """
     height, width = size
     rgb = np.random.default_rng(height * 7919 + width).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     factor = min(2048 / max(size), 448 / min(size))
@@ -188,7 +196,7 @@ def test_guided_attention_mean_is_over_all_crops() -> None:
 
 
 def test_guided_attention_fully_masked_rows_stay_finite() -> None:
-    """beta * mean(S) > 1: every entry is negative; each row keeps its maximum (its own patch)."""
+    """Beta * mean(S) > 1: every entry is negative; each row keeps its maximum (its own patch)."""
     torch.manual_seed(2)
     dino = torch.randn(1, 6, 16, dtype=torch.float64)
     dino[0, 5] = 0  # a zero feature: its row is constant, so it averages over all patches

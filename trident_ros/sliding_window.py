@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 
 PATCH = 16
 """CLIP's patch size in pixels: window sides and positions are multiples of it."""
@@ -23,16 +23,20 @@ def _bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def short_side_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
-    """(h, w) after the reference's keep-ratio rescale: short side ``short_side``, long side at most
-    ``max_long_side``, each side ``int(x * f + 0.5)`` and at least 1 (an extreme aspect ratio such
-    as 1x10000 would otherwise round its short side to 0)."""
+    """(h, w) after the reference's keep-ratio rescale (mmcv ``rescale_size``).
+
+    Short side ``short_side``, long side at most ``max_long_side``, each side ``int(x * f + 0.5)``
+    and at least 1 (an extreme aspect ratio such as 1x10000 would otherwise round its short side to 0).
+    """
     factor = min(max_long_side / max(height, width), short_side / min(height, width))
     return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
 
 
 def window_input_size(height: int, width: int, crop: int, patch: int = PATCH) -> tuple[int, int]:
-    """(h, w) the windows are cut from: the long side rounded up to a multiple of ``patch``, the
-    other side scaled alike (truncated) then rounded up, each side at least ``crop``.
+    """(h, w) the windows are cut from (the reference's ``preprocess_image``).
+
+    The long side rounded up to a multiple of ``patch``, the other side scaled alike (truncated)
+    then rounded up, each side at least ``crop``.
 
     An image whose sides are already multiples of ``patch`` (and at least ``crop``) keeps its size.
     """
@@ -53,6 +57,7 @@ def rescale_uint8(image: np.ndarray, short_side: int, max_long_side: int) -> np.
         image: (H, W, 3) uint8.
         short_side: target short side.
         max_long_side: cap on the long side.
+
     Returns:
         (h, w, 3) uint8 with (h, w) from :func:`short_side_size` (OpenCV's fixed-point bilinear, so
         bit-identical to the reference); ``image`` itself when the size does not change.
@@ -74,6 +79,7 @@ def resize_for_windows(image: torch.Tensor, short_side: int, max_long_side: int,
         max_long_side: cap on the long side of the first rescale.
         crop: window size; the result is at least this on both sides.
         device: where the result (and the second resize) lives; default: the image's device.
+
     Returns:
         (3, H', W') floating (float32 for uint8 input), values 0..255, H' and W' multiples of 16 and
         >= ``crop``. E.g. 480x640 -> 448x597 -> 464x608.
@@ -135,7 +141,9 @@ def dino_guided_attention(dino: torch.Tensor, values: torch.Tensor, clip_grid: t
         values: (B, heads, Nc, hd) CLIP last-block values, Nc = gh * gw.
         clip_grid: (gh, gw) token grid of the values.
         dino_grid: (dh, dw) token grid of the DINO features.
-        beta, gamma: mean offset factor and sharpening factor.
+        beta: mean offset factor.
+        gamma: sharpening factor.
+
     Returns:
         (B, Nd, heads * hd), heads concatenated, dtype of ``values``.
     """
