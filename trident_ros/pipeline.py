@@ -247,8 +247,7 @@ class TridentPipeline:
                 sam_image = features.sam_image
                 refinement = refine_with_sam(probs, self.models.sam.model, sam_image.embedding, sam_image.input_size,
                                              sam_image.rounded_size,
-                                             RefinementParams(cfg.coarse_thresh, cfg.minimal_area, cfg.sam_mask_coff,
-                                                              cfg.sam_iou_thresh))
+                                             RefinementParams.from_config(cfg))
                 probs, refined = refinement.scores, refinement.refined
         with self._stage(timings, 'masks'):
             labels, confidence = label_map(probs, cfg.prob_thd, exempt=refined)
