@@ -195,6 +195,19 @@ def test_guided_attention_mean_is_over_all_crops() -> None:
     assert not torch.allclose(together[0], alone[0])
 
 
+def test_guided_attention_mean_per_crop_is_each_crop_alone() -> None:
+    """ProxyCLIP's rule: mean(S) of each crop's own similarity."""
+    torch.manual_seed(4)
+    dino = torch.randn(3, 9, 8, dtype=torch.float64)
+    dino[1] = dino[1] + 0.7 * dino[1, :1]  # more self-similar: a higher mean than the others
+    values = torch.randn(3, 2, 9, 4, dtype=torch.float64)
+    per_crop = dino_guided_attention(dino, values, (3, 3), (3, 3), 1.2, 3.0, mean_per_crop=True)
+    for index in range(3):
+        alone = naive_guided(dino[index:index + 1], values[index:index + 1], (3, 3), (3, 3), 1.2, 3.0)
+        torch.testing.assert_close(per_crop[index:index + 1], alone)
+    assert not torch.allclose(per_crop, dino_guided_attention(dino, values, (3, 3), (3, 3), 1.2, 3.0))
+
+
 def test_guided_attention_fully_masked_rows_stay_finite() -> None:
     """Beta * mean(S) > 1: every entry is negative; each row keeps its maximum (its own patch)."""
     torch.manual_seed(2)

@@ -11,7 +11,7 @@ the two without running any image encoder, so a new vocabulary relabels the last
   it (:class:`.aggregation.SamAggregation`); projection; SAM refinement at labelling (``refine``).
 * ``trident_fast``: the same without refinement.
 * ``proxy``: the DINO-guided windows spliced and projected on the window token grid, no SAM
-  (Trident without SAM aggregation; ProxyCLIP's attention rule).
+  (ProxyCLIP's attention rule: mean(S) per window, as ProxyCLIP runs one window at a time).
 * ``maskclip``, ``sclip``, ``clearclip``, ``naclip``: one CLIP last-block rule per
   ``clip_slide_crop`` window (:mod:`.clip_attention`), features projected and L2-normalised per
   window, then spliced; no DINO, no SAM.
@@ -147,7 +147,8 @@ class TridentPipeline:
             values, clip_grid = models.clip.last_block_values(
                 _normalise(crops, models.clip.mean, models.clip.std, models.dtype))
             dino_grid = (cfg.slide_crop // models.dino.patch_size,) * 2
-            attended = dino_guided_attention(dino, values, clip_grid, dino_grid, cfg.beta, cfg.gamma)
+            attended = dino_guided_attention(dino, values, clip_grid, dino_grid, cfg.beta, cfg.gamma,
+                                             mean_per_crop=cfg.method == 'proxy')  # ProxyCLIP: one window at a time
             tokens = models.clip.attention_output(attended)  # (B, Nd, D)
         with self._stage(timings, 'splice'):
             tokens = tokens.transpose(1, 2).reshape(len(boxes), -1, *dino_grid)

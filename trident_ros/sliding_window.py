@@ -123,11 +123,13 @@ def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[
 
 
 def dino_guided_attention(dino: torch.Tensor, values: torch.Tensor, clip_grid: tuple[int, int],
-                          dino_grid: tuple[int, int], beta: float, gamma: float) -> torch.Tensor:
+                          dino_grid: tuple[int, int], beta: float, gamma: float,
+                          mean_per_crop: bool = False) -> torch.Tensor:
     """CLIP's last attention with weights from DINO patch similarity (all crops of a frame at once).
 
     S = cosine similarity of DINO patches; S' = (S - mean(S) * beta) * gamma with mean(S) one
-    scalar over all crops together; entries below 0 are masked; row softmax; the CLIP values are
+    scalar over all crops together (Trident) or one per crop (``mean_per_crop``: ProxyCLIP, which
+    runs one window at a time); entries below 0 are masked; row softmax; the CLIP values are
     resized bilinearly to the DINO grid; output = softmax(S') @ v per head. The caller applies
     the block's ``out_proj``.
 
@@ -143,6 +145,7 @@ def dino_guided_attention(dino: torch.Tensor, values: torch.Tensor, clip_grid: t
         dino_grid: (dh, dw) token grid of the DINO features.
         beta: mean offset factor.
         gamma: sharpening factor.
+        mean_per_crop: take mean(S) per crop instead of over all crops.
 
     Returns:
         (B, Nd, heads * hd), heads concatenated, dtype of ``values``.
@@ -152,7 +155,8 @@ def dino_guided_attention(dino: torch.Tensor, values: torch.Tensor, clip_grid: t
         raise ValueError(f'grids {clip_grid}/{dino_grid} do not match {tokens}/{dino.shape[1]} tokens')
     unit = F.normalize(dino, dim=-1)
     similarity = unit @ unit.transpose(1, 2)  # (B, Nd, Nd)
-    logits = (similarity - similarity.mean() * beta) * gamma
+    mean = similarity.mean(dim=(1, 2), keepdim=True) if mean_per_crop else similarity.mean()
+    logits = (similarity - mean * beta) * gamma
     floor = logits.amax(dim=-1, keepdim=True).clamp(max=0)
     logits = logits.masked_fill(logits < floor, float('-inf'))
     weights = logits.softmax(dim=-1).to(values.dtype)
