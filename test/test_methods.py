@@ -15,7 +15,8 @@ from trident_ros.config import CLIP_ONLY_METHODS, METHODS, ConfigError, TridentC
 from trident_ros.method_bench import benchmark_methods, format_method_table
 from trident_ros.models import load_models
 from trident_ros.pipeline import MODEL_FIELDS, TridentPipeline, normalise
-from trident_ros.sliding_window import short_side_size, window_input_size
+from trident_ros.sliding_window import dino_guided_attention, short_side_size, window_input_size
+from trident_ros.splice import splice_windows
 from trident_ros.weights import WeightsError, fetch_weights
 
 TINY = TridentConfig(model_scale='tiny', random_weights=True, device='cpu')
@@ -267,6 +268,31 @@ def test_clip_only_dense_is_the_average_of_per_window_unit_features(image):
             count[row, col] += 1
     assert count.min() >= 1 and count.max() > 1  # every cell covered, some by several windows
     torch.testing.assert_close(dense, total / count, atol=1e-6, rtol=1e-5)
+
+
+def test_proxy_takes_the_dino_similarity_mean_per_window(image):
+    """ProxyCLIP runs one window at a time, so mean(S) is per window (Trident: one mean per frame)."""
+    config = TINY.replace(method='proxy', slide_crop=64, slide_stride=32, input_short_side=80)
+    pipeline = TridentPipeline(config)
+    models = pipeline.models
+    spliced = pipeline._spliced_windows(image, {})
+    resized, boxes, crops = pipeline.windows(image, 64, 32)
+    assert len(boxes) > 2
+    dino = models.dino.patch_features(normalise(crops, models.dino.mean, models.dino.std, torch.float32))
+    values, clip_grid = models.clip.last_block_values(normalise(crops, models.clip.mean, models.clip.std,
+                                                                 torch.float32))
+    dino_grid = (64 // models.dino.patch_size,) * 2
+
+    def spliced_with(attended: torch.Tensor) -> torch.Tensor:
+        tokens = models.clip.attention_output(attended).transpose(1, 2).reshape(len(boxes), -1, *dino_grid)
+        patch = 64 // dino_grid[0]
+        return splice_windows(tokens, boxes, (resized.shape[1] // patch, resized.shape[2] // patch), patch)
+
+    one_at_a_time = torch.cat([dino_guided_attention(dino[i:i + 1], values[i:i + 1], clip_grid, dino_grid,
+                                                     config.beta, config.gamma) for i in range(len(boxes))])
+    torch.testing.assert_close(spliced, spliced_with(one_at_a_time), atol=1e-5, rtol=1e-5)
+    per_frame = dino_guided_attention(dino, values, clip_grid, dino_grid, config.beta, config.gamma)
+    assert not torch.allclose(spliced, spliced_with(per_frame), atol=1e-4, rtol=1e-4)
 
 
 def test_trident_fast_is_trident_without_refinement(image):

@@ -318,7 +318,7 @@ def test_vocabulary_edge_cases_over_the_topic(active, client, outputs, cameras, 
 
 # ------------------------------------------------------------------ parameters and weights
 def test_invalid_runtime_parameters_are_refused_and_the_old_values_stay(active, client, outputs, cameras):
-    refused = [('prob_thd', -0.5), ('coarse_thresh', -0.1), ('sam_iou_thresh', 1.5), ('logit_scale', -1.0),
+    refused = [('prob_thd', -0.5), ('coarse_thresh', -0.1), ('sam_iou_thresh', float('inf')), ('logit_scale', -1.0),
                ('gamma', 0.0), ('beta', -1.0), ('minimal_area', 0), ('slide_crop', 128),  # crop < stride 224
                ('slide_stride', 400), ('clip_slide_stride', 448), ('device', 'tpu'), ('device', 'cuda:x'),
                ('sam_checkpoint', '/no/such/sam.pth'), ('dino_checkpoint', '/no/such/dino.pth'),

@@ -5,10 +5,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 
-from trident_ros.sliding_window import (dino_guided_attention, resize_for_windows, short_side_size, window_boxes,
-                                        window_input_size)
+from trident_ros.sliding_window import (
+    dino_guided_attention,
+    rescale_uint8,
+    resize_for_windows,
+    short_side_size,
+    window_boxes,
+    window_input_size,
+)
 
 
 def test_design_example_640x480() -> None:
@@ -63,18 +69,46 @@ def test_resize_matches_cv2_then_torch() -> None:
                              mode='bilinear', align_corners=False)[0]
     out = resize_for_windows(torch.from_numpy(rgb).permute(2, 0, 1), 112, 2048, 96)
     assert out.shape == (3, 128, 160)
-    # cv2's fixed-point bilinear differs from the exact formula by at most one grey level
-    assert (out - expected).abs().max() <= 1.0
-    assert (out - expected).abs().mean() < 0.2
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
 
 
-def test_resize_uint8_first_rescale_rounds_like_cv2() -> None:
-    rng = np.random.default_rng(1)
-    rgb = rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)
-    expected = torch.from_numpy(cv2.resize(rgb, (64, 48), interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1).float()
-    out = resize_for_windows(torch.from_numpy(rgb).permute(2, 0, 1), 48, 2048, 48)  # 48 x 64: no second resize
-    assert torch.equal(out, out.round())
-    assert (out - expected).abs().max() <= 1.0
+@pytest.mark.parametrize('size', [(479, 641), (641, 479), (1, 7), (7, 1), (3, 2000), (333, 333), (97, 1013)])
+def test_uint8_first_rescale_is_cv2_exactly(size: tuple[int, int]) -> None:
+    """The first rescale is bit-identical to mmcv's imrescale.
+
+    That is cv2.resize INTER_LINEAR on uint8 to (int(w * f + 0.5), int(h * f + 0.5)), f = min(2048 / long, 448 / short).
+    """
+    height, width = size
+    rgb = np.random.default_rng(height * 7919 + width).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    factor = min(2048 / max(size), 448 / min(size))
+    new_w, new_h = max(int(width * factor + 0.5), 1), max(int(height * factor + 0.5), 1)
+    expected = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    first = rescale_uint8(rgb, 448, 2048)
+    assert first.dtype == np.uint8 and np.array_equal(first, expected)
+    # and the windows are cut from that image: with crop = 16 and sides already multiples of 16
+    # there is no second resize, so the output is the cv2 image itself
+    if new_h % 16 == 0 and new_w % 16 == 0:
+        out = resize_for_windows(torch.from_numpy(rgb).permute(2, 0, 1), 448, 2048, 16)
+        assert torch.equal(out, torch.from_numpy(expected).permute(2, 0, 1).float())
+
+
+def test_uint8_rescale_is_not_a_rounded_float_resize() -> None:
+    """A float bilinear resize rounded afterwards differs from cv2's fixed-point result on many values."""
+    rgb = np.random.default_rng(3).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+    first = rescale_uint8(rgb, 448, 2048)
+    rounded = F.interpolate(torch.from_numpy(rgb).permute(2, 0, 1)[None].float(), size=(448, 597), mode='bilinear',
+                            align_corners=False)[0].round().clamp(0, 255).permute(1, 2, 0).numpy().astype(np.uint8)
+    assert first.shape == rounded.shape == (448, 597, 3)
+    assert (first != rounded).mean() > 0.01
+    assert np.array_equal(first, cv2.resize(rgb, (597, 448), interpolation=cv2.INTER_LINEAR))
+
+
+def test_resize_for_windows_result_on_requested_device() -> None:
+    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)
+    out = resize_for_windows(image, 48, 2048, 48, device='cpu')
+    expected = cv2.resize(image.permute(1, 2, 0).numpy(), (64, 48), interpolation=cv2.INTER_LINEAR)
+    assert out.device.type == 'cpu' and out.dtype == torch.float32
+    assert torch.equal(out, torch.from_numpy(expected).permute(2, 0, 1).float())
 
 
 def test_resize_downscale_float_is_plain_bilinear() -> None:
@@ -161,8 +195,21 @@ def test_guided_attention_mean_is_over_all_crops() -> None:
     assert not torch.allclose(together[0], alone[0])
 
 
+def test_guided_attention_mean_per_crop_is_each_crop_alone() -> None:
+    """ProxyCLIP's rule: mean(S) of each crop's own similarity."""
+    torch.manual_seed(4)
+    dino = torch.randn(3, 9, 8, dtype=torch.float64)
+    dino[1] = dino[1] + 0.7 * dino[1, :1]  # more self-similar: a higher mean than the others
+    values = torch.randn(3, 2, 9, 4, dtype=torch.float64)
+    per_crop = dino_guided_attention(dino, values, (3, 3), (3, 3), 1.2, 3.0, mean_per_crop=True)
+    for index in range(3):
+        alone = naive_guided(dino[index:index + 1], values[index:index + 1], (3, 3), (3, 3), 1.2, 3.0)
+        torch.testing.assert_close(per_crop[index:index + 1], alone)
+    assert not torch.allclose(per_crop, dino_guided_attention(dino, values, (3, 3), (3, 3), 1.2, 3.0))
+
+
 def test_guided_attention_fully_masked_rows_stay_finite() -> None:
-    """beta * mean(S) > 1: every entry is negative; each row keeps its maximum (its own patch)."""
+    """Beta * mean(S) > 1: every entry is negative; each row keeps its maximum (its own patch)."""
     torch.manual_seed(2)
     dino = torch.randn(1, 6, 16, dtype=torch.float64)
     dino[0, 5] = 0  # a zero feature: its row is constant, so it averages over all patches

@@ -23,8 +23,9 @@ All four references run CLIP on sliding windows (SCLIP, NACLIP: crop 224, stride
 code: 448/224) and average the per-crop logits of the L2-normalised patch features; here the
 per-crop features are L2-normalised and then spliced (averaged where windows overlap), which gives
 the same average of logits on the token grid (the references average after upsampling each crop's
-logits to pixels). Post-processing some references offer (PAMR in SCLIP/NACLIP, off by default in
-SCLIP and ClearCLIP) is not applied.
+logits to pixels, and cut their windows from the rescaled image at any pixel offset). PAMR, which
+SCLIP offers (off by default) and NACLIP runs by default, is not applied; ClearCLIP has none.
+``docs/fidelity.md`` lists these and the other remaining differences.
 """
 from __future__ import annotations
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 SAM_MODELS = ('vit_b', 'vit_l', 'vit_h')
 DEVICES = ('auto', 'cpu', 'cuda')
@@ -144,9 +146,13 @@ class TridentConfig:
             fail('reuse_threshold', 'must be in [0, 255] (0: off)')
         if self.input_short_side < 0:
             fail('input_short_side', 'must be >= 0 (0: original size)')
-        for name in ('prob_thd', 'coarse_thresh', 'sam_iou_thresh'):
+        for name in ('prob_thd', 'coarse_thresh'):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(name, 'must be in [0, 1]')
+        if not math.isfinite(self.sam_iou_thresh):
+            fail('sam_iou_thresh', "must be a finite number: SAM masks whose predicted IoU exceeds it are kept (SAM's "
+                                   'prediction is not bounded to [0, 1]; below every prediction keeps every mask, '
+                                   'above every prediction keeps none)')
         for name in ('logit_scale', 'gamma', 'cos_fac'):
             if not getattr(self, name) > 0:
                 fail(name, 'must be > 0')
@@ -159,12 +165,12 @@ class TridentConfig:
             if path and not Path(path).expanduser().is_file():
                 fail(name, 'no such file')
 
-    def replace(self, **changes: Any) -> 'TridentConfig':
+    def replace(self, **changes: Any) -> TridentConfig:
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> 'TridentConfig':
+    def from_dict(cls, values: Mapping[str, Any]) -> TridentConfig:
         """Build from a mapping (e.g. YAML); unknown keys are an error, values are type-checked."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
@@ -187,7 +193,7 @@ class TridentConfig:
         return cls(**typed)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> 'TridentConfig':
+    def from_yaml(cls, path: str | Path) -> TridentConfig:
         """Load a YAML mapping of config keys (a ROS params file's ``ros__parameters`` also works)."""
         import yaml
 

@@ -11,7 +11,7 @@ the two without running any image encoder, so a new vocabulary relabels the last
   it (:class:`.aggregation.SamAggregation`); projection; SAM refinement at labelling (``refine``).
 * ``trident_fast``: the same without refinement.
 * ``proxy``: the DINO-guided windows spliced and projected on the window token grid, no SAM
-  (Trident without SAM aggregation; ProxyCLIP's attention rule).
+  (ProxyCLIP's attention rule: mean(S) per window, as ProxyCLIP runs one window at a time).
 * ``maskclip``, ``sclip``, ``clearclip``, ``naclip``: one CLIP last-block rule per
   ``clip_slide_crop`` window (:mod:`.clip_attention`), features projected and L2-normalised per
   window, then spliced; no DINO, no SAM.
@@ -122,8 +122,8 @@ class TridentPipeline:
             (B, 3, crop, crop) float32 in [0, 1], on the models' device.
         """
         cfg, models = self.config, self.models
-        rgb = torch.from_numpy(np.ascontiguousarray(image)).to(models.device).permute(2, 0, 1)
-        resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, crop)
+        rgb = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # on the CPU: cv2 rescales it
+        resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, crop, models.device)
         boxes = window_boxes(resized.shape[1], resized.shape[2], crop, stride)
         crops = torch.stack([resized[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes]).float().div_(255)
         return resized, boxes, crops
@@ -155,7 +155,8 @@ class TridentPipeline:
             values, clip_grid = models.clip.last_block_values(
                 normalise(crops, models.clip.mean, models.clip.std, models.dtype))
             dino_grid = (cfg.slide_crop // models.dino.patch_size,) * 2
-            attended = dino_guided_attention(dino, values, clip_grid, dino_grid, cfg.beta, cfg.gamma)
+            attended = dino_guided_attention(dino, values, clip_grid, dino_grid, cfg.beta, cfg.gamma,
+                                             mean_per_crop=cfg.method == 'proxy')  # ProxyCLIP: one window at a time
             tokens = models.clip.attention_output(attended)  # (B, Nd, D)
         with self._stage(timings, 'splice'):
             tokens = tokens.transpose(1, 2).reshape(len(boxes), -1, *dino_grid)
@@ -256,8 +257,7 @@ class TridentPipeline:
                 sam_image = features.sam_image
                 refinement = refine_with_sam(probs, self.models.sam.model, sam_image.embedding, sam_image.input_size,
                                              sam_image.rounded_size,
-                                             RefinementParams(cfg.coarse_thresh, cfg.minimal_area, cfg.sam_mask_coff,
-                                                              cfg.sam_iou_thresh))
+                                             RefinementParams.from_config(cfg))
                 probs, refined = refinement.scores, refinement.refined
         with self._stage(timings, 'masks'):
             labels, confidence = label_map(probs, cfg.prob_thd, exempt=refined)

@@ -3,17 +3,23 @@
 The reference's ``sam_refinement``, step by step, with its loop over classes replaced by one
 prompt-encoder call for all regions of the frame and mask-decoder calls on batches of regions:
 
-1. The probabilities are downsampled by 2 (bilinear) and the coarse label (argmax at full size)
-   by nearest neighbour. Pixels whose best probability is below ``coarse_thresh`` are dropped, and
-   so are classes whose best probability anywhere is below it.
+1. The coarse label is the argmax of the probabilities at full size, class 0 where the best
+   probability is below ``prob_thd`` (the reference refines its thresholded prediction, in which
+   those pixels are class 0). The probabilities are downsampled by 2 (bilinear), the label by
+   nearest neighbour. Pixels whose best downsampled probability is below ``coarse_thresh`` are
+   dropped, and so are classes whose best downsampled probability anywhere is below it.
 2. Each class mask splits into 8-connected regions; regions of at least ``minimal_area`` pixels
    prompt SAM with their box, their highest-probability point (label 1) and the class's mask
    prompt: the class probability map resized to the mask-prompt size on the long side, padded,
    ``sam_mask_coff * p`` where ``p > coarse_thresh`` else 0. One mask per prompt.
 3. Masks whose predicted IoU exceeds ``sam_iou_thresh`` are kept. A class's refined score is the
    max over its kept masks of sigmoid(mask logits) times its coarse probability, and 0 outside
-   the union of those masks. Where no class has a refined score the coarse probabilities stay;
-   inside regions whose mask was rejected the coarse probability wins where it is higher.
+   the union of those masks. Where a kept mask of any class covers a pixel, its label is the
+   argmax of the refined scores (``prob_thd`` does not apply there); elsewhere the coarse label
+   stays. Rejected masks change no label: the reference merges the coarse probabilities of their
+   regions into its scores (``map_failed_regions``), but its label test compares a value with the
+   maximum it was just merged into, so it never fires; inside a rejected region that a kept mask
+   covers, the refined label stands.
 
 Mask prompts: the reference passes each class's prompt as a (1, S, S) tensor, which
 ``torch.nn.Conv2d`` treats as unbatched, so SAM's ``LayerNorm2d`` in the mask encoder normalises
@@ -29,9 +35,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
+
+from .config import TridentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +63,24 @@ class RefinementParams:
         coarse_thresh: pixels and classes whose best probability is lower take no part.
         minimal_area: smallest region (pixels at half resolution) that prompts SAM.
         sam_mask_coff: factor on the probabilities of the mask prompt.
-        sam_iou_thresh: a mask is kept when its predicted IoU exceeds this.
+        sam_iou_thresh: a mask is kept when its predicted IoU exceeds this (any finite value; SAM's
+            predicted IoU is not bounded to [0, 1]).
+        prob_thd: pixels whose best probability is lower are class 0 in the coarse label the
+            regions are cut from (as in the reference's thresholded prediction).
     """
 
     coarse_thresh: float = 0.2
     minimal_area: int = 225
     sam_mask_coff: float = 0.005
     sam_iou_thresh: float = 0.8
+    prob_thd: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: TridentConfig) -> RefinementParams:
+        """The refinement fields of a :class:`~trident_ros.config.TridentConfig` (same names)."""
+        return cls(coarse_thresh=config.coarse_thresh, minimal_area=config.minimal_area,
+                   sam_mask_coff=config.sam_mask_coff, sam_iou_thresh=config.sam_iou_thresh,
+                   prob_thd=config.prob_thd)
 
 
 @dataclass
@@ -69,9 +88,10 @@ class Refinement:
     """Result of :func:`refine_with_sam`.
 
     Attributes:
-        scores: (K, H, W) scores whose argmax is the refined label.
-        refined: (H, W) bool, True where the score comes from a kept SAM mask (the reference
-            applies ``prob_thd`` only to the other, coarse pixels).
+        scores: (K, H, W) scores whose argmax is the refined label: the refined class scores where
+            ``refined``, the coarse probabilities elsewhere.
+        refined: (H, W) bool, True where a kept SAM mask covers the pixel (the reference applies
+            ``prob_thd`` only to the other, coarse pixels).
     """
 
     scores: torch.Tensor
@@ -83,14 +103,12 @@ class Regions:
     """Connected class regions on the half-resolution grid.
 
     Attributes:
-        index: (dh, dw) int64, the region each pixel belongs to, -1 for none.
         classes: (R,) int64 class of each region.
         boxes: (R, 4) float32 ``x0, y0, x1, y1`` (inclusive pixel bounds, like ``masks_to_boxes``).
         points: (R, 2) float32 ``x, y`` of the region's highest class probability (first in raster
             order on ties).
     """
 
-    index: torch.Tensor
     classes: torch.Tensor
     boxes: torch.Tensor
     points: torch.Tensor
@@ -103,6 +121,7 @@ def find_regions(labels: torch.Tensor, probs: torch.Tensor, minimal_area: int) -
         labels: (h, w) integer class per pixel, negative for pixels that take no part.
         probs: (K, h, w) class probabilities (for the prompt points).
         minimal_area: smallest region kept, in pixels.
+
     Returns:
         Regions, ordered by class, then by cv2's component order; tensors on ``probs.device``.
     """
@@ -140,7 +159,7 @@ def find_regions(labels: torch.Tensor, probs: torch.Tensor, minimal_area: int) -
     ties = value == best[owner]
     first = pixels.new_full((count,), height * width).scatter_reduce(0, owner[ties], pixels[ties], 'amin')
     points = torch.stack([first % width, first // width], dim=1).float()
-    return Regions(index=index_t, classes=classes_t, boxes=boxes_t, points=points)
+    return Regions(classes=classes_t, boxes=boxes_t, points=points)
 
 
 def mask_prompts(probs: torch.Tensor, original_size: tuple[int, int], mask_size: tuple[int, int],
@@ -153,6 +172,7 @@ def mask_prompts(probs: torch.Tensor, original_size: tuple[int, int], mask_size:
         mask_size: SAM's mask-prompt size (S, S), 256x256 for the released models.
         coarse_thresh: values not above this become 0.
         coff: factor on the values kept.
+
     Returns:
         (C, 1, S, S): the maps resized bilinearly to S on the long side, padded with zeros at the
         bottom/right, ``coff * p`` where ``p > coarse_thresh`` else 0.
@@ -171,13 +191,18 @@ def decode_batch(device: torch.device) -> int:
 
 def _decode(sam: Sam, image_embedding: torch.Tensor, regions: Regions, prompts: torch.Tensor, slot: torch.Tensor,
             prompt_frame: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """All regions through SAM's prompt encoder in one batch, then its mask decoder in batches of
-    :func:`decode_batch` regions (each region's output does not depend on the batch).
+    """All regions through SAM's prompt encoder in one batch, then its mask decoder in batches.
+
+    Batches of :func:`decode_batch` regions (each region's output does not depend on the batch).
 
     Args:
+        sam: the segment-anything model.
+        image_embedding: (1, C, G, G) SAM image embedding of the frame.
+        regions: the regions (boxes, points, classes) that prompt SAM.
         prompts: (C, 1, S, S) mask prompt of each class present in ``regions``.
         slot: (R,) which of the C prompts each region uses.
         prompt_frame: (h, w) the regions' coordinates refer to; mapped to SAM's input frame.
+
     Returns:
         low-resolution mask logits (R, 1, S, S) and predicted IoUs (R,).
     """
@@ -222,11 +247,12 @@ def refine_with_sam(probs: torch.Tensor, sam: Sam, image_embedding: torch.Tensor
             bilinearly to (H, W) when that differs (the reference encodes the image with sides
             rounded up to multiples of 16).
         params: thresholds.
+
     Returns:
         Refinement: (K, H, W) scores, dtype of ``probs``, whose argmax is the refined label
-        (refined scores where a kept mask covers the pixel, otherwise the coarse probabilities,
-        and the higher of the two inside regions whose mask was rejected), and the (H, W) mask of
-        pixels whose score is a refined one.
+        (refined scores where a kept mask covers the pixel, otherwise the coarse probabilities),
+        and the (H, W) mask of pixels whose score is a refined one. Its max is the confidence of
+        the label: the label's refined score where refined, its coarse probability elsewhere.
 
     Work is done in float32 whatever the dtype of ``probs`` (as in the reference): the mask
     prompt's tiny values are normalised by the mask encoder, so fp16 rounding would show.
@@ -243,7 +269,8 @@ def _refine(probs: torch.Tensor, sam: Sam, image_embedding: torch.Tensor, input_
     down_h, down_w = height // DOWN_RATIO, width // DOWN_RATIO
     if down_h == 0 or down_w == 0:
         return probs, unrefined
-    labels = probs.max(dim=0).indices  # argmax (the same first index); torch's argmax over dim 0 is ~30x slower
+    best, labels = probs.max(dim=0)  # the first index on ties, as argmax; torch's argmax over dim 0 is ~30x slower
+    labels = labels.masked_fill(best < params.prob_thd, 0)
     labels_down = F.interpolate(labels[None, None].float(), size=(down_h, down_w), mode='nearest')[0, 0].long()
     probs_down = F.interpolate(probs[None], size=(down_h, down_w), mode='bilinear', align_corners=False)[0]
     weak_class = probs_down.amax(dim=(1, 2)) < params.coarse_thresh
@@ -258,27 +285,37 @@ def _refine(probs: torch.Tensor, sam: Sam, image_embedding: torch.Tensor, input_
     low_res, iou = _decode(sam, image_embedding, regions, prompts, slot, (down_h, down_w))
     kept = iou > params.sam_iou_thresh
     logger.debug('SAM refinement: %d regions, %d masks kept', kept.numel(), int(kept.sum()))
+    if not bool(kept.any()):
+        return probs, unrefined
 
-    scores, refined_pixels = probs, unrefined
-    if bool(kept.any()):
-        logits = sam.postprocess_masks(low_res[kept], tuple(input_size), tuple(original_size))
-        if logits.shape[-2:] != (height, width):
-            logits = F.interpolate(logits, size=(height, width), mode='bilinear', align_corners=False)
-        logits = logits[:, 0]
-        mask_class = regions.classes[kept]
-        owner = mask_class.view(-1, 1, 1).expand(-1, height, width)  # class of each mask, per pixel (a view)
-        score = logits.sigmoid().float() * probs[mask_class]  # (Rk, H, W)
-        refined = torch.zeros_like(probs).scatter_reduce_(0, owner, score, 'amax')
-        inside = (logits > sam.mask_threshold).float()
-        union = torch.zeros_like(probs).scatter_reduce_(0, owner, inside, 'amax')
-        refined = refined * union
-        refined_pixels = refined.sum(dim=0) > 0
-        scores = torch.where(refined_pixels, refined, probs)
-    if not bool(kept.all()):
-        failed_ids = torch.nonzero(~kept).squeeze(1)
-        failed = torch.isin(regions.index, failed_ids).float()
-        failed = F.interpolate(failed[None, None], size=(height, width), mode='nearest')[0, 0] > 0
-        coarse_wins = failed & (probs > scores)
-        scores = torch.where(coarse_wins, probs, scores)
-        refined_pixels = refined_pixels & ~coarse_wins.any(dim=0)
-    return scores, refined_pixels
+    logits = sam.postprocess_masks(low_res[kept], tuple(input_size), tuple(original_size))
+    if logits.shape[-2:] != (height, width):
+        logits = F.interpolate(logits, size=(height, width), mode='bilinear', align_corners=False)
+    return combine_masks(probs, logits[:, 0], regions.classes[kept], sam.mask_threshold)
+
+
+def combine_masks(probs: torch.Tensor, logits: torch.Tensor, mask_class: torch.Tensor,
+                  mask_threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refined scores from the kept SAM masks (the reference's ``map_refinement_coarse`` and the merge after it).
+
+    A class's refined score is the max over its masks of ``sigmoid(logits) * probs[class]``, 0
+    outside the union of its masks (``logits > mask_threshold``). Pixels that some mask covers take
+    the refined scores; the others keep the coarse probabilities.
+
+    Args:
+        probs: (K, H, W) float32 coarse class probabilities.
+        logits: (Rk, H, W) mask logits of the kept masks at the probabilities' size.
+        mask_class: (Rk,) int64 class of each mask.
+        mask_threshold: SAM's mask threshold on the logits.
+
+    Returns:
+        Scores (K, H, W) whose argmax is the label, and the (H, W) bool mask of refined pixels.
+    """
+    _, height, width = probs.shape
+    owner = mask_class.view(-1, 1, 1).expand(-1, height, width)  # class of each mask, per pixel (a view)
+    score = logits.sigmoid().float() * probs[mask_class]  # (Rk, H, W)
+    refined = torch.zeros_like(probs).scatter_reduce_(0, owner, score, 'amax')
+    inside = (logits > mask_threshold).float()
+    refined = refined * torch.zeros_like(probs).scatter_reduce_(0, owner, inside, 'amax')  # 0 outside the union
+    refined_pixels = refined.sum(dim=0) > 0
+    return torch.where(refined_pixels, refined, probs), refined_pixels

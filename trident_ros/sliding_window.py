@@ -1,15 +1,17 @@
 """Sliding windows for the CLIP/DINO branch, and the DINO-guided last CLIP block.
 
 The reference evaluation resizes the image twice before cutting windows: the dataset pipeline
-rescales it (cv2 bilinear on uint8) to a short side of 448 with the long side capped, then the
-model resizes it again (bilinear, on floats) so both sides are multiples of the patch size and at
-least the crop size. Windows of ``crop`` pixels step by ``stride``; the last row and column are
-aligned to the image border.
+(mmcv ``imrescale``) rescales the uint8 image with ``cv2.resize(..., INTER_LINEAR)`` to a short
+side of 448 with the long side capped at 2048, then the model resizes it again (bilinear, on
+floats) so both sides are multiples of the patch size and at least the crop size. Windows of
+``crop`` pixels step by ``stride``; the last row and column are aligned to the image border.
 """
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 
 from .config import PATCH_SIZE as PATCH
 
@@ -20,16 +22,20 @@ def _bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def short_side_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
-    """(h, w) after the reference's keep-ratio rescale: short side ``short_side``, long side at most
-    ``max_long_side``, each side ``int(x * f + 0.5)`` and at least 1 (an extreme aspect ratio such
-    as 1x10000 would otherwise round its short side to 0)."""
+    """(h, w) after the reference's keep-ratio rescale (mmcv ``rescale_size``).
+
+    Short side ``short_side``, long side at most ``max_long_side``, each side ``int(x * f + 0.5)``
+    and at least 1 (an extreme aspect ratio such as 1x10000 would otherwise round its short side to 0).
+    """
     factor = min(max_long_side / max(height, width), short_side / min(height, width))
     return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
 
 
 def window_input_size(height: int, width: int, crop: int, patch: int = PATCH) -> tuple[int, int]:
-    """(h, w) the windows are cut from: the long side rounded up to a multiple of ``patch``, the
-    other side scaled alike (truncated) then rounded up, each side at least ``crop``.
+    """(h, w) the windows are cut from (the reference's ``preprocess_image``).
+
+    The long side rounded up to a multiple of ``patch``, the other side scaled alike (truncated)
+    then rounded up, each side at least ``crop``.
 
     An image whose sides are already multiples of ``patch`` (and at least ``crop``) keeps its size.
     """
@@ -43,37 +49,60 @@ def window_input_size(height: int, width: int, crop: int, patch: int = PATCH) ->
     return max(new_h, crop), max(new_w, crop)
 
 
-def resize_for_windows(image: torch.Tensor, short_side: int, max_long_side: int, crop: int) -> torch.Tensor:
+def rescale_uint8(image: np.ndarray, short_side: int, max_long_side: int) -> np.ndarray:
+    """The reference's first rescale (mmcv ``imrescale``): ``cv2.resize`` INTER_LINEAR on uint8.
+
+    Args:
+        image: (H, W, 3) uint8.
+        short_side: target short side.
+        max_long_side: cap on the long side.
+
+    Returns:
+        (h, w, 3) uint8 with (h, w) from :func:`short_side_size` (OpenCV's fixed-point bilinear, so
+        bit-identical to the reference); ``image`` itself when the size does not change.
+    """
+    height, width = image.shape[:2]
+    size = short_side_size(height, width, short_side, max_long_side)
+    if size == (height, width):
+        return image
+    return cv2.resize(np.ascontiguousarray(image), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_for_windows(image: torch.Tensor, short_side: int, max_long_side: int, crop: int,
+                       device: torch.device | str | None = None) -> torch.Tensor:
     """Resize an image to the size the sliding windows are cut from (the reference's two resizes).
 
     Args:
-        image: (3, H, W) uint8 or floating RGB, values 0..255.
+        image: (3, H, W) uint8 or floating RGB, values 0..255, on any device.
         short_side: target short side of the first rescale (0: skip it, keep the original size).
         max_long_side: cap on the long side of the first rescale.
         crop: window size; the result is at least this on both sides.
+        device: where the result (and the second resize) lives; default: the image's device.
+
     Returns:
         (3, H', W') floating (float32 for uint8 input), values 0..255, H' and W' multiples of 16 and
-        >= ``crop``, same device. E.g. 480x640 -> 448x597 -> 464x608.
+        >= ``crop``. E.g. 480x640 -> 448x597 -> 464x608.
 
-    The first rescale of a uint8 image is rounded back to integers, as cv2 does on uint8 images
-    (cv2's fixed-point arithmetic can still differ by 1 grey level). torch's bilinear without
-    antialiasing is cv2's INTER_LINEAR formula both for up- and downscaling (neither averages
-    over the source area when shrinking).
+    A uint8 image gets the first rescale from :func:`rescale_uint8` on the CPU (bit-identical to
+    the reference's data pipeline); a floating one from torch's bilinear without antialiasing (the
+    same INTER_LINEAR formula, exact instead of fixed-point). The second resize is torch's bilinear
+    on floats, as in the reference's model.
     """
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f'expected a (3, H, W) image, got {tuple(image.shape)}')
-    integer = not image.is_floating_point()
-    out = image.float() if integer else image
-    height, width = out.shape[1:]
-    if short_side > 0:
-        size = short_side_size(height, width, short_side, max_long_side)
-        if size != (height, width):
-            out = _bilinear(out, size)
-            if integer:
-                out = out.round_().clamp_(0, 255)
-            height, width = size
-    size = window_input_size(height, width, crop)
-    if size != (height, width):
+    device = image.device if device is None else torch.device(device)
+    if short_side > 0 and not image.is_floating_point():
+        rescaled = rescale_uint8(image.permute(1, 2, 0).cpu().numpy(), short_side, max_long_side)
+        out = torch.from_numpy(rescaled).to(device).permute(2, 0, 1).float()
+    else:
+        out = image.to(device)
+        out = out if out.is_floating_point() else out.float()
+        if short_side > 0:
+            size = short_side_size(out.shape[1], out.shape[2], short_side, max_long_side)
+            if size != tuple(out.shape[1:]):
+                out = _bilinear(out, size)
+    size = window_input_size(out.shape[1], out.shape[2], crop)
+    if size != tuple(out.shape[1:]):
         out = _bilinear(out, size)
     return out
 
@@ -93,11 +122,13 @@ def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[
 
 
 def dino_guided_attention(dino: torch.Tensor, values: torch.Tensor, clip_grid: tuple[int, int],
-                          dino_grid: tuple[int, int], beta: float, gamma: float) -> torch.Tensor:
+                          dino_grid: tuple[int, int], beta: float, gamma: float,
+                          mean_per_crop: bool = False) -> torch.Tensor:
     """CLIP's last attention with weights from DINO patch similarity (all crops of a frame at once).
 
     S = cosine similarity of DINO patches; S' = (S - mean(S) * beta) * gamma with mean(S) one
-    scalar over all crops together; entries below 0 are masked; row softmax; the CLIP values are
+    scalar over all crops together (Trident) or one per crop (``mean_per_crop``: ProxyCLIP, which
+    runs one window at a time); entries below 0 are masked; row softmax; the CLIP values are
     resized bilinearly to the DINO grid; output = softmax(S') @ v per head. The caller applies
     the block's ``out_proj``.
 
@@ -111,7 +142,10 @@ def dino_guided_attention(dino: torch.Tensor, values: torch.Tensor, clip_grid: t
         values: (B, heads, Nc, hd) CLIP last-block values, Nc = gh * gw.
         clip_grid: (gh, gw) token grid of the values.
         dino_grid: (dh, dw) token grid of the DINO features.
-        beta, gamma: mean offset factor and sharpening factor.
+        beta: mean offset factor.
+        gamma: sharpening factor.
+        mean_per_crop: take mean(S) per crop instead of over all crops.
+
     Returns:
         (B, Nd, heads * hd), heads concatenated, dtype of ``values``.
     """
@@ -120,7 +154,8 @@ def dino_guided_attention(dino: torch.Tensor, values: torch.Tensor, clip_grid: t
         raise ValueError(f'grids {clip_grid}/{dino_grid} do not match {tokens}/{dino.shape[1]} tokens')
     unit = F.normalize(dino, dim=-1)
     similarity = unit @ unit.transpose(1, 2)  # (B, Nd, Nd)
-    logits = (similarity - similarity.mean() * beta) * gamma
+    mean = similarity.mean(dim=(1, 2), keepdim=True) if mean_per_crop else similarity.mean()
+    logits = (similarity - mean * beta) * gamma
     floor = logits.amax(dim=-1, keepdim=True).clamp(max=0)
     logits = logits.masked_fill(logits < floor, float('-inf'))
     weights = logits.softmax(dim=-1).to(values.dtype)
