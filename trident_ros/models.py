@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CLIP_ONLY_METHODS, TridentConfig
+from .config import CLIP_BLOCK_METHODS, CLIP_ONLY_METHODS, TridentConfig
 from .weights import (SMOKE_HINT, WeightsError, clip_weights_error, dino_checkpoint, dino_weights_error, load_into,
                       resolve_sam_checkpoint)
 
@@ -491,6 +491,7 @@ METHOD_MODELS: dict[str, tuple[str, ...]] = {
     'trident_fast': ('clip', 'dino', 'sam'),
     'proxy': ('clip', 'dino'),
     **{method: ('clip',) for method in CLIP_ONLY_METHODS},
+    **{method: ('clip',) for method in CLIP_BLOCK_METHODS},
 }
 """The models each ``TridentConfig.method`` needs; :func:`load_models` builds only these."""
 
