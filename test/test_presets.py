@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +53,35 @@ def test_area_threshold_drops_classes_on_a_small_share_of_the_pixels():
     assert float(drop_small_classes(probs.clone(), 0.1)[1].abs().sum()) == 0  # at most 10%: dropped
     with pytest.raises(Exception, match='area_thd'):
         TridentConfig(area_thd=1.5)
+
+
+def test_headline_configuration_runs_with_a_patch_14_clip(tmp_path):
+    """Trident with OpenCLIP ViT-H/14 (config/trident_vit_h14.yaml), at tiny scale: a CLIP of patch
+    14 (24 x 24 tokens per 336 px window) beside DINO's 21 x 21, through the whole pipeline.
+    """
+    import numpy as np
+    from open_clip import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    from trident_ros.bench import synthetic_image
+    from trident_ros.models import ClipDense, load_models
+    from trident_ros.pipeline import TridentPipeline
+
+    headline = TridentConfig.from_yaml(Path(__file__).parents[1] / 'config' / 'trident_vit_h14.yaml')
+    assert (headline.method, headline.clip_model, headline.clip_pretrained) == ('trident', 'ViT-H-14',
+                                                                                 'laion2b_s32b_b79k')
+    assert (headline.dino_model, headline.sam_model, headline.slide_crop, headline.slide_stride) == \
+        ('vit_base_patch16_224.dino', 'vit_b', 336, 224)
+    config = headline.replace(model_scale='tiny', random_weights=True, device='cpu')
+    models = load_models(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text = CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
+        clip = CLIP(embed_dim=32, text_cfg=text, vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=14, image_size=224))
+    models.clip = ClipDense(clip.eval())
+    grids = []
+    models.clip.visual.conv1.register_forward_hook(lambda m, args, out: grids.append(tuple(out.shape[-2:])))
+    pipeline = TridentPipeline(config, models=models)
+    features = pipeline.encode_image(synthetic_image(160, 120, seed=3))
+    assert grids == [(24, 24)] and tuple(features.dense.shape) == (32, 12, 16)
+    seg = pipeline.label(features, pipeline.encode_vocabulary('door, chair'))
+    assert set(np.unique(seg.labels)) <= {0, 1, 2} and seg.labels.shape == (120, 160)
