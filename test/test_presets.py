@@ -55,9 +55,10 @@ def test_area_threshold_drops_classes_on_a_small_share_of_the_pixels():
         TridentConfig(area_thd=1.5)
 
 
-def test_headline_configuration_runs_with_a_patch_14_clip(tmp_path):
-    """Trident with OpenCLIP ViT-H/14 (config/trident_vit_h14.yaml), at tiny scale: a CLIP of patch
-    14 (24 x 24 tokens per 336 px window) beside DINO's 21 x 21, through the whole pipeline.
+def test_headline_configuration_runs_with_a_patch_14_clip():
+    """Trident with OpenCLIP ViT-H/14 (config/trident_vit_h14.yaml), at tiny scale.
+
+    A CLIP of patch 14 (24 x 24 tokens per 336 px window) beside DINO's 21 x 21, through the whole pipeline.
     """
     import numpy as np
     from open_clip import CLIP, CLIPTextCfg, CLIPVisionCfg
@@ -76,7 +77,8 @@ def test_headline_configuration_runs_with_a_patch_14_clip(tmp_path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         text = CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
-        clip = CLIP(embed_dim=32, text_cfg=text, vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=14, image_size=224))
+        vision = CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=14, image_size=224)
+        clip = CLIP(embed_dim=32, text_cfg=text, vision_cfg=vision)
     models.clip = ClipDense(clip.eval())
     grids = []
     models.clip.visual.conv1.register_forward_hook(lambda m, args, out: grids.append(tuple(out.shape[-2:])))
