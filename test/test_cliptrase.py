@@ -23,7 +23,7 @@ from trident_ros.cliptrase import (
     remove_global_patch,
     self_correlation,
 )
-from trident_ros.config import ConfigError, TridentConfig
+from trident_ros.config import TridentConfig
 from trident_ros.pipeline import TridentPipeline
 
 
@@ -179,9 +179,7 @@ def test_cliptrase_pass_equals_the_direct_formulas():
     np.testing.assert_array_equal(result.clusters.numpy(), sequential_dbscan(result.recalibrated.numpy(), 0.5, 3))
 
 
-def test_pipeline_votes_within_clusters_and_needs_the_whole_image():
-    with pytest.raises(ConfigError, match='whole_image'):
-        TridentConfig(method='cliptrase')
+def test_pipeline_votes_within_clusters_on_one_whole_image_pass():
     config = TridentConfig.from_dict({'method': 'cliptrase', 'model_scale': 'tiny', 'random_weights': True,
                                       'device': 'cpu'})
     assert config.whole_image and config.input_short_side == 336 and config.logit_scale == 100.0
@@ -189,6 +187,8 @@ def test_pipeline_votes_within_clusters_and_needs_the_whole_image():
     image = synthetic_image(160, 120, seed=3)
     features = pipeline.encode_image(image)
     assert features.clusters is not None and features.clusters.shape == (120, 160)
+    windowed = TridentPipeline(config.replace(whole_image=False), models=pipeline.models).encode_image(image)
+    torch.testing.assert_close(windowed.dense, features.dense)  # cliptrase ignores the windows
     assert len(features.clusters.unique()) > 1
     seg = pipeline.label(features, pipeline.encode_vocabulary('door, sofa, table, window'))
     clusters = features.clusters.numpy()

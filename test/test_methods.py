@@ -205,7 +205,7 @@ def count_forwards(module: torch.nn.Module) -> list[int]:
 
 @pytest.mark.parametrize('method', METHODS)
 def test_method_end_to_end(image, method):
-    pipeline = TridentPipeline(TINY.replace(method=method, prob_thd=0.0, whole_image=method == 'cliptrase'))
+    pipeline = TridentPipeline(TINY.replace(method=method, prob_thd=0.0))
     models = pipeline.models
     assert models.loaded == EXPECTED_MODELS[method]
     assert (models.dino is None) == ('dino' not in EXPECTED_MODELS[method])

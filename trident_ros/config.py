@@ -112,7 +112,7 @@ class TridentConfig:
     # --- the other training-free methods (appended) ---------------------------------------------
     whole_image: bool = field(default=False, metadata={
         'help': 'CLIP-only methods: one pass over the whole resized image instead of clip_slide_crop windows '
-                '(MaskCLIP, CLIPtrase; cliptrase needs it)'})
+                '(as MaskCLIP; cliptrase always clusters one whole-image pass)'})
     pamr: bool = field(default=False, metadata={
         'help': "refine the logits with PAMR (10 iterations, dilations 8/16) at labelling, as NACLIP's default; "
                 'vocabulary side, costs time per frame and per relabel'})
@@ -161,8 +161,6 @@ class TridentConfig:
             fail('reuse_threshold', 'must be in [0, 255] (0: off)')
         if self.input_short_side < 0:
             fail('input_short_side', 'must be >= 0 (0: original size)')
-        if self.method == 'cliptrase' and not self.whole_image:
-            fail('whole_image', 'method cliptrase clusters one whole-image pass: set whole_image true')
         if self.cliptrase_eps < 0 or self.cliptrase_min_samples < 0:
             fail('cliptrase_eps' if self.cliptrase_eps < 0 else 'cliptrase_min_samples', 'must be >= 0 (0: auto)')
         if self.resclip_sfr_tau <= 0:

@@ -142,7 +142,8 @@ class TridentPipeline:
         """The resized image (3, H', W'), its window boxes and the crops (B, 3, crop, crop) in [0, 1]."""
         cfg, models = self.config, self.models
         rgb = torch.from_numpy(np.ascontiguousarray(image)).to(models.device).permute(2, 0, 1)
-        if cfg.whole_image and cfg.method in CLIP_ONLY_METHODS + CLIP_BLOCK_METHODS:  # one window: the image
+        whole = cfg.method == 'cliptrase' or (cfg.whole_image and cfg.method in CLIP_ONLY_METHODS + CLIP_BLOCK_METHODS)
+        if whole:  # one window: the image
             resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, PATCH)
             boxes = [(0, 0, resized.shape[1], resized.shape[2])]
         else:
