@@ -11,7 +11,7 @@ import torch
 from trident_ros.measure import synthetic_image
 from trident_ros.clip_attention import (RULES, LastBlockRule, attend, clearclip_weights, clip_only_features,
                                         naclip_weights, neighbourhood_prior, sclip_weights)
-from trident_ros.config import CLIP_ONLY_METHODS, METHODS, ConfigError, TridentConfig
+from trident_ros.config import CLIP_BLOCK_METHODS, CLIP_ONLY_METHODS, METHODS, ConfigError, TridentConfig
 from trident_ros.method_bench import benchmark_methods, format_method_table
 from trident_ros.models import load_models
 from trident_ros.pipeline import MODEL_FIELDS, TridentPipeline, normalise
@@ -22,7 +22,8 @@ from trident_ros.weights import WeightsError, fetch_weights
 TINY = TridentConfig(model_scale='tiny', random_weights=True, device='cpu')
 EXPECTED_MODELS = {'trident': ('clip', 'dino', 'sam'), 'trident_fast': ('clip', 'dino', 'sam'),
                    'proxy': ('clip', 'dino'), 'maskclip': ('clip',), 'sclip': ('clip',), 'clearclip': ('clip',),
-                   'naclip': ('clip',)}
+                   'naclip': ('clip',), 'cliptrase': ('clip',), 'scclip': ('clip',), 'resclip': ('clip',),
+                   'resclip_rcs': ('clip',)}
 
 
 @pytest.fixture(scope='module')
@@ -224,8 +225,8 @@ def test_method_end_to_end(image, method):
         grid = features.dense.shape[1:]  # the SAM token grid: 256 px input, longest side 256
         assert tuple(grid) == (12, 16)
     else:
-        crop = TINY.clip_slide_crop if method in CLIP_ONLY_METHODS else TINY.slide_crop
-        window_h, window_w = window_input_size(height, width, crop)
+        crop = TINY.clip_slide_crop if method in CLIP_ONLY_METHODS + CLIP_BLOCK_METHODS else TINY.slide_crop
+        window_h, window_w = window_input_size(height, width, 16 if method == 'cliptrase' else crop)
         assert tuple(features.dense.shape[1:]) == (window_h // 16, window_w // 16)
     assert features.dense.shape[0] == models.clip.embed_dim and features.dense.dtype == torch.float32
     norms = features.dense.norm(dim=0)

@@ -11,15 +11,20 @@ from typing import Any
 SAM_MODELS = ('vit_b', 'vit_l', 'vit_h')
 DEVICES = ('auto', 'cpu', 'cuda')
 MODEL_SCALES = ('full', 'tiny')
-METHODS = ('trident', 'trident_fast', 'proxy', 'maskclip', 'sclip', 'clearclip', 'naclip')
+METHODS = ('trident', 'trident_fast', 'proxy', 'maskclip', 'sclip', 'clearclip', 'naclip', 'cliptrase', 'scclip',
+           'resclip', 'resclip_rcs')
 """Segmentation methods, slowest and most accurate first (see :mod:`trident_ros.clip_attention`)."""
 CLIP_ONLY_METHODS = ('maskclip', 'sclip', 'clearclip', 'naclip')
 """Methods that change only CLIP's last block: no DINO, no SAM; windows ``clip_slide_crop/stride``."""
+CLIP_BLOCK_METHODS = ('cliptrase', 'scclip', 'resclip', 'resclip_rcs')
+"""CLIP-only methods that also read CLIP's intermediate blocks (:mod:`.cliptrase`, :mod:`.scclip`,
+:mod:`.resclip`): no DINO, no SAM; windows ``clip_slide_crop/stride`` or ``whole_image``."""
 METHOD_MODELS: dict[str, tuple[str, ...]] = {
     'trident': ('clip', 'dino', 'sam'),
     'trident_fast': ('clip', 'dino', 'sam'),
     'proxy': ('clip', 'dino'),
     **{method: ('clip',) for method in CLIP_ONLY_METHODS},
+    **{method: ('clip',) for method in CLIP_BLOCK_METHODS},
 }
 """The models each method needs; only these are loaded (and their weights looked up)."""
 PATCH_SIZE = 16
@@ -43,8 +48,11 @@ class TridentConfig:
     method: str = field(default='trident', metadata={
         'help': 'segmentation method, slowest/most accurate first: trident (CLIP+DINO+SAM, SAM aggregation and '
                 'refinement), trident_fast (no SAM refinement), proxy (CLIP+DINO, ProxyCLIP-style, no SAM), '
-                'then CLIP only (one CLIP last-block rule, no DINO/SAM): maskclip, sclip, clearclip, naclip. '
-                'Only the models a method needs are loaded; refine applies to trident only'})
+                'then CLIP only (one CLIP last-block rule, no DINO/SAM): maskclip, sclip, clearclip, naclip; '
+                'CLIP only, reading intermediate blocks: cliptrase (clusters, vote), scclip, resclip (second pass '
+                'per vocabulary), resclip_rcs (its first pass). Only the models a method needs are loaded; refine '
+                'applies to trident only. From a YAML file or the CLI, a method brings its authors\' defaults '
+                '(trident_ros/presets.py) for the fields not given'})
 
     # --- models and weights -------------------------------------------------------------------
     clip_model: str = field(default='ViT-B-16', metadata={
@@ -115,6 +123,27 @@ class TridentConfig:
     text_cache_size: int = field(default=1024, metadata={'help': 'text features kept per name (LRU)'})
     max_classes: int = field(default=1000, metadata={'help': 'largest vocabulary accepted'})
 
+    # --- the other training-free methods (appended) ---------------------------------------------
+    whole_image: bool = field(default=False, metadata={
+        'help': 'CLIP-only methods: one pass over the whole resized image instead of clip_slide_crop windows '
+                '(as MaskCLIP; cliptrase always clusters one whole-image pass)'})
+    pamr: bool = field(default=False, metadata={
+        'help': "refine the logits with PAMR (10 iterations, dilations 8/16) at labelling, as NACLIP's default; "
+                'vocabulary side, costs time per frame and per relabel'})
+    area_thd: float = field(default=0.0, metadata={
+        'help': "SCLIP's area threshold: a class taking at most this fraction of the image's argmax pixels is "
+                'dropped before labelling (0: off)'})
+    cliptrase_eps: float = field(default=0.0, metadata={
+        'help': 'cliptrase DBSCAN radius; 0: 0.7 * sqrt(patches / 196) (the authors\' 0.7 at 224 px, 1.1 at 336)'})
+    cliptrase_min_samples: int = field(default=0, metadata={
+        'help': 'cliptrase DBSCAN core count; 0: round(3 * patches / 196) (the authors\' 3 at 224 px, 7 at 336)'})
+    resclip_rcs_lambda: float = field(default=0.3, metadata={
+        'help': 'resclip/resclip_rcs: weight of the cross-correlation of blocks 6-9 in the last block (l_r)'})
+    resclip_sfr_tau: float = field(default=2.1, metadata={'help': 'resclip: SFR temperature (t_s)'})
+    resclip_sfr_lambda: float = field(default=0.7, metadata={'help': 'resclip: SFR weight (l_s)'})
+    resclip_temp_thd: float = field(default=0.25, metadata={
+        'help': 'resclip: first-pass pixels less probable than this are unsure in SFR (ADE20K setting)'})
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -146,7 +175,12 @@ class TridentConfig:
             fail('reuse_threshold', 'must be in [0, 255] (0: off)')
         if self.input_short_side < 0:
             fail('input_short_side', 'must be >= 0 (0: original size)')
-        for name in ('prob_thd', 'coarse_thresh'):
+        if self.cliptrase_eps < 0 or self.cliptrase_min_samples < 0:
+            fail('cliptrase_eps' if self.cliptrase_eps < 0 else 'cliptrase_min_samples', 'must be >= 0 (0: auto)')
+        if self.resclip_sfr_tau <= 0:
+            fail('resclip_sfr_tau', 'must be > 0')
+        for name in ('prob_thd', 'coarse_thresh', 'area_thd', 'resclip_rcs_lambda',
+                     'resclip_sfr_lambda', 'resclip_temp_thd'):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(name, 'must be in [0, 1]')
         if not math.isfinite(self.sam_iou_thresh):
@@ -171,13 +205,18 @@ class TridentConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TridentConfig:
-        """Build from a mapping (e.g. YAML); unknown keys are an error, values are type-checked."""
+        """Build from a mapping (e.g. YAML); unknown keys are an error, values are type-checked.
+
+        The mapping's method brings its preset (:func:`.presets.with_presets`) for the fields it lacks.
+        """
+        from .presets import with_presets
+
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f'unknown config keys: {", ".join(unknown)}')
         typed = {}
-        for name, value in values.items():
+        for name, value in with_presets(values, known['method'].default).items():
             default = known[name].default
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise ConfigError(f'{name}={value!r}: must be true or false')

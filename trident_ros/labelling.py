@@ -4,7 +4,7 @@ Label images use ``0`` for unlabeled pixels and ``k + 1`` for class ``k`` of the
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +20,8 @@ NAME_CHUNK = 64
 
 @torch.inference_mode()
 def class_probabilities(dense: torch.Tensor, vocabulary: Vocabulary, out_size: tuple[int, int],
-                        logit_scale: float = 40.0) -> torch.Tensor:
+                        logit_scale: float = 40.0,
+                        logit_filter: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Per-class probabilities at ``out_size``, as the reference labels pixels.
 
     Cosine logits per name are upsampled bilinearly to ``out_size``, a softmax over all names of
@@ -33,6 +34,8 @@ def class_probabilities(dense: torch.Tensor, vocabulary: Vocabulary, out_size: t
         vocabulary: text features ``(N, E)`` and ``name_to_class (N,)``.
         out_size: ``(H, W)``.
         logit_scale: softmax temperature.
+        logit_filter: applied to each chunk of upsampled cosine logits ``(n, H, W)`` before the
+            scale (a per-name refinement such as PAMR); None: none.
 
     Returns:
         ``(K, H, W)`` float32 probabilities, K = number of classes.
@@ -45,7 +48,10 @@ def class_probabilities(dense: torch.Tensor, vocabulary: Vocabulary, out_size: t
     log_norm: torch.Tensor | None = None
     for start in range(0, logits.shape[0], NAME_CHUNK):
         scaled = F.interpolate(logits[None, start:start + NAME_CHUNK], size=out_size, mode='bilinear',
-                               align_corners=False)[0] * logit_scale  # (n, H, W)
+                               align_corners=False)[0]  # (n, H, W)
+        if logit_filter is not None:
+            scaled = logit_filter(scaled)
+        scaled = scaled * logit_scale
         index = name_to_class[start:start + NAME_CHUNK].view(-1, 1, 1).expand_as(scaled)
         class_max.scatter_reduce_(0, index, scaled, reduce='amax')
         chunk_norm = torch.logsumexp(scaled, dim=0)

@@ -31,10 +31,14 @@ import torch.nn.functional as F
 
 from .aggregation import SamAggregation
 from .clip_attention import clip_only_features
-from .config import CLIP_ONLY_METHODS, METHOD_MODELS, ConfigError, TridentConfig
+from .cliptrase import cliptrase_pass, cluster_map, cluster_vote
+from .config import CLIP_BLOCK_METHODS, CLIP_ONLY_METHODS, METHOD_MODELS, PATCH_SIZE, ConfigError, TridentConfig
 from .labelling import Segmentation, class_masks, class_probabilities, label_map
 from .models import SamImage, TridentModels, load_models
+from .pamr import pamr_affinity, pamr_refine
 from .refinement import RefinementParams, refine_with_sam
+from .resclip import ResclipParams, ResclipWindows, resclip_first_pass, resclip_second_pass
+from .scclip import scclip_features
 from .sliding_window import dino_guided_attention, resize_for_windows, window_boxes
 from .splice import splice_windows
 from .vocabulary import TextFeatureCache, Vocabulary, encode_vocabulary, parse_vocabulary
@@ -58,12 +62,34 @@ class ImageFeatures:
             ``trident`` (the only one that refines).
         original_size: (H, W) of the input image; outputs are at this size.
         timings: seconds per image-side stage.
+        clusters: ``cliptrase``: (H, W) int16 cluster of every pixel (None: no cluster found, or
+            another method).
+        resclip: ``resclip``: what the vocabulary-dependent second pass needs, per window.
+        image: (H, W, 3) uint8 copy of the input, kept when ``pamr`` is on (its affinity).
     """
 
     dense: torch.Tensor
     sam_image: SamImage | None
     original_size: tuple[int, int]
     timings: dict[str, float] = field(default_factory=dict)
+    clusters: torch.Tensor | None = None
+    resclip: ResclipFrame | None = None
+    image: np.ndarray | None = None
+
+
+@dataclass
+class ResclipFrame:
+    """ResCLIP's cached windows with where they go.
+
+    Attributes:
+        windows: the per-window cache of the first pass.
+        boxes: window boxes in pixels of the resized image.
+        token_grid: (Hg, Wg) of the spliced map.
+    """
+
+    windows: ResclipWindows
+    boxes: list[tuple[int, int, int, int]]
+    token_grid: tuple[int, int]
 
 
 class TridentPipeline:
@@ -123,24 +149,51 @@ class TridentPipeline:
         """
         cfg, models = self.config, self.models
         rgb = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # on the CPU: cv2 rescales it
-        resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, crop, models.device)
-        boxes = window_boxes(resized.shape[1], resized.shape[2], crop, stride)
+        whole = cfg.method == 'cliptrase' or (cfg.whole_image and cfg.method in CLIP_ONLY_METHODS + CLIP_BLOCK_METHODS)
+        if whole:  # one window: the image
+            resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, PATCH_SIZE, models.device)
+            boxes = [(0, 0, resized.shape[1], resized.shape[2])]
+        else:
+            resized = resize_for_windows(rgb, cfg.input_short_side, cfg.max_long_side, crop, models.device)
+            boxes = window_boxes(resized.shape[1], resized.shape[2], crop, stride)
         crops = torch.stack([resized[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes]).float().div_(255)
         return resized, boxes, crops
 
-    def _encode_clip_only(self, image: np.ndarray, timings: dict[str, float]) -> torch.Tensor:
-        """A CLIP-only method's dense features (E, Hg, Wg) on the token grid of the resized image."""
+    def _encode_clip_only(self, image: np.ndarray, timings: dict[str, float]) -> ImageFeatures:
+        """A CLIP-only method's image side.
+
+        Dense features (E, Hg, Wg) on the token grid of the resized image, and what its labelling
+        needs (clusters, ResCLIP's windows).
+        """
         cfg, models = self.config, self.models
-        crop = cfg.clip_slide_crop
+        clip = models.clip
         with self._stage(timings, 'windows'):
-            resized, boxes, crops = self.windows(image, crop, cfg.clip_slide_stride)
+            resized, boxes, crops = self.windows(image, cfg.clip_slide_crop, cfg.clip_slide_stride)
+        token_grid = (resized.shape[1] // clip.patch_size, resized.shape[2] // clip.patch_size)
+        normalised = normalise(crops, clip.mean, clip.std, models.dtype)
+        extra: dict[str, object] = {}
         with self._stage(timings, 'clip'):
-            features, grid = clip_only_features(
-                models.clip, normalise(crops, models.clip.mean, models.clip.std, models.dtype), cfg.method)
+            if cfg.method == 'cliptrase':
+                result = cliptrase_pass(clip, normalised, cfg.cliptrase_eps, cfg.cliptrase_min_samples)
+                features, grid = result.features[None], result.grid
+                extra['clusters'] = cluster_map(result.recalibrated, result.clusters, grid, image.shape[:2])
+            elif cfg.method == 'scclip':
+                features, grid = scclip_features(clip, normalised)
+            elif cfg.method in ('resclip', 'resclip_rcs'):
+                sfr = cfg.method == 'resclip'
+                windows = resclip_first_pass(clip, normalised, self._resclip_params(), with_sfr=sfr, pixels=crops)
+                features, grid = windows.first, windows.grid
+                if sfr:
+                    extra['resclip'] = ResclipFrame(windows=windows, boxes=boxes, token_grid=token_grid)
+            else:
+                features, grid = clip_only_features(clip, normalised, cfg.method)
         with self._stage(timings, 'splice'):
-            tokens = features.transpose(1, 2).reshape(len(boxes), -1, *grid)
-            patch = crop // grid[0]
-            return splice_windows(tokens, boxes, (resized.shape[1] // patch, resized.shape[2] // patch), patch)
+            dense = _splice(features, grid, boxes, token_grid, clip.patch_size)
+        return ImageFeatures(dense=dense, sam_image=None, original_size=image.shape[:2], timings=timings, **extra)
+
+    def _resclip_params(self) -> ResclipParams:
+        cfg = self.config
+        return ResclipParams(cfg.resclip_rcs_lambda, cfg.resclip_sfr_tau, cfg.resclip_sfr_lambda, cfg.resclip_temp_thd)
 
     def _spliced_windows(self, image: np.ndarray, timings: dict[str, float]) -> torch.Tensor:
         """DINO-guided CLIP last block on the ``slide_crop`` windows, spliced: (D, Hg, Wg) on the
@@ -192,6 +245,8 @@ class TridentPipeline:
                 self.image_side_reuses += 1
                 return dataclasses.replace(last_features, timings={'reuse_check': time.perf_counter() - start})
         features = self._encode_image(image)
+        if self.config.pamr:
+            features.image = image.copy()
         self._last_encoded = (image.copy(), self.config, features) if threshold > 0 else None
         return features
 
@@ -200,9 +255,8 @@ class TridentPipeline:
         cfg, models = self.config, self.models
         timings: dict[str, float] = {}
         self.image_encoder_calls += 1
-        if cfg.method in CLIP_ONLY_METHODS:
-            dense = self._encode_clip_only(image, timings)
-            return ImageFeatures(dense=dense, sam_image=None, original_size=image.shape[:2], timings=timings)
+        if cfg.method in CLIP_ONLY_METHODS + CLIP_BLOCK_METHODS:
+            return self._encode_clip_only(image, timings)
 
         spliced = self._spliced_windows(image, timings)  # its intermediates are freed before SAM runs
         sam_image = None
@@ -243,12 +297,31 @@ class TridentPipeline:
     def label(self, features: ImageFeatures, vocabulary: Vocabulary) -> Segmentation:
         """Label a frame's cached image features with a vocabulary (no image encoder runs).
 
-        SAM refinement runs when ``refine`` is on and the method is ``trident``.
+        SAM refinement runs when ``refine`` is on and the method is ``trident``; ResCLIP's second
+        pass (``resclip``), PAMR (``pamr``) and CLIPtrase's cluster vote run here, on cached inputs.
         """
         cfg = self.config
         timings: dict[str, float] = {}
+        dense = features.dense
+        if features.resclip is not None and cfg.method == 'resclip':
+            with self._stage(timings, 'resclip_sfr'):
+                frame = features.resclip
+                second = resclip_second_pass(self.models.clip, frame.windows, vocabulary, self._resclip_params())
+                dense = _splice(second, frame.windows.grid, frame.boxes, frame.token_grid, self.models.clip.patch_size)
+        logit_filter = None
+        if cfg.pamr and features.image is not None:
+            with self._stage(timings, 'pamr_affinity'):
+                pixels = torch.from_numpy(features.image).to(dense.device).permute(2, 0, 1)[None].float()
+                affinity = pamr_affinity(pixels)
+
+            def logit_filter(logits: torch.Tensor) -> torch.Tensor:
+                return pamr_refine(logits[None], affinity)[0]
+        elif cfg.pamr:
+            logger.warning('pamr is on but this frame was encoded without it: PAMR applies from the next frame')
         with self._stage(timings, 'labelling'):
-            probs = class_probabilities(features.dense, vocabulary, features.original_size, cfg.logit_scale)
+            probs = class_probabilities(dense, vocabulary, features.original_size, cfg.logit_scale, logit_filter)
+            if cfg.area_thd > 0:
+                probs = drop_small_classes(probs, cfg.area_thd)
         refined = None
         if cfg.refine and cfg.method == 'trident':
             if features.sam_image is None:
@@ -260,7 +333,10 @@ class TridentPipeline:
                                              RefinementParams.from_config(cfg))
                 probs, refined = refinement.scores, refinement.refined
         with self._stage(timings, 'masks'):
-            labels, confidence = label_map(probs, cfg.prob_thd, exempt=refined)
+            if features.clusters is not None and cfg.method == 'cliptrase':
+                labels, confidence = cluster_vote(probs, features.clusters, cfg.prob_thd)
+            else:
+                labels, confidence = label_map(probs, cfg.prob_thd, exempt=refined)
             masks = class_masks(labels, confidence, vocabulary.names)
         return Segmentation(labels=labels, confidence=confidence, masks=masks, vocabulary=list(vocabulary.names),
                             timings={**features.timings, **timings})
@@ -270,6 +346,28 @@ class TridentPipeline:
         if isinstance(vocabulary, str):
             vocabulary = self.encode_vocabulary(vocabulary)
         return self.label(self.encode_image(image), vocabulary)
+
+
+def drop_small_classes(probs: torch.Tensor, area_thd: float) -> torch.Tensor:
+    """SCLIP's area threshold: zero the probabilities of every class that is the argmax of at most
+    ``area_thd`` of the pixels (``clip_segmentor.py`` postprocess_result, without a background class).
+
+    Args:
+        probs: ``(K, H, W)`` class probabilities.
+        area_thd: fraction of the pixels.
+
+    Returns:
+        ``(K, H, W)``: ``probs`` with the small classes zeroed (in place).
+    """
+    area = torch.bincount(probs.argmax(dim=0).reshape(-1), minlength=probs.shape[0])
+    probs[area <= area_thd * area.sum()] = 0
+    return probs
+
+
+def _splice(features: torch.Tensor, grid: tuple[int, int], boxes: list[tuple[int, int, int, int]],
+            token_grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """Per-window unit features ``(B, gh*gw, E)`` spliced into ``(E, Hg, Wg)`` (averaged where windows overlap)."""
+    return splice_windows(features.transpose(1, 2).reshape(len(boxes), -1, *grid), boxes, token_grid, patch)
 
 
 def mean_absolute_difference(first: np.ndarray, second: np.ndarray) -> float:
