@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 SAM_MODELS = ('vit_b', 'vit_l', 'vit_h')
 DEVICES = ('auto', 'cpu', 'cuda')
@@ -154,12 +153,12 @@ class TridentConfig:
             if path and not Path(path).expanduser().is_file():
                 fail(name, 'no such file')
 
-    def replace(self, **changes: Any) -> TridentConfig:
+    def replace(self, **changes: Any) -> 'TridentConfig':
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TridentConfig:
+    def from_dict(cls, values: Mapping[str, Any]) -> 'TridentConfig':
         """Build from a mapping (e.g. YAML); unknown keys are an error, values are type-checked."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
@@ -182,7 +181,7 @@ class TridentConfig:
         return cls(**typed)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> TridentConfig:
+    def from_yaml(cls, path: str | Path) -> 'TridentConfig':
         """Load a YAML mapping of config keys (a ROS params file's ``ros__parameters`` also works)."""
         import yaml
 
