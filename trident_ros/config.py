@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 SAM_MODELS = ('vit_b', 'vit_l', 'vit_h')
 DEVICES = ('auto', 'cpu', 'cuda')
@@ -199,7 +198,7 @@ class TridentConfig:
             if path and not Path(path).expanduser().is_file():
                 fail(name, 'no such file')
 
-    def replace(self, **changes: Any) -> TridentConfig:
+    def replace(self, **changes: Any) -> 'TridentConfig':
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
@@ -232,7 +231,7 @@ class TridentConfig:
         return cls(**typed)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> TridentConfig:
+    def from_yaml(cls, path: str | Path) -> 'TridentConfig':
         """Load a YAML mapping of config keys (a ROS params file's ``ros__parameters`` also works)."""
         import yaml
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from .scclip import scclip_features
 from .sliding_window import dino_guided_attention, resize_for_windows, window_boxes
 from .splice import splice_windows
 from .vocabulary import TextFeatureCache, Vocabulary, encode_vocabulary, parse_vocabulary
+
+logger = logging.getLogger(__name__)
 
 # Fields that change which models are loaded (or how): they need a new pipeline.
 MODEL_FIELDS = frozenset({
