@@ -87,3 +87,14 @@ def test_headline_configuration_runs_with_a_patch_14_clip():
     assert grids == [(24, 24)] and tuple(features.dense.shape) == (32, 12, 16)
     seg = pipeline.label(features, pipeline.encode_vocabulary('door, chair'))
     assert set(np.unique(seg.labels)) <= {0, 1, 2} and seg.labels.shape == (120, 160)
+
+
+def test_cli_method_brings_its_preset_and_the_file_wins(tmp_path):
+    from trident_ros.cli import build_config, parse_args
+
+    config = build_config(parse_args(['x.png', '-v', 'door', '--method', 'naclip']))
+    assert config.pamr and config.input_short_side == 336
+    path = tmp_path / 'mine.yaml'
+    path.write_text(yaml.safe_dump({'pamr': False, 'method': 'sclip'}))
+    config = build_config(parse_args(['x.png', '-v', 'door', '--config', str(path), '--method', 'naclip']))
+    assert config.method == 'naclip' and not config.pamr and config.input_short_side == 336

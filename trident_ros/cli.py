@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> TridentConfig:
-    config = TridentConfig.from_yaml(args.config) if args.config else TridentConfig()
+    """The file's fields, then the options; the method's preset fills in what neither gives."""
     changes = {}
     if args.device:
         changes['device'] = args.device
@@ -67,7 +67,7 @@ def build_config(args: argparse.Namespace) -> TridentConfig:
         if not args.random_weights:
             raise ConfigError('--tiny needs --random-weights (tiny architectures have no trained weights)')
         changes['model_scale'] = 'tiny'
-    return config.replace(**changes)
+    return TridentConfig.from_yaml(args.config, changes) if args.config else TridentConfig.from_dict(changes)
 
 
 def iter_frames(inputs: list[Path], video_stride: int) -> Iterator[tuple[str, np.ndarray]]:

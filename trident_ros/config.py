@@ -231,8 +231,12 @@ class TridentConfig:
         return cls(**typed)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> 'TridentConfig':
-        """Load a YAML mapping of config keys (a ROS params file's ``ros__parameters`` also works)."""
+    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> 'TridentConfig':
+        """Load a YAML mapping of config keys (a ROS params file's ``ros__parameters`` also works).
+
+        ``overrides`` (e.g. command-line options) replace the file's values before the method's
+        preset fills in the fields neither gives.
+        """
         import yaml
 
         with open(path, encoding='utf-8') as stream:
@@ -244,7 +248,7 @@ class TridentConfig:
             if isinstance(value, dict) and 'ros__parameters' in value:
                 data = {k: v for k, v in value['ros__parameters'].items() if k in {f.name for f in dataclasses.fields(cls)}}
                 break
-        return cls.from_dict(data)
+        return cls.from_dict({**data, **(overrides or {})})
 
     @staticmethod
     def describe(name: str) -> str:
