@@ -6,7 +6,7 @@ A'_h = A_h where C_h > tau else 0, A_h being the softmax attention (over the ful
 cropped to the valid keys; W = mean over heads of A', normalised to row sum 1; out = W @ features.
 
 :class:`SamAggregation` is fused into SAM's image encoder: it observes the last block
-(``models.AttentionObserver``) and consumes each block of softmax attention rows while the block
+(``models.sam.AttentionObserver``) and consumes each block of softmax attention rows while the block
 computes them for its own output, so the attention is computed once per frame, and neither the
 (heads, N, N) attention nor the cosine map is ever held whole (N = hs * ws, 4096 for a square
 image: 805 MB each in fp32). Per chunk of c queries one (heads, c, N) block is built: the cosine
@@ -41,7 +41,7 @@ def aggregation_chunk_bytes(heads: int, valid: tuple[int, int], chunk_size: int,
 class SamAggregation:
     """Aggregates a dense feature map with SAM's last-block attention while SAM computes it.
 
-    An ``models.AttentionObserver``: pass it to ``SamEncoder.encode``, then read :meth:`result`.
+    A ``models.sam.AttentionObserver``: pass it to ``SamEncoder.encode``, then read :meth:`result`.
     Besides one per-chunk block (:func:`aggregation_chunk_bytes`) it holds the unit values
     (heads, N, hd), the resized features (D, N) and the output (D, N): at 64 x 64 SAM tokens
     (ViT-B: 12 heads, D = 768, fp32) 38 MB.
@@ -82,7 +82,11 @@ class SamAggregation:
 
     @torch.inference_mode()
     def start(self, v: torch.Tensor) -> None:
-        """:param v: (heads, G, G', hd) values of SAM's whole padded grid."""
+        """Take the values of SAM's last block.
+
+        Args:
+            v: (heads, G, G', hd) values of SAM's whole padded grid.
+        """
         begin = time.perf_counter()
         valid_h, valid_w = self.valid
         heads = v.shape[0]
@@ -99,8 +103,11 @@ class SamAggregation:
 
     @torch.inference_mode()
     def rows(self, rows: slice, attention: torch.Tensor) -> None:
-        """:param rows: image rows of the queries; :param attention: (heads, len(rows) * G', G * G')
-        their softmax attention over the whole padded grid.
+        """Aggregate one block of query rows.
+
+        Args:
+            rows: image rows of the queries.
+            attention: (heads, len(rows) * G', G * G') their softmax attention over the whole padded grid.
         """
         if self.unit is None:
             raise RuntimeError('SamAggregation.rows before start')

@@ -38,12 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace) -> TridentConfig:
     """The configuration whose weights are fetched: ``--config`` (or the defaults) with the options applied."""
     config = TridentConfig.from_yaml(args.config) if args.config else TridentConfig()
-    changes = {}
-    if args.weights_dir:
-        changes['weights_dir'] = args.weights_dir
-    if args.method:
-        changes['method'] = args.method
-    return config.replace(**changes)
+    options = {'weights_dir': args.weights_dir, 'method': args.method}
+    return config.replace(**{name: value for name, value in options.items() if value})
 
 
 def main(argv: list[str] | None = None) -> int:
