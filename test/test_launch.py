@@ -22,7 +22,7 @@ from sensor_msgs.msg import Image
 
 from trident_ros.config import TridentConfig
 from trident_ros.msg import VocabularyInfo
-from trident_ros.node import NODE_PARAMETERS, OUTPUTS
+from trident_ros.node_parameters import NODE_PARAMETERS, OUTPUTS
 from trident_ros.vocabulary import parse_vocabulary
 
 pytestmark = pytest.mark.ros
