@@ -23,18 +23,14 @@ A thin ROS 2 adapter over :class:`trident_ros.pipeline.TridentPipeline`:
 """
 from __future__ import annotations
 
-import copy
 import gc
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -44,8 +40,6 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.publisher import Publisher
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSPolicyKind, QoSProfile, ReliabilityPolicy
-from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.subscription import Subscription
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
@@ -53,50 +47,29 @@ from std_msgs.msg import Header, String
 from trident_ros import conversions
 from trident_ros.config import ConfigError
 from trident_ros.conversions import ImageConversionError
+from trident_ros.frame_io import LastFrame, create_image_subscription, create_outputs, segmentation_messages
 from trident_ros.frame_worker import Frame, FrameWorker
 from trident_ros.labelling import Segmentation
-from trident_ros.msg import ClassMaskArray
-from trident_ros.node_health import NodeHealth, message_kind
+from trident_ros.node_health import NodeHealth, message_kind, pipeline_values
 from trident_ros.node_parameters import (
     CONFIG_FIELDS,
-    OUTPUTS,
     check_node_parameters,
     coerce_parameters,
     config_from_values,
     declare_parameters,
     parameter_defaults,
 )
-from trident_ros.pipeline import MODEL_FIELDS, ImageFeatures, TridentPipeline
+from trident_ros.pipeline import MODEL_FIELDS, TridentPipeline
 from trident_ros.vocabulary import Vocabulary, VocabularyError, parse_vocabulary
 from trident_ros.vocabulary_encoder import VocabularyEncoder, VocabularyRequest
 from trident_ros.vocabulary_topics import VocabularyTopics
 from trident_ros.weights import WeightsError
 
-IMAGE_QOS_PROFILES = {
-    'sensor_data': QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT,
-                              durability=DurabilityPolicy.VOLATILE),
-    'reliable': QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                           durability=DurabilityPolicy.VOLATILE),
-}
-# qos_overrides.<topic>.subscription.{history,depth} for the camera (its reliability is image_qos,
-# which can change at runtime); qos_overrides.<topic>.publisher.{history,depth,reliability} for outputs.
-IMAGE_QOS_OVERRIDES = QoSOverridingOptions(policy_kinds=(QoSPolicyKind.HISTORY, QoSPolicyKind.DEPTH))
-OUTPUT_QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
-OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2, reliability=ReliabilityPolicy.RELIABLE)
 FAULT_FRAME_ID_ENV = 'TRIDENT_TEST_FAULT_FRAME_ID'
 """Test hook, read once at start (docs/reliability.md): frames whose ``header.frame_id`` equals this
 variable's value fail inside the worker as CUDA running out of memory would. Unset (the default) it
 does nothing; it cannot be set over ROS."""
 SHUTDOWN_WAIT_S = 1.0  # how long shutdown waits for a frame in progress
-
-
-@dataclass
-class LastFrame:
-    """What a vocabulary change needs to relabel the last frame without its image encoders."""
-
-    header: Header
-    rgb: np.ndarray  # (H, W, 3) uint8
-    features: ImageFeatures
 
 
 class TridentNode(LifecycleNode):
@@ -105,7 +78,7 @@ class TridentNode(LifecycleNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('trident', **kwargs)
         self._bad_overrides = declare_parameters(self)  # parameter -> why its start value is unusable
-        self._applied = {name: self.get_parameter(name).value for name in parameter_defaults()}
+        self._values = {name: self.get_parameter(name).value for name in parameter_defaults()}  # as applied
         self._health = NodeHealth(self.get_logger())
         self._pipeline: TridentPipeline | None = None
         self._vocabulary: Vocabulary | None = None
@@ -130,18 +103,13 @@ class TridentNode(LifecycleNode):
         self.get_logger().info(f'ready (unconfigured); image decoding: {conversions.IMAGE_BACKEND}')
 
     # ------------------------------------------------------------------ parameters
-    def _parameter_values(self, changes: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The node's parameters with ``changes`` applied."""
-        changes = changes or {}
-        return {name: changes.get(name, self.get_parameter(name).value) for name in self._applied}
-
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         """Refuse invalid values with a reason (cheap checks only); the old values stay."""
-        changes = {p.name: p.value for p in parameters if p.name in self._applied}
+        changes = {p.name: p.value for p in parameters if p.name in self._values}
         if not changes:
             return SetParametersResult(successful=True)
         try:
-            config = config_from_values(self._parameter_values(changes))
+            config = config_from_values({**self._values, **changes})
             check_node_parameters(changes)
             if 'vocabulary' in changes:
                 parse_vocabulary(changes['vocabulary'], max_classes=config.max_classes)
@@ -159,22 +127,22 @@ class TridentNode(LifecycleNode):
             if param.name in self._bad_overrides:
                 self._bad_overrides.pop(param.name)  # set again, with a value that passed validation
                 changed.add(param.name)
-            if param.name in self._applied and param.value != self._applied[param.name]:
-                self._applied[param.name] = param.value
+            if param.name in self._values and param.value != self._values[param.name]:
+                self._values[param.name] = param.value
                 changed.add(param.name)
         live = sorted(name for name in changed & set(CONFIG_FIELDS) if name not in MODEL_FIELDS)
         reload = sorted(name for name in changed if name in MODEL_FIELDS)
         if live:
             with self._pipe_lock:
                 if self._pipeline is not None:
-                    self._pipeline.apply_label_config(config_from_values(self._applied))
+                    self._pipeline.apply_label_config(config_from_values(self._values))
             self.get_logger().info(f'applied at once: {", ".join(live)}')
             self._worker.request_relabel()
         if reload:
             self.get_logger().info(f'{", ".join(reload)} take(s) effect at the next configure '
                                    '(ros2 lifecycle set <node> deactivate, cleanup, configure, activate)')
         if 'vocabulary' in changed:
-            self._request_vocabulary(self._applied['vocabulary'])
+            self._request_vocabulary(self._values['vocabulary'])
         if changed & {'image_transport', 'image_qos'}:
             with self._io_lock:
                 if self._image_sub is not None:
@@ -244,7 +212,7 @@ class TridentNode(LifecycleNode):
         try:
             if self._bad_overrides:
                 raise ConfigError('; '.join(self._bad_overrides.values()))
-            config = config_from_values(self._parameter_values())
+            config = config_from_values(self._values)
             self.get_logger().info('loading models ...')
             pipeline = TridentPipeline(config)
         except (ConfigError, WeightsError) as error:
@@ -327,27 +295,18 @@ class TridentNode(LifecycleNode):
                 self._vocabulary_topics = None
 
     def _create_outputs(self) -> None:
-        """Activate → deactivate: the per-frame outputs (``qos_overrides./<node>/<output>.publisher.*``)."""
+        """Activate → deactivate: the per-frame outputs."""
         with self._io_lock:
-            for name in OUTPUTS:
-                msg_type = ClassMaskArray if name == 'masks' else Image
-                self._outputs[name] = self.create_publisher(msg_type, f'~/{name}', copy.copy(OUTPUT_QOS),
-                                                            qos_overriding_options=OUTPUT_QOS_OVERRIDES)
+            self._outputs = create_outputs(self)
 
     def _create_image_input(self) -> None:
-        """Activate → deactivate: the camera subscription, replaced when its parameters change.
-
-        Those are ``image_transport``, ``image_qos`` and ``qos_overrides./<topic>.subscription.{history,depth}``.
-        """
+        """Activate → deactivate: the camera subscription, replaced when ``image_transport``/``image_qos`` change."""
         with self._io_lock:
             if self._image_sub is not None:
                 self.destroy_subscription(self._image_sub)
-            compressed = self.get_parameter('image_transport').value == 'compressed'
-            qos = IMAGE_QOS_PROFILES[self.get_parameter('image_qos').value]
-            self._image_sub = self.create_subscription(
-                CompressedImage if compressed else Image, 'image/compressed' if compressed else 'image',
-                self._on_image, copy.copy(qos),
-                callback_group=self._image_group, qos_overriding_options=IMAGE_QOS_OVERRIDES)
+            self._image_sub = create_image_subscription(self, self.get_parameter('image_transport').value,
+                                                        self.get_parameter('image_qos').value, self._on_image,
+                                                        self._image_group)
         self.get_logger().info(f'subscribed to {self._image_sub.topic_name} ({self.get_parameter("image_qos").value})')
 
     def _remove_frame_io(self) -> None:
@@ -428,16 +387,7 @@ class TridentNode(LifecycleNode):
                  timings: dict[str, float], start: float) -> None:
         published = time.monotonic()
         header = last.header
-        messages: dict[str, Any] = {}
-        wanted = self._wanted_outputs()
-        if 'segmentation' in wanted:
-            messages['segmentation'] = conversions.array_to_image(seg.overlay(last.rgb), 'rgb8', header)
-        if 'labels' in wanted:
-            messages['labels'] = conversions.labels_to_image(seg.labels, vocabulary.num_classes, header)
-        if 'confidence' in wanted:
-            messages['confidence'] = conversions.confidence_to_image(seg.confidence, header)
-        if 'masks' in wanted:
-            messages['masks'] = conversions.class_masks_to_msg(seg.masks, seg.vocabulary, header)
+        messages = segmentation_messages(seg, last, vocabulary.num_classes, self._wanted_outputs())
         with self._io_lock:
             for name, msg in messages.items():
                 if name in self._outputs:
@@ -453,24 +403,13 @@ class TridentNode(LifecycleNode):
 
     def diagnostic_status(self) -> DiagnosticStatus:
         """The node's health: OK, WARN (recent bad input, no vocabulary, not active) or ERROR."""
-        pipeline, vocabulary, pending = self._pipeline, self._vocabulary, self._encoder.pending()
+        vocabulary, pending = self._vocabulary, self._encoder.pending()
         idle = None
         if self._state != 'active':
             idle = f'{self._state}: not processing'
         elif vocabulary is None:
             idle = 'no vocabulary' + (' yet: one is being encoded' if pending else '')
-        values: dict[str, Any] = {
-            'device': str(pipeline.models.device) if pipeline is not None else 'none',
-            'image_encoder_calls': pipeline.image_encoder_calls if pipeline is not None else 0,
-            'image_side_reuses': pipeline.image_side_reuses if pipeline is not None else 0,
-            'vocabulary_size': vocabulary.num_classes if vocabulary is not None else 0,
-            'vocabulary_pending': pending.text[:200] if pending is not None else '',
-            'vocabulary_pending_names': f'{pending.names_done}/{pending.names_total}' if pending is not None else '',
-            'image_decoder': conversions.IMAGE_BACKEND,
-        }
-        if pipeline is not None and pipeline.models.device.type == 'cuda':
-            values['gpu_memory_allocated_mb'] = f'{torch.cuda.memory_allocated(pipeline.models.device) / 2**20:.1f}'
-            values['gpu_memory_reserved_mb'] = f'{torch.cuda.memory_reserved(pipeline.models.device) / 2**20:.1f}'
+        values = {**pipeline_values(self._pipeline, vocabulary, pending), 'image_decoder': conversions.IMAGE_BACKEND}
         return self._health.status(f'{self.get_fully_qualified_name()}: segmentation', self._state, values, idle)
 
     # ------------------------------------------------------------------ shutdown

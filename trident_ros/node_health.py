@@ -7,7 +7,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+
+from trident_ros.pipeline import TridentPipeline
+from trident_ros.vocabulary import Vocabulary
+from trident_ros.vocabulary_encoder import VocabularyRequest
 
 RECENT_S = 10.0  # how long a warning or error keeps the diagnostics status raised
 WARN_EVERY_S = 5.0  # log the same kind of warning at most this often
@@ -43,6 +48,28 @@ def message_kind(error: Exception | str) -> str:
     Warnings about the same problem with different values are throttled together.
     """
     return re.sub(r"'[^']*'|\d+", '', str(error))[:48]
+
+
+def pipeline_values(pipeline: TridentPipeline | None, vocabulary: Vocabulary | None,
+                    pending: VocabularyRequest | None) -> dict[str, Any]:
+    """Diagnostic values of the models (device, encoder calls, GPU memory) and the vocabularies.
+
+    ``vocabulary_pending`` is the text being encoded (its start), ``vocabulary_pending_names`` its
+    progress (names done / total); both empty when none is.
+    """
+    values: dict[str, Any] = {
+        'device': str(pipeline.models.device) if pipeline is not None else 'none',
+        'image_encoder_calls': pipeline.image_encoder_calls if pipeline is not None else 0,
+        'image_side_reuses': pipeline.image_side_reuses if pipeline is not None else 0,
+        'vocabulary_size': vocabulary.num_classes if vocabulary is not None else 0,
+        'vocabulary_pending': pending.text[:200] if pending is not None else '',
+        'vocabulary_pending_names': f'{pending.names_done}/{pending.names_total}' if pending is not None else '',
+    }
+    if pipeline is not None and pipeline.models.device.type == 'cuda':
+        device = pipeline.models.device
+        values['gpu_memory_allocated_mb'] = f'{torch.cuda.memory_allocated(device) / 2**20:.1f}'
+        values['gpu_memory_reserved_mb'] = f'{torch.cuda.memory_reserved(device) / 2**20:.1f}'
+    return values
 
 
 class NodeHealth:
