@@ -3,7 +3,7 @@
     ros2 launch trident_ros trident.launch.py image_topic:=/camera/image_raw
     ros2 launch trident_ros trident.launch.py demo:=true random_weights:=true model_scale:=tiny
 
-With ``autostart:=true`` (default) the launch file configures and activates the node itself;
+With ``autostart:=true`` (default) the launch file configures and activates the node itself, once;
 with ``autostart:=false`` it stays unconfigured for a lifecycle manager (e.g. Nav2's).
 Launch arguments left empty keep the value from ``config_file``.
 """
@@ -12,9 +12,13 @@ from __future__ import annotations
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch import LaunchContext, LaunchDescription
-from launch.actions import (DeclareLaunchArgument, EmitEvent, OpaqueFunction, RegisterEventHandler,
-                            SetEnvironmentVariable)
+from launch.actions import (
+    DeclareLaunchArgument,
+    EmitEvent,
+    OpaqueFunction,
+    RegisterEventHandler,
+    SetEnvironmentVariable,
+)
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
@@ -22,6 +26,8 @@ from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
 from launch_ros.parameter_descriptions import ParameterValue
 from lifecycle_msgs.msg import Transition
+
+from launch import LaunchContext, LaunchDescription
 
 PACKAGE = 'trident_ros'
 # Fast DDS 3.x (Kilted) reads the first, 2.x (Jazzy, Humble) the second.
@@ -88,8 +94,10 @@ def _nodes(context: LaunchContext) -> list:
         activate = EmitEvent(event=ChangeState(lifecycle_node_matcher=lambda action: action is trident,
                                                transition_id=Transition.TRANSITION_ACTIVATE))
         actions += [
+            # handle_once: autostart is for the start only; a later configure (after deactivate and
+            # cleanup) is the user's or a lifecycle manager's, and so is the activate after it.
             RegisterEventHandler(OnStateTransition(target_lifecycle_node=trident, start_state='configuring',
-                                                   goal_state='inactive', entities=[activate])),
+                                                   goal_state='inactive', entities=[activate], handle_once=True)),
             EmitEvent(event=ChangeState(lifecycle_node_matcher=lambda action: action is trident,
                                         transition_id=Transition.TRANSITION_CONFIGURE)),
         ]

@@ -12,17 +12,17 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState, GetState
 
 # ros_helpers first: it checks the ROS 2 environment with a clear message
-from ros_helpers import LATCHED, RELIABLE, ROOT, RosProcess, TestNode, fresh_domain_id, ros_env, wait_until
-
-from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
-from lifecycle_msgs.srv import GetState
+from ros_helpers import LATCHED, RELIABLE, ROOT, RosProcess, TestNode, fresh_domain_id, ros2_cli, ros_env, wait_until
 from sensor_msgs.msg import Image
+from trident_ros.msg import VocabularyInfo
 
 from trident_ros.config import TridentConfig
-from trident_ros.msg import VocabularyInfo
-from trident_ros.node import NODE_PARAMETERS, OUTPUTS
+from trident_ros.node_parameters import NODE_PARAMETERS, OUTPUTS
 from trident_ros.vocabulary import parse_vocabulary
 
 pytestmark = pytest.mark.ros
@@ -157,6 +157,33 @@ def test_autostart_false_leaves_the_node_to_a_lifecycle_manager(launch_env, tmp_
         future = get_state.call_async(GetState.Request())
         assert wait_until(future.done, 10)
         assert future.result().current_state.label == 'unconfigured'
+    finally:
+        assert process.stop() == 0, process.output()
+
+
+def test_autostart_happens_once_and_a_later_configure_is_left_to_the_user(launch_env, tmp_path):
+    """After deactivate, cleanup, configure the node stays inactive: the user's activate works."""
+    env, client = launch_env
+    process = RosProcess(['ros2', 'launch', 'trident_ros', 'trident.launch.py', 'random_weights:=true',
+                          'model_scale:=tiny'], env, tmp_path / 'launch.log')
+
+    def state() -> str:
+        return client.call(GetState, '/trident/get_state', GetState.Request()).current_state.label
+
+    def change(transition_id: int) -> bool:
+        request = ChangeState.Request()
+        request.transition.id = transition_id
+        return client.call(ChangeState, '/trident/change_state', request, timeout=120).success
+    try:
+        assert wait_until(lambda: state() == 'active', 90), process.output()  # autostart
+        for transition_id in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
+                              Transition.TRANSITION_CONFIGURE):
+            assert change(transition_id), process.output()
+        time.sleep(3.0)  # time for a launch event handler to activate it (it must not)
+        assert state() == 'inactive', process.output()
+        result = ros2_cli(['lifecycle', 'set', '--no-daemon', '--spin-time', '3', '/trident', 'activate'], env)
+        assert 'Transitioning successful' in result.stdout, (result, process.output())
+        assert state() == 'active'
     finally:
         assert process.stop() == 0, process.output()
 

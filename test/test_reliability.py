@@ -294,6 +294,7 @@ def test_vocabulary_edge_cases_over_the_topic(active, client, outputs, cameras, 
         ('sofa; couch, couch; settee, bed', ['sofa; couch', 'settee', 'bed'], "duplicate name 'couch' in class 2"),
         ('🚪 Tür, 椅子, café, Straße', ['🚪 Tür', '椅子', 'café', 'Straße'], None),
         ('ta\tble, do\x1bor\x07, lamp\r\nshade', ['ta ble', 'door', 'lamp shade'], None),
+        ('\x1b[1;31mred\x1b[0m, sky', ['red', 'sky'], 'terminal escape sequence(s) (e.g. colour codes) removed'),
         ('a' + 'qzx' * 80, ['a' + 'qzx' * 80], 'is too long: its prompts were truncated to the text context'),
         (f'$(touch {marker}), `touch {marker}`; {marker} | sh, ../../../..{marker}',
          [f'$(touch {marker})', f'`touch {marker}`; {marker} | sh', f'../../../..{marker}'], None),
@@ -321,7 +322,6 @@ def test_invalid_runtime_parameters_are_refused_and_the_old_values_stay(active, 
     refused = [('prob_thd', -0.5), ('coarse_thresh', -0.1), ('sam_iou_thresh', float('inf')), ('logit_scale', -1.0),
                ('gamma', 0.0), ('beta', -1.0), ('minimal_area', 0), ('slide_crop', 128),  # crop < stride 224
                ('slide_stride', 400), ('clip_slide_stride', 448), ('device', 'tpu'), ('device', 'cuda:x'),
-               ('sam_checkpoint', '/no/such/sam.pth'), ('dino_checkpoint', '/no/such/dino.pth'),
                ('max_input_pixels', -1), ('prob_thd', 'high'), ('refine', 'yes')]
     if not torch.cuda.is_available():
         refused.append(('device', 'cuda'))  # no such device here: refused now, not at the next configure
@@ -371,7 +371,7 @@ def test_weight_file_problems_fail_configure_naming_the_file(active, client, tmp
         (dict(sam_checkpoint=str(corrupt), **other_weights), f'cannot read weights file {corrupt}'),
         (dict(sam_checkpoint=str(wrong), **other_weights), f'{wrong} is not a SAM vit_b checkpoint'),
         (dict(sam_checkpoint=str(evil), **other_weights), f'cannot read weights file {evil}'),
-        (dict(sam_checkpoint=str(gone), **other_weights), f"sam_checkpoint='{gone}': no such file"),
+        (dict(sam_checkpoint=str(gone), **other_weights), f'sam_checkpoint {gone} does not exist'),
     ]
     assert transition(client, Transition.TRANSITION_DEACTIVATE) and transition(client, Transition.TRANSITION_CLEANUP)
     try:
@@ -379,7 +379,7 @@ def test_weight_file_problems_fail_configure_naming_the_file(active, client, tmp
             assert all(r.successful for r in set_parameters(client, True, random_weights=False, model_scale='full',
                                                             download=False, **values)), values
             if 'sam_checkpoint' in values and values['sam_checkpoint'] == str(gone):
-                gone.unlink()  # accepted while it existed; gone by configure time
+                gone.unlink()  # set while it existed, gone by configure time: weights.py says so
             assert not transition(client, Transition.TRANSITION_CONFIGURE)
             assert active.wait_for_output(f'configure failed: {expected}', 20), (expected, active.output()[-3000:])
             assert lifecycle_state(client) == 'unconfigured' and active.alive()

@@ -12,6 +12,7 @@ from trident_ros.config import TridentConfig
 from trident_ros.models import TridentModels, load_models
 from trident_ros.vocabulary import (
     IMAGENET_TEMPLATES,
+    EncodingCancelledError,
     TextFeatureCache,
     Vocabulary,
     VocabularyError,
@@ -67,6 +68,23 @@ def test_whitespace_and_control_characters_cleaned():
     parsed = parse_vocabulary('  living\t  room ;\x00couch\x07 ,\n door\r\n, ,;, tv\x1b monitor')
     assert parsed.classes == [['living room', 'couch'], ['door'], ['tv monitor']]
     assert parsed.warnings == []
+
+
+@pytest.mark.parametrize('text, classes', [
+    ('\x1b[31mred\x1b[0m car, tree', [['red car'], ['tree']]),
+    ('\x1b[1;31mdoor\x1b[0m; gate, sky', [['door', 'gate'], ['sky']]),  # ";" inside the sequence
+    ('\x1b]0;window title\x07lamp, \x9b2Jrug', [['lamp'], ['rug']]),  # OSC title, 8-bit CSI
+])
+def test_terminal_escape_sequences_removed_whole_with_a_warning(text, classes):
+    parsed = parse_vocabulary(text)
+    assert parsed.classes == classes
+    assert any('terminal escape sequence' in warning for warning in parsed.warnings)
+
+
+@pytest.mark.parametrize('text', ['door, \x1b[31', 'door\x1b]0;title, chair'])
+def test_unterminated_escape_sequences_refused_with_the_reason(text):
+    with pytest.raises(VocabularyError, match='unterminated terminal escape sequence'):
+        parse_vocabulary(text)
 
 
 def test_duplicates_dropped_with_warnings():
@@ -220,3 +238,24 @@ def test_rejects_models_the_fast_path_does_not_fit(clip_model, tokenizer):
                               text_cfg=CLIPTextCfg(vocab_size=64, width=16, heads=1, layers=1, pool_type='last'))
     with pytest.raises(ValueError, match="text_pool_type='last'"):
         TextFeatureCache(last_token_pooling, tokenizer)
+
+
+def test_chunked_encoding_reports_progress_and_equals_one_lookup(clip_model, tokenizer):
+    classes = [[f'thing {i}'] for i in range(10)] + [['sofa', 'couch']]
+    whole = encode_vocabulary(classes, TextFeatureCache(clip_model, tokenizer))
+    progress = []
+    chunked = encode_vocabulary(classes, TextFeatureCache(clip_model, tokenizer), chunk_names=4,
+                                progress=lambda done, total: progress.append((done, total)))
+    assert progress == [(4, 12), (8, 12), (12, 12)]
+    torch.testing.assert_close(chunked.text_features, whole.text_features)
+    assert chunked.name_to_class.tolist() == whole.name_to_class.tolist()
+
+
+def test_cancelled_encoding_stops_at_a_chunk_boundary_and_keeps_what_it_encoded(clip_model, tokenizer):
+    cache = TextFeatureCache(clip_model, tokenizer)
+    progress = []
+    with pytest.raises(EncodingCancelledError, match='after 3 of 9 names'):
+        encode_vocabulary([[f'name {i}'] for i in range(9)], cache, chunk_names=3,
+                          progress=lambda done, total: progress.append(done), cancelled=lambda: len(progress) == 1)
+    assert cache.encoded_names == 3 and progress == [3]
+    assert all(f'name {i}' in cache for i in range(3))

@@ -147,7 +147,11 @@ class TridentConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first invalid field."""
+        """Raise :class:`ConfigError` naming the first invalid field.
+
+        Only values are checked, never files: weight files are looked up (and missing ones reported)
+        when the models are loaded (:mod:`trident_ros.weights`).
+        """
         def fail(name: str, why: str) -> None:
             raise ConfigError(f'{name}={getattr(self, name)!r}: {why}')
 
@@ -193,10 +197,6 @@ class TridentConfig:
             fail('beta' if self.beta < 0 else 'sam_mask_coff', 'must be >= 0')
         if self.minimal_area < 1:
             fail('minimal_area', 'must be >= 1')
-        for name in ('sam_checkpoint', 'dino_checkpoint'):
-            path = getattr(self, name)
-            if path and not Path(path).expanduser().is_file():
-                fail(name, 'no such file')
 
     def replace(self, **changes: Any) -> 'TridentConfig':
         """A validated copy with ``changes`` applied."""

@@ -7,14 +7,15 @@ templates (encode, L2-normalise, average, L2-normalise), as the Trident referenc
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 (the PyTorch convention)
 from open_clip.model import CLIP
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
@@ -50,6 +51,33 @@ class ParsedVocabulary:
     warnings: list[str] = field(default_factory=list)
 
 
+# Terminal escape sequences (ECMA-48): CSI ``ESC [ ... final`` (also the 8-bit CSI), OSC
+# ``ESC ] ... BEL`` or ``ESC ] ... ESC \\``, and two-character escapes. Removed whole, before the text
+# is split (their parameters contain ";"), so that no part of one is left in a name.
+_ESCAPE_SEQUENCE = re.compile(r'(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\^_]')
+_ESCAPE_START = re.compile(r'\x1b[\[\]]|\x9b')
+
+
+class EncodingCancelledError(Exception):
+    """:func:`encode_vocabulary` stopped at a chunk boundary because ``cancelled()`` said so."""
+
+
+def _remove_escape_sequences(text: str, warnings: list[str]) -> str:
+    """``text`` without terminal escape sequences (a warning says how many went).
+
+    Raises:
+        VocabularyError: an escape sequence is left unterminated (it cannot be removed whole).
+    """
+    cleaned, removed = _ESCAPE_SEQUENCE.subn('', text)
+    unterminated = _ESCAPE_START.search(cleaned)
+    if unterminated:
+        raise VocabularyError(f'unterminated terminal escape sequence at character {unterminated.start()} '
+                              f'({_shorten(cleaned[unterminated.start():], 20)!r}): remove it')
+    if removed:
+        warnings.append(f'{removed} terminal escape sequence(s) (e.g. colour codes) removed')
+    return cleaned
+
+
 def _clean_name(raw: str) -> str:
     """Control characters dropped (whitespace ones become spaces), inner whitespace collapsed."""
     chars = (' ' if ch.isspace() else ch for ch in raw if ch.isspace() or unicodedata.category(ch) != 'Cc')
@@ -64,7 +92,8 @@ def parse_vocabulary(text: str, max_classes: int = 1000, max_name_chars: int = 2
                      max_text_chars: int = MAX_TEXT_CHARS) -> ParsedVocabulary:
     """Parse ``"sofa; couch, door"`` into ``[['sofa', 'couch'], ['door']]``.
 
-    Names are stripped, control characters removed and inner whitespace collapsed. Empty names
+    Terminal escape sequences (e.g. ANSI colour codes) are removed whole, with a warning; names are
+    stripped, other control characters removed and inner whitespace collapsed. Empty names
     are dropped silently. A name that repeats an earlier one (compared case-insensitively, as the
     CLIP tokenizer lowercases) is dropped with a warning, and so is a class left without names.
 
@@ -76,12 +105,13 @@ def parse_vocabulary(text: str, max_classes: int = 1000, max_name_chars: int = 2
 
     Raises:
         VocabularyError: the text is too long, a name is too long, there are more than
-            ``max_classes`` classes, or no name is left.
+            ``max_classes`` classes, no name is left, or an escape sequence is unterminated.
     """
     if len(text) > max_text_chars:
         raise VocabularyError(f'vocabulary text has {len(text)} characters, more than the limit of {max_text_chars}')
     classes: list[list[str]] = []
     warnings: list[str] = []
+    text = _remove_escape_sequences(text, warnings)
     first_class: dict[str, int] = {}  # casefolded name -> 1-based class position in the input
     for position, raw_class in enumerate(text.split(CLASS_SEPARATOR), start=1):
         kept: list[str] = []
@@ -139,8 +169,12 @@ class Vocabulary:
 
 @dataclass
 class TextFeatures:
-    """Result of :meth:`TextFeatureCache.lookup`: ``features (len(names), E)`` and the names whose
-    prompts were truncated to the tokenizer's context length."""
+    """Result of :meth:`TextFeatureCache.lookup`.
+
+    Attributes:
+        features: ``(len(names), E)`` L2-normalised text features.
+        truncated: the names whose prompts were truncated to the tokenizer's context length.
+    """
 
     features: torch.Tensor
     truncated: list[str]
@@ -237,12 +271,12 @@ class TextFeatureCache:
         per_name = F.normalize(per_prompt, dim=-1).view(len(names), len(IMAGENET_TEMPLATES), -1).mean(dim=1)
         per_name = F.normalize(per_name, dim=-1).to(self.dtype)
         truncated = overflow.view(len(names), -1).any(dim=1).tolist()
-        for name, cut in zip(names, truncated):
+        for name, cut in zip(names, truncated, strict=True):
             if cut:
                 logger.warning('prompts for name %r exceed the %d-token context and were truncated',
                                _shorten(name), context)
         self.encoded_names += len(names)
-        return {name: _Entry(feature, cut) for name, feature, cut in zip(names, per_name, truncated)}
+        return {name: _Entry(feature, cut) for name, feature, cut in zip(names, per_name, truncated, strict=True)}
 
     def _eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(P, context)`` tokens -> ``(P,)`` position pooled by the text tower (end of text)."""
@@ -279,22 +313,46 @@ class TextFeatureCache:
         return x
 
 
-def encode_vocabulary(classes: Sequence[Sequence[str]], cache: TextFeatureCache) -> Vocabulary:
+def encode_vocabulary(classes: Sequence[Sequence[str]], cache: TextFeatureCache, chunk_names: int | None = None,
+                      progress: Callable[[int, int], None] | None = None,
+                      cancelled: Callable[[], bool] | None = None) -> Vocabulary:
     """Text features of every name of ``classes`` (e.g. ``parse_vocabulary(text).classes``).
+
+    Args:
+        classes: names per class.
+        cache: the text features cache that encodes missing names.
+        chunk_names: encode at most this many names at a time (None: all at once); between
+            chunks, ``progress`` is told and ``cancelled`` asked.
+        progress: ``progress(names_done, names_total)`` after each chunk.
+        cancelled: ``cancelled() -> True`` stops the encoding at the next chunk boundary.
+
+    Returns:
+        The vocabulary; its ``text_features`` are ``(N, E)`` for the N names, class by class.
 
     Raises:
         VocabularyError: no class, or a class without names.
+        EncodingCancelledError: ``cancelled()`` returned True (names of finished chunks stay cached).
     """
     if not classes or not all(classes):
         raise VocabularyError('every class needs at least one name, and there must be a class')
     all_names = [name for names in classes for name in names]
-    found = cache.lookup(all_names)
+    step = len(all_names) if chunk_names is None else max(1, chunk_names)
+    features, truncated = [], []
+    for start in range(0, len(all_names), step):
+        if cancelled is not None and cancelled():
+            raise EncodingCancelledError(f'stopped after {start} of {len(all_names)} names')
+        found = cache.lookup(all_names[start:start + step])
+        features.append(found.features)
+        truncated += found.truncated
+        if progress is not None:
+            progress(min(start + step, len(all_names)), len(all_names))
+    text_features = torch.cat(features)
     name_to_class = torch.tensor([k for k, names in enumerate(classes) for _ in names],
-                                 dtype=torch.long, device=found.features.device)
+                                 dtype=torch.long, device=text_features.device)
     warnings = [f'name {_shorten(name)!r} is too long: its prompts were truncated to the text context'
-                for name in found.truncated]
+                for name in dict.fromkeys(truncated)]
     return Vocabulary(classes=[list(names) for names in classes],
                       names=['; '.join(names) for names in classes],
-                      text_features=found.features,
+                      text_features=text_features,
                       name_to_class=name_to_class,
                       warnings=warnings)
