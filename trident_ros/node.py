@@ -50,6 +50,7 @@ from std_msgs.msg import Header, String
 from trident_ros import conversions
 from trident_ros.config import ConfigError, TridentConfig
 from trident_ros.conversions import ImageConversionError
+from trident_ros.depth_io import DEPTH_FIELDS, DepthCounts, DepthIO
 from trident_ros.labelling import Segmentation
 from trident_ros.msg import ClassMaskArray, VocabularyInfo
 from trident_ros.pipeline import MODEL_FIELDS, ImageFeatures, TridentPipeline
@@ -165,6 +166,9 @@ class TridentNode(LifecycleNode):
         self._latched_vocabulary_sub: Subscription | None = None
         self._latch_watch: Any = None  # timer looking for latched vocabulary publishers while active
         self._image_group = MutuallyExclusiveCallbackGroup()
+        self._depth: DepthIO | None = None  # with use_depth, while active
+        self._depth_counts = DepthCounts()
+        self._depth_group = MutuallyExclusiveCallbackGroup()
         self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._diag_timer = self.create_timer(1.0, self._publish_diagnostics,
                                              callback_group=MutuallyExclusiveCallbackGroup())
@@ -287,6 +291,10 @@ class TridentNode(LifecycleNode):
             with self._io_lock:
                 if self._image_sub is not None:
                     self._create_image_subscription()
+        if names & (DEPTH_FIELDS | {'image_qos'}):
+            with self._io_lock:
+                if self._image_sub is not None:
+                    self._create_depth_io()
 
     def _apply_config_change(self, changed: list[str]) -> None:
         reload = [name for name in changed if name in MODEL_FIELDS]
@@ -294,6 +302,8 @@ class TridentNode(LifecycleNode):
         with self._pipe_lock:
             if self._pipeline is not None and live:
                 self._pipeline.apply_label_config(self._config_from_parameters(check_unchanged_files=False))
+        if 'prob_thd' in live:
+            self._publish_vocabulary_info()  # LabelInfo.threshold
         if live:
             self.get_logger().info(f'applied at once: {", ".join(live)}')
             self._request_relabel()
@@ -308,6 +318,9 @@ class TridentNode(LifecycleNode):
             self.get_logger().warning(f'vocabulary: {warning}')
         self.get_logger().info(f'vocabulary: {vocabulary.num_classes} classes '
                                f'({", ".join(vocabulary.names[:8])}{", ..." if vocabulary.num_classes > 8 else ""})')
+        if vocabulary.num_classes > 255:
+            self._warn('labels:mono16', f'{vocabulary.num_classes} classes: ~/labels is mono16, which Nav2\'s '
+                       'semantic_segmentation_layer cannot read (it needs <= 255 classes, mono8)')
         self._publish_vocabulary_info()
         self._request_relabel()
 
@@ -353,6 +366,7 @@ class TridentNode(LifecycleNode):
             self._vocabulary_sub = self.create_subscription(String, '~/vocabulary', self._on_vocabulary,
                                                             VOCABULARY_QOS)
             self._create_image_subscription()
+            self._create_depth_io()
         self._watch_latched_vocabulary()
         self._latch_watch = self.create_timer(1.0, self._watch_latched_vocabulary)
         self._state = 'active'
@@ -369,6 +383,15 @@ class TridentNode(LifecycleNode):
             CompressedImage if compressed else Image, 'image/compressed' if compressed else 'image',
             self._on_image, qos, callback_group=self._image_group)
         self.get_logger().info(f'subscribed to {self._image_sub.topic_name} ({self.get_parameter("image_qos").value})')
+
+    def _create_depth_io(self) -> None:
+        """(Re)make the depth subscriptions and 3D publishers when ``use_depth`` is on (under _io_lock)."""
+        if self._depth is not None:
+            self._depth.destroy()
+            self._depth = None
+        if self.get_parameter('use_depth').value:
+            qos = QoSProfile(depth=5, reliability=IMAGE_QOS_PROFILES[self.get_parameter('image_qos').value].reliability)
+            self._depth = DepthIO(self, qos, OUTPUT_QOS, self._depth_counts, self._warn, self._depth_group)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._remove_io()
@@ -401,6 +424,9 @@ class TridentNode(LifecycleNode):
                 if sub is not None:
                     self.destroy_subscription(sub)
             self._image_sub = self._vocabulary_sub = self._latched_vocabulary_sub = None
+            if self._depth is not None:
+                self._depth.destroy()
+                self._depth = None
             for pub in self._pubs.values():
                 self.destroy_publisher(pub)
             self._pubs = {}
@@ -500,7 +526,7 @@ class TridentNode(LifecycleNode):
     def _process(self, frame: Frame) -> None:
         if self._pipeline is None or self._state != 'active':
             return
-        if not self._wanted_outputs():
+        if not self._wanted_outputs() and not (self._depth is not None and self._depth.has_subscribers()):
             self._stats.skipped_no_subscribers += 1
             return
         start = time.monotonic()
@@ -549,6 +575,9 @@ class TridentNode(LifecycleNode):
         header = last.header
         messages: dict[str, Any] = {}
         wanted = self._wanted_outputs()
+        depth = self._depth
+        frame_3d = depth.compute(header, seg) if depth is not None else None
+        points = frame_3d.classes if frame_3d is not None else None
         if 'segmentation' in wanted:
             messages['segmentation'] = conversions.array_to_image(seg.overlay(last.rgb), 'rgb8', header)
         if 'labels' in wanted:
@@ -556,11 +585,14 @@ class TridentNode(LifecycleNode):
         if 'confidence' in wanted:
             messages['confidence'] = conversions.confidence_to_image(seg.confidence, header)
         if 'masks' in wanted:
-            messages['masks'] = conversions.class_masks_to_msg(seg.masks, seg.vocabulary, header)
+            messages['masks'] = conversions.class_masks_to_msg(seg.masks, seg.vocabulary, header, points,
+                                                               frame_3d.frame_id if frame_3d is not None else '')
         with self._io_lock:
             for name, msg in messages.items():
                 if name in self._pubs:
                     self._pubs[name].publish(msg)
+            if frame_3d is not None and depth is self._depth:
+                depth.publish(frame_3d, seg, first_names(vocabulary), header)
         now = time.monotonic()
         timings = {**timings, **seg.timings, 'publish': now - published, 'total': now - start}
         self._stats.latency = (header.frame_id, f'{header.stamp.sec}.{header.stamp.nanosec:09d}',
@@ -578,7 +610,7 @@ class TridentNode(LifecycleNode):
                 self._pubs['vocabulary_info'].publish(conversions.vocabulary_info(vocabulary.names, colors, header))
             if 'label_info' in self._pubs:
                 self._pubs['label_info'].publish(
-                    conversions.label_info(vocabulary.names, self.get_parameter('prob_thd').value, header))
+                    conversions.label_info(first_names(vocabulary), self.get_parameter('prob_thd').value, header))
 
     # ------------------------------------------------------------------ diagnostics
     def _warn(self, kind: str, message: str) -> None:
@@ -635,6 +667,10 @@ class TridentNode(LifecycleNode):
             'image_side_reuses': pipeline.image_side_reuses if pipeline is not None else 0,
             'vocabulary_size': vocabulary.num_classes if vocabulary is not None else 0,
             'image_decoder': conversions.IMAGE_BACKEND,
+            'depth_frames_3d': self._depth_counts.with_3d,
+            'depth_frames_2d_only': self._depth_counts.no_matching_depth,
+            'depth_frames_foreign_frame': self._depth_counts.foreign_frame,
+            'depth_refused': self._depth_counts.refused,
         }
         frame_id, stamp, latency_ms = stats.latency
         if latency_ms:  # which frame the latencies describe (frame_id and stamp of its header)
@@ -654,6 +690,11 @@ class TridentNode(LifecycleNode):
             self._work.notify()
         self._worker.join(timeout)
         return not self._worker.is_alive()
+
+
+def first_names(vocabulary: Vocabulary) -> list[str]:
+    """The first name of each class (what a user writes in Nav2's ``classes``), class id k at k - 1."""
+    return [names[0] for names in vocabulary.classes]
 
 
 def message_kind(error: Exception | str) -> str:
