@@ -349,3 +349,25 @@ def test_garbage_depth_never_crashes(node, sender, topics, case):
         assert int(diagnostics(topics, since)['depth_refused']) >= 1
         assert 'depth refused, no 3D' in node.output()
     assert node.alive()
+
+
+# ------------------------------------------------------------------ the launch file
+def test_demo_launch_with_use_depth_publishes_labelled_points(tmp_path):
+    """``ros2 launch ... demo:=true use_depth:=true``: the fake camera's depth reaches the node."""
+    domain = fresh_domain_id()
+    client = TestNode(domain, 'depth_launch_test')
+    try:
+        clouds = client.subscribe(PointCloud2, f'{NODE}/points')
+        masks = client.subscribe(ClassMaskArray, f'{NODE}/masks')
+        process = RosProcess(['ros2', 'launch', 'trident_ros', 'trident.launch.py', 'demo:=true', 'use_depth:=true',
+                              'random_weights:=true', 'model_scale:=tiny', 'device:=cpu'],
+                             ros_env(domain, tmp_path), tmp_path / 'launch.log')
+        try:
+            cloud = clouds.wait_for(lambda m: (m.width, m.height) == (640, 480), 120)
+            assert cloud is not None, process.output()[-3000:]
+            assert masks.wait_for(lambda m: key(m) == key(cloud) and m.frame_3d == 'camera', 10), process.output()
+            assert np.isfinite(cloud_fields(cloud)['z']).mean() > 0.9
+        finally:
+            assert process.stop() == 0, process.output()
+    finally:
+        client.close()
