@@ -111,9 +111,10 @@ def cloud_msg(cloud: np.ndarray, header: Header) -> PointCloud2:
     height, width = cloud.shape
     fields = [PointField(name=name, offset=offset, datatype=POINT_FIELD_TYPES[dtype], count=1)
               for name, (dtype, offset) in CLOUD_DTYPE.fields.items()]
-    return PointCloud2(header=header, height=height, width=width, fields=fields, is_bigendian=sys.byteorder == 'big',
-                       point_step=CLOUD_DTYPE.itemsize, row_step=CLOUD_DTYPE.itemsize * width, is_dense=False,
-                       data=cloud.tobytes())
+    msg = PointCloud2(header=header, height=height, width=width, fields=fields, is_bigendian=sys.byteorder == 'big',
+                      point_step=CLOUD_DTYPE.itemsize, row_step=CLOUD_DTYPE.itemsize * width, is_dense=False)
+    msg.data = cloud.tobytes()  # set afterwards: bytes take rclpy's fast path here, not in the constructor
+    return msg
 
 
 def detections_msg(frame: Frame3D, seg: Segmentation, names: Sequence[str], header: Header) -> Any:

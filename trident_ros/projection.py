@@ -135,26 +135,38 @@ def class_points(labels: np.ndarray, points: np.ndarray) -> dict[int, ClassPoint
     """Per-class statistics of ``points (H, W, 3)`` grouped by ``labels (H, W)``.
 
     Every class present in ``labels`` gets an entry (0 = unlabeled is skipped); one without valid
-    points has ``num_points == 0``. One sort of the valid pixels by label, then per class a partition.
+    points has ``num_points == 0``. Percentiles are NumPy's (linear interpolation). The valid pixels
+    are ordered by label once (a radix sort); then each axis of each class is one sort of a
+    contiguous float32 run (NumPy's SIMD sort), which is faster than a multi-point partition.
     """
     flat_labels = labels.reshape(-1)
-    present = np.unique(flat_labels)
-    flat_points = points.reshape(-1, 3)
-    valid = np.isfinite(flat_points[:, 2]) & (flat_labels > 0)
+    present = np.flatnonzero(np.bincount(flat_labels))
+    valid = np.flatnonzero(np.isfinite(points[..., 2]).reshape(-1) & (flat_labels > 0))
     valid_labels = flat_labels[valid]
-    order = np.argsort(valid_labels, kind='stable')  # radix sort for 8/16-bit labels
-    sorted_points = flat_points[valid][order]
-    ids, starts, counts = np.unique(valid_labels[order], return_index=True, return_counts=True)
-    found = {int(i): (int(s), int(c)) for i, s, c in zip(ids, starts, counts, strict=True)}
+    order = valid[np.argsort(valid_labels, kind='stable')]
+    flat_points = points.reshape(-1, 3)
+    axes = [flat_points[:, axis].take(order) for axis in range(3)]  # contiguous, grouped by class
+    counts = np.bincount(valid_labels, minlength=len(present) and int(present[-1]) + 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     out: dict[int, ClassPoints] = {}
     for class_id in (int(c) for c in present if c > 0):
-        if class_id not in found:
+        count = int(counts[class_id])
+        if count == 0:
             out[class_id] = ClassPoints(class_id, np.zeros(3, np.float32), np.zeros(3, np.float32), 0)
             continue
-        start, count = found[class_id]
-        low, median, high = np.percentile(sorted_points[start:start + count], (5.0, 50.0, 95.0), axis=0)
-        out[class_id] = ClassPoints(class_id, median.astype(np.float32), (high - low).astype(np.float32), count)
+        runs = [np.sort(axis[starts[class_id]:starts[class_id] + count]) for axis in axes]
+        low, median, high = (np.array([percentile_of_sorted(run, q) for run in runs], dtype=np.float32)
+                             for q in (5.0, 50.0, 95.0))
+        out[class_id] = ClassPoints(class_id, median, high - low, count)
     return out
+
+
+def percentile_of_sorted(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` of an already sorted non-empty 1-D array (linear interpolation)."""
+    position = q / 100.0 * (len(values) - 1)
+    low = int(position)
+    high = min(low + 1, len(values) - 1)
+    return float(values[low]) + (float(values[high]) - float(values[low])) * (position - low)
 
 
 def packed_colors(colors: np.ndarray) -> np.ndarray:
@@ -180,9 +192,10 @@ def cloud_points(points: np.ndarray, labels: np.ndarray, confidence: np.ndarray,
     height, width = labels.shape
     if points.shape != (height, width, 3) or confidence.shape != (height, width):
         raise ValueError(f'points {points.shape}, labels {labels.shape}, confidence {confidence.shape} differ')
-    cloud = np.zeros((height, width), dtype=CLOUD_DTYPE)  # zeros: the padding bytes are defined
-    cloud['x'], cloud['y'], cloud['z'] = points[..., 0], points[..., 1], points[..., 2]
-    cloud['label'] = labels
-    cloud['confidence'] = confidence
-    cloud['rgb'] = packed_colors(colors)[labels]
+    cloud = np.empty((height, width), dtype=CLOUD_DTYPE)
+    words = cloud.view(np.float32).reshape(height, width, 6)  # every 4-byte word of a point
+    words[..., :3] = points
+    words[..., 3] = labels.astype('<u4').view(np.float32)  # label (little-endian uint16) + zero padding
+    words[..., 4] = confidence
+    words[..., 5] = np.take(packed_colors(colors), labels)
     return cloud
