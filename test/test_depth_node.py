@@ -14,8 +14,10 @@ import pytest
 from ros_helpers import (BEST_EFFORT, LATCHED, RELIABLE, ROOT, RosProcess, TestNode, fresh_domain_id, ros_env,
                          wait_until)
 
+import yaml
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import Point, Vector3
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
@@ -23,8 +25,10 @@ from sensor_msgs_py import point_cloud2
 from std_msgs.msg import Header, String
 from vision_msgs.msg import Detection3DArray, LabelInfo
 
+from trident_ros.demo import summary_3d_line
 from trident_ros.fake_camera import synthetic_depth, synthetic_intrinsics
-from trident_ros.msg import ClassMaskArray
+from trident_ros.msg import ClassMask, ClassMaskArray
+from trident_ros.vocabulary import parse_vocabulary
 
 pytestmark = pytest.mark.ros
 NODE = '/trident'
@@ -371,3 +375,28 @@ def test_demo_launch_with_use_depth_publishes_labelled_points(tmp_path):
             assert process.stop() == 0, process.output()
     finally:
         client.close()
+
+
+def test_nav2_layer_example_is_wired_to_the_node_topics_and_its_classes():
+    config = yaml.safe_load((ROOT / 'config' / 'nav2_semantic_layer.yaml').read_text())
+    parameters = config['local_costmap']['local_costmap']['ros__parameters']
+    layer = parameters['semantic_segmentation_layer']
+    assert 'semantic_segmentation_layer' in parameters['plugins']
+    assert layer['plugin'] == 'semantic_segmentation_layer::SemanticSegmentationLayer'
+    source = layer[layer['observation_sources']]
+    assert {source[k] for k in ('segmentation_topic', 'confidence_topic', 'labels_topic', 'pointcloud_topic')} == {
+        f'{NODE}/labels', f'{NODE}/confidence', f'{NODE}/label_info', f'{NODE}/points'}
+    trident = yaml.safe_load((ROOT / 'config' / 'trident.yaml').read_text())['/**/trident']['ros__parameters']
+    first_names = {names[0] for names in parse_vocabulary(trident['vocabulary']).classes}
+    classes = [name for kind in source['class_types'] for name in source[kind]['classes']]
+    assert classes and set(classes) <= first_names and len(classes) == len(set(classes))
+
+
+def test_demo_3d_summary_line():
+    msg = ClassMaskArray(frame_3d='camera', masks=[
+        ClassMask(label='door', class_id=1, num_points=10, position=Point(x=0.5, y=-0.25, z=2.0),
+                  size=Vector3(x=1.0, y=2.0, z=0.25)),
+        ClassMask(label='wall', class_id=2, num_points=0)])
+    assert summary_3d_line(1, msg) == ('frame 1 3D (camera): door at (0.50, -0.25, 2.00) m, '
+                                       'extent 1.0 x 2.0 x 0.2 m, 10 points')
+    assert summary_3d_line(2, ClassMaskArray()) == 'frame 2 3D (no depth): no points'
