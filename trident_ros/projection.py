@@ -141,13 +141,12 @@ def class_points(labels: np.ndarray, points: np.ndarray) -> dict[int, ClassPoint
     """
     flat_labels = labels.reshape(-1)
     present = np.flatnonzero(np.bincount(flat_labels))
-    valid = np.flatnonzero(np.isfinite(points[..., 2]).reshape(-1) & (flat_labels > 0))
-    valid_labels = flat_labels[valid]
-    order = valid[np.argsort(valid_labels, kind='stable')]
+    valid_labels = np.where(np.isfinite(points[..., 2]).reshape(-1), flat_labels, 0)  # no depth: as unlabeled
+    counts = np.bincount(valid_labels, minlength=int(present[-1]) + 1 if len(present) else 1)
+    starts = np.cumsum(counts) - counts
+    order = np.argsort(valid_labels, kind='stable')  # every pixel; the run of label 0 is never read
     flat_points = points.reshape(-1, 3)
     axes = [flat_points[:, axis].take(order) for axis in range(3)]  # contiguous, grouped by class
-    counts = np.bincount(valid_labels, minlength=len(present) and int(present[-1]) + 1)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     out: dict[int, ClassPoints] = {}
     for class_id in (int(c) for c in present if c > 0):
         count = int(counts[class_id])
