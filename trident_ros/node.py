@@ -578,6 +578,7 @@ class TridentNode(LifecycleNode):
         depth = self._depth
         frame_3d = depth.compute(header, seg) if depth is not None else None
         points = frame_3d.classes if frame_3d is not None else None
+        depth_seconds = time.monotonic() - published  # 3D statistics, plus ~/points etc. below (within publish)
         if 'segmentation' in wanted:
             messages['segmentation'] = conversions.array_to_image(seg.overlay(last.rgb), 'rgb8', header)
         if 'labels' in wanted:
@@ -592,9 +593,10 @@ class TridentNode(LifecycleNode):
                 if name in self._pubs:
                     self._pubs[name].publish(msg)
             if frame_3d is not None and depth is self._depth:
-                depth.publish(frame_3d, seg, first_names(vocabulary), header)
+                depth_seconds += depth.publish(frame_3d, seg, first_names(vocabulary), header)
         now = time.monotonic()
-        timings = {**timings, **seg.timings, 'publish': now - published, 'total': now - start}
+        timings = {**timings, **seg.timings, 'publish': now - published, 'total': now - start,
+                   **({'depth_3d': depth_seconds} if depth is not None else {})}
         self._stats.latency = (header.frame_id, f'{header.stamp.sec}.{header.stamp.nanosec:09d}',
                                {name: round(seconds * 1000.0, 2) for name, seconds in timings.items()})
         self._stats.done.append(time.monotonic())
