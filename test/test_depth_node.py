@@ -20,6 +20,8 @@ from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Point, Vector3
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
+from rcl_interfaces.srv import SetParameters
+from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from sensor_msgs_py import point_cloud2
 from std_msgs.msg import Header, String
@@ -147,7 +149,7 @@ def diagnostics(topics, since: float) -> dict[str, str]:
 
 
 def send(sender, topics, depth: Image | None = None, info: CameraInfo | None = None, frame_id: str = 'camera',
-         names=('labels', 'masks'), timeout: float = 60.0) -> tuple[tuple[int, int], dict]:
+         names=('labels', 'masks'), timeout: float = 60.0, depth_offset_ns: int = 0) -> tuple[tuple[int, int], dict]:
     """Publish depth/info (if given), then a SMALL colour frame, all with one fresh stamp.
 
     Sent again every 3 s until the outputs ``names`` for that stamp arrived; returns the stamp and them.
@@ -159,7 +161,7 @@ def send(sender, topics, depth: Image | None = None, info: CameraInfo | None = N
                   step=width * 3, data=rgb.tobytes())
     for msg in (depth, info):
         if msg is not None:
-            msg.header.stamp = stamp
+            msg.header.stamp = Time(sec=stamp.sec, nanosec=stamp.nanosec + depth_offset_ns)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for msg, pub in ((depth, sender['depth']), (info, sender['info'])):
@@ -355,6 +357,21 @@ def test_garbage_depth_never_crashes(node, sender, topics, case):
         assert int(diagnostics(topics, since)['depth_refused']) >= 1
         assert 'depth refused, no 3D' in node.output()
     assert node.alive()
+
+
+def test_depth_within_the_slop_matches_and_exact_sync_needs_equal_stamps(node, client, sender, topics):
+    height, width = SMALL
+
+    def frame(offset_ns: int) -> tuple[tuple[int, int], dict]:
+        return send(sender, topics, depth_msg(synthetic_depth(height, width), '16UC1'), info_msg(height, width),
+                    depth_offset_ns=offset_ns)
+
+    assert frame(20_000_000)[1]['masks'].frame_3d == 'camera'  # 20 ms apart: within sync_slop (0.1 s)
+    request = SetParameters.Request(parameters=[Parameter('exact_sync', value=True).to_parameter_msg()])
+    assert client.call(SetParameters, f'{NODE}/set_parameters', request).results[0].successful
+    assert node.wait_for_output('(exact stamps)', 10.0)  # the depth subscriptions were made again
+    assert frame(20_000_000)[1]['masks'].frame_3d == ''
+    assert frame(0)[1]['masks'].frame_3d == 'camera'
 
 
 # ------------------------------------------------------------------ the launch file
