@@ -28,7 +28,9 @@ from std_msgs.msg import Header, String
 from vision_msgs.msg import Detection3DArray, LabelInfo
 
 from trident_ros.demo import summary_3d_line
+from trident_ros.depth_io import RECENT_DEPTHS, DepthCounts, DepthIO
 from trident_ros.fake_camera import synthetic_depth, synthetic_intrinsics
+from trident_ros.labelling import Segmentation, class_masks
 from trident_ros.msg import ClassMask, ClassMaskArray
 from trident_ros.vocabulary import parse_vocabulary
 
@@ -372,6 +374,54 @@ def test_depth_within_the_slop_matches_and_exact_sync_needs_equal_stamps(node, c
     assert node.wait_for_output('(exact stamps)', 10.0)  # the depth subscriptions were made again
     assert frame(20_000_000)[1]['masks'].frame_3d == ''
     assert frame(0)[1]['masks'].frame_3d == 'camera'
+
+
+def test_the_frame_in_progress_keeps_its_depth_while_newer_depth_arrives(tmp_path):
+    """A slow pipeline keeps the depth of the frame it processes.
+
+    That depth (pinned when the worker takes the frame), even one that arrives after that, survives
+    more newer depth pairs than are kept.
+    """
+    client = TestNode(fresh_domain_id(), 'depth_io_test')
+    try:
+        for name, value in (('sync_slop', 0.1), ('exact_sync', False), ('depth_scale', 0.001), ('min_depth', 0.0),
+                            ('max_depth', 20.0)):
+            client.node.declare_parameter(name, value)
+        warnings: list[str] = []
+        depth_io = DepthIO(client.node, RELIABLE, RELIABLE, DepthCounts(), lambda kind, text: warnings.append(text))
+        depth_pub, info_pub = client.publisher(Image, '/depth'), client.publisher(CameraInfo, '/depth/camera_info')
+        height, width = SMALL
+        labels = np.ones(SMALL, np.uint8)
+        seg = Segmentation(labels, np.ones(SMALL, np.float32), class_masks(labels, np.ones(SMALL), ['floor']),
+                           ['floor'])
+        wait_until(lambda: depth_pub.get_subscription_count() and info_pub.get_subscription_count(), 10.0)
+
+        def publish(sec: int) -> None:
+            depth, info = depth_msg(synthetic_depth(height, width), '16UC1'), info_msg(height, width)
+            depth.header.stamp = info.header.stamp = Time(sec=sec)
+            depth_pub.publish(depth)
+            info_pub.publish(info)
+            time.sleep(0.05)
+
+        early, late = Header(stamp=Time(sec=10), frame_id='camera'), Header(stamp=Time(sec=20), frame_id='camera')
+        publish(10)
+        time.sleep(0.5)
+        depth_io.pin(early)  # the worker takes a frame whose depth is there
+        for sec in range(11, 11 + RECENT_DEPTHS + 2):
+            publish(sec)
+        time.sleep(0.5)
+        assert depth_io.compute(early, seg) is not None, warnings
+        depth_io.pin(late)  # the worker takes a frame whose depth comes later
+        publish(20)
+        for sec in range(21, 21 + RECENT_DEPTHS + 2):
+            publish(sec)
+        time.sleep(0.5)
+        frame = depth_io.compute(late, seg)
+        assert frame is not None and frame.classes[1].num_points > 0, warnings
+        assert depth_io.compute(Header(stamp=Time(sec=11), frame_id='camera'), seg) is None  # evicted, not pinned
+        depth_io.destroy()
+    finally:
+        client.close()
 
 
 # ------------------------------------------------------------------ the launch file

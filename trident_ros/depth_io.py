@@ -3,9 +3,10 @@
 With ``use_depth`` the node subscribes ``depth`` (sensor_msgs/Image: ``16UC1`` in units of
 ``depth_scale`` metres, or ``32FC1`` metres, REP 118) and ``depth/camera_info``, paired by
 message_filters (``ApproximateTimeSynchronizer`` with ``sync_slop``, or ``TimeSynchronizer`` with
-``exact_sync``); the last pairs are kept. When a segmented frame is published, the pair whose stamp
-is nearest the colour image's (within ``sync_slop``, or equal with ``exact_sync``) gives its 3D; a
-frame without one is published in 2D only and counted. The colour image keeps the node's
+``exact_sync``); the last pairs are kept, and the frame being processed holds on to its match
+(:meth:`DepthIO.pin`). When a segmented frame is published, the pair whose stamp is nearest the
+colour image's (within ``sync_slop``, or equal with ``exact_sync``) gives its 3D; a frame without
+one is published in 2D only and counted. The colour image keeps the node's
 newest-frame-only rule: depth never holds a frame back.
 
 The depth must be registered to the colour image (same optical frame, e.g. a RealSense
@@ -138,6 +139,11 @@ def detections_msg(frame: Frame3D, seg: Segmentation, names: Sequence[str], head
     return out
 
 
+def nanoseconds(header: Header) -> int:
+    """A header's stamp in nanoseconds."""
+    return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
+
+
 def point(xyz: np.ndarray) -> Point:
     """``(3,)`` -> geometry_msgs/Point."""
     return Point(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2]))
@@ -168,6 +174,8 @@ class DepthIO:
         self._exact = bool(node.get_parameter('exact_sync').value)
         self._lock = threading.Lock()
         self._recent: collections.deque[tuple[Image, CameraInfo]] = collections.deque(maxlen=RECENT_DEPTHS)
+        self._pinned_stamp: int | None = None  # stamp (ns) of the frame being processed
+        self._pinned: tuple[Image, CameraInfo] | None = None  # its best depth pair so far, kept from eviction
         self._subs = [message_filters.Subscriber(node, Image, 'depth', qos_profile=qos, callback_group=callback_group),
                       message_filters.Subscriber(node, CameraInfo, 'depth/camera_info', qos_profile=qos,
                                                  callback_group=callback_group)]
@@ -191,29 +199,44 @@ class DepthIO:
             self._node.destroy_publisher(self._detections_pub)
         with self._lock:
             self._recent.clear()
+            self._pinned_stamp, self._pinned = None, None
 
     def has_subscribers(self) -> bool:
         """Whether anybody subscribes to ``~/points`` or ``~/detections_3d``."""
         pubs = [p for p in (self._points_pub, self._detections_pub) if p is not None]
         return any(p.get_subscription_count() > 0 for p in pubs)
 
+    def pin(self, header: Header) -> None:
+        """Hold on to the depth of the frame the worker starts processing.
+
+        Its match (from the kept pairs, or from depth arriving later within the slop) is not pushed
+        out by newer depth while the pipeline runs, however long that takes.
+        """
+        stamp = nanoseconds(header)
+        with self._lock:
+            self._pinned_stamp = stamp
+            self._pinned = self._nearest(stamp, list(self._recent))
+
     def _on_depth(self, depth: Image, info: CameraInfo) -> None:
         with self._lock:
             self._recent.append((depth, info))
+            if self._pinned_stamp is not None:
+                self._pinned = self._nearest(self._pinned_stamp, [p for p in (self._pinned, (depth, info)) if p])
 
-    def _match(self, header: Header) -> tuple[Image, CameraInfo] | None:
-        """The kept depth pair whose stamp is nearest ``header``'s, if within the slop (equal: exact)."""
-        stamp = header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
-        with self._lock:
-            pairs = list(self._recent)
-        best, best_dt = None, None
-        for pair in pairs:
-            dt = abs(pair[0].header.stamp.sec * 1_000_000_000 + pair[0].header.stamp.nanosec - stamp)
-            if best_dt is None or dt < best_dt:
-                best, best_dt = pair, dt
-        if best is None or best_dt > (0 if self._exact else self._slop * 1e9):
+    def _nearest(self, stamp: int, pairs: list[tuple[Image, CameraInfo]]) -> tuple[Image, CameraInfo] | None:
+        """The pair whose depth stamp is nearest ``stamp`` (ns), if within the slop (equal: exact)."""
+        best = min(pairs, key=lambda pair: abs(nanoseconds(pair[0].header) - stamp), default=None)
+        if best is None or abs(nanoseconds(best[0].header) - stamp) > (0 if self._exact else self._slop * 1e9):
             return None
         return best
+
+    def _match(self, header: Header) -> tuple[Image, CameraInfo] | None:
+        """The depth pair for ``header``: the pinned one for the pinned frame, else the nearest kept."""
+        stamp = nanoseconds(header)
+        with self._lock:
+            if stamp == self._pinned_stamp and self._pinned is not None:
+                return self._pinned
+            return self._nearest(stamp, list(self._recent))
 
     def compute(self, header: Header, seg: Segmentation) -> Frame3D | None:
         """The 3D of a segmented frame, or None (counted, warned where the depth is unusable)."""

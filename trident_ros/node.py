@@ -540,6 +540,8 @@ class TridentNode(LifecycleNode):
             self._warn(f'image:{error.reason}', f'image refused: {error}')
             return
         timings = {'queue': start - frame.received, 'conversion': time.monotonic() - start}
+        if self._depth is not None:
+            self._depth.pin(frame.msg.header)
         if self._fault_frame_id and frame.msg.header.frame_id == self._fault_frame_id:
             raise torch.cuda.OutOfMemoryError(f'simulated by {FAULT_FRAME_ID_ENV} (test hook)')
         with self._pipe_lock:
