@@ -56,6 +56,12 @@ def _arguments(share: str) -> list[DeclareLaunchArgument]:
         DeclareLaunchArgument('demo', default_value='false', choices=['true', 'false'],
                               description='also start fake_camera publishing the bundled sample images'),
         DeclareLaunchArgument('log_level', default_value='info', description='log level of the node'),
+        DeclareLaunchArgument('use_depth', default_value='', choices=['', 'true', 'false'],
+                              description='subscribe registered depth and publish ~/points, 3D masks and '
+                                          '~/detections_3d (and, with demo, a synthetic depth); empty: config_file'),
+        DeclareLaunchArgument('depth_topic', default_value='/camera/depth/image_raw',
+                              description='registered depth topic the node\'s "depth" input is remapped to; its '
+                                          'camera_info is <its namespace>/camera_info'),
     ]
 
 
@@ -82,11 +88,16 @@ def _nodes(context: LaunchContext) -> list:
             overrides[name] = ParameterValue(arg(name), value_type=str)
     if arg('random_weights'):
         overrides['random_weights'] = arg('random_weights') == 'true'
+    if arg('use_depth'):
+        overrides['use_depth'] = arg('use_depth') == 'true'
     image_topic = arg('image_topic')
+    depth_topic = arg('depth_topic')
+    depth_remappings = [('depth', depth_topic), ('depth/camera_info', depth_topic.rsplit('/', 1)[0] + '/camera_info')]
     trident = LifecycleNode(
         package=PACKAGE, executable='trident_node', name='trident', namespace=arg('namespace'),
         parameters=[arg('config_file'), overrides],
-        remappings=[('image', image_topic), ('image/compressed', image_topic.rstrip('/') + '/compressed')],
+        remappings=[('image', image_topic), ('image/compressed', image_topic.rstrip('/') + '/compressed'),
+                    *depth_remappings],
         arguments=['--ros-args', '--log-level', arg('log_level')],
         output="screen")
     actions = [trident]
@@ -104,7 +115,9 @@ def _nodes(context: LaunchContext) -> list:
     share = get_package_share_directory(PACKAGE)
     actions += [
         Node(package=PACKAGE, executable='fake_camera', name='fake_camera', namespace=arg('namespace'),
-             remappings=[('image', image_topic)], output='screen', condition=IfCondition(arg('demo'))),
+             parameters=[{'depth': arg('use_depth') == 'true'}],
+             remappings=[('image', image_topic), *depth_remappings], output='screen',
+             condition=IfCondition(arg('demo'))),
         Node(package='rviz2', executable='rviz2', name='rviz2',
              arguments=['-d', os.path.join(share, 'config', 'trident.rviz')],
              output='screen', condition=IfCondition(arg('use_rviz'))),

@@ -47,7 +47,8 @@ def test_launch_description_declares_the_arguments():
     description = load_launch_module().generate_launch_description()
     arguments = {a.name: a for a in description.entities if isinstance(a, DeclareLaunchArgument)}
     assert set(arguments) == {'image_topic', 'vocabulary', 'device', 'config_file', 'namespace', 'use_rviz',
-                              'autostart', 'random_weights', 'model_scale', 'demo', 'log_level'}
+                              'autostart', 'random_weights', 'model_scale', 'demo', 'log_level', 'use_depth',
+                              'depth_topic'}
     assert arguments['autostart'].default_value[0].text == 'true'
     config_default = Path(arguments['config_file'].default_value[0].text)
     assert config_default.name == 'trident.yaml' and config_default.is_file()
@@ -96,11 +97,11 @@ def test_yaml_has_every_parameter_with_reference_defaults_and_a_comment():
         assert commented, f'{name} has no comment'
 
 
-def rviz_topics() -> list[str]:
+def rviz_topics(display_class: str = 'rviz_default_plugins/Image') -> list[str]:
     config = yaml.safe_load(RVIZ_FILE.read_text())
     displays = config['Visualization Manager']['Displays']
-    assert all(d['Class'] == 'rviz_default_plugins/Image' for d in displays)
-    return [d['Topic']['Value'] for d in displays]
+    assert {d['Class'] for d in displays} <= {'rviz_default_plugins/Image', 'rviz_default_plugins/PointCloud2'}
+    return [d['Topic']['Value'] for d in displays if d['Class'] == display_class]
 
 
 def test_rviz_config_parses_and_names_the_input_and_node_outputs():
@@ -109,6 +110,12 @@ def test_rviz_config_parses_and_names_the_input_and_node_outputs():
     assert topics[0] == image_topic.default_value[0].text
     assert {'/trident/segmentation', '/trident/labels'} <= set(topics)
     assert set(topics[1:]) <= {f'/trident/{name}' for name in OUTPUTS}
+
+
+def test_rviz_config_shows_the_points_coloured_by_class():
+    config = yaml.safe_load(RVIZ_FILE.read_text())
+    [cloud] = [d for d in config['Visualization Manager']['Displays'] if d['Class'].endswith('/PointCloud2')]
+    assert cloud['Topic']['Value'] == '/trident/points' and cloud['Color Transformer'] == 'RGB8'
 
 
 @pytest.fixture

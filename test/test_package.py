@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ROS_ONLY_MODULES = {'node', 'conversions', 'fake_camera', 'demo'}
+ROS_ONLY_MODULES = {'node', 'conversions', 'depth_io', 'fake_camera', 'demo'}
 ROS_PACKAGES = ('rclpy', 'rosidl_runtime_py', 'rosidl_parser', 'sensor_msgs', 'std_msgs', 'builtin_interfaces',
-                'diagnostic_msgs', 'lifecycle_msgs', 'cv_bridge', 'rosbags', 'launch', 'launch_ros')
+                'diagnostic_msgs', 'lifecycle_msgs', 'cv_bridge', 'rosbags', 'launch', 'launch_ros', 'geometry_msgs',
+                'vision_msgs', 'message_filters', 'sensor_msgs_py')
 
 
 def run_python(code: str, cwd: Path | str = ROOT, timeout: float = 120, env: dict | None = None):
@@ -167,7 +168,8 @@ def test_package_xml_declares_runtime_dependencies():
     assert root.findtext('name') == 'trident_ros'
     depends = {e.text for e in root if e.tag in ('depend', 'exec_depend')}
     required = {'rclpy', 'sensor_msgs', 'std_msgs', 'diagnostic_msgs', 'cv_bridge', 'python3-numpy',
-                'python3-opencv', 'lifecycle_msgs', 'rosidl_default_runtime'}
+                'python3-opencv', 'lifecycle_msgs', 'rosidl_default_runtime', 'geometry_msgs', 'vision_msgs',
+                'message_filters'}
     assert required <= depends, required - depends
     pip_keys = {d for d in depends if d.endswith('-pip')}
     assert {'python3-torch-pip', 'python3-timm-pip', 'python3-open-clip-torch-pip',

@@ -142,6 +142,16 @@ class TridentConfig:
     resclip_sfr_lambda: float = field(default=0.7, metadata={'help': 'resclip: SFR weight (l_s)'})
     resclip_temp_thd: float = field(default=0.25, metadata={
         'help': 'resclip: first-pass pixels less probable than this are unsure in SFR (ADE20K setting)'})
+    # --- depth: labelled 3D (ROS node: ~/points, ClassMask 3D, ~/detections_3d) --------------------
+    use_depth: bool = field(default=False, metadata={
+        'help': 'subscribe depth (registered to the colour image, 16UC1 or 32FC1) and depth/camera_info; '
+                'publish the labelled organized cloud ~/points, 3D per ClassMask and ~/detections_3d'})
+    depth_scale: float = field(default=0.001, metadata={'help': 'metres per unit of a 16UC1 depth image (mm: 0.001)'})
+    min_depth: float = field(default=0.0, metadata={'help': 'nearer depth (metres) is no point'})
+    max_depth: float = field(default=20.0, metadata={'help': 'farther depth (metres) is no point'})
+    sync_slop: float = field(default=0.1, metadata={
+        'help': 'largest stamp difference (s) between an image and its depth; an image without one is 2D only'})
+    exact_sync: bool = field(default=False, metadata={'help': 'the depth stamp must equal the image stamp'})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -195,6 +205,12 @@ class TridentConfig:
                 fail(name, 'must be > 0')
         if self.beta < 0 or self.sam_mask_coff < 0:
             fail('beta' if self.beta < 0 else 'sam_mask_coff', 'must be >= 0')
+        if not self.depth_scale > 0:
+            fail('depth_scale', 'must be > 0')
+        if not 0.0 <= self.min_depth < self.max_depth:
+            fail('min_depth' if self.min_depth < 0 else 'max_depth', 'needs 0 <= min_depth < max_depth')
+        if self.sync_slop < 0:
+            fail('sync_slop', 'must be >= 0')
         if self.minimal_area < 1:
             fail('minimal_area', 'must be >= 1')
 

@@ -29,12 +29,13 @@ from __future__ import annotations
 import io
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 import cv2
 import numpy as np
+from geometry_msgs.msg import Point, Vector3
 from sensor_msgs.msg import CompressedImage, Image, RegionOfInterest
 from std_msgs.msg import Header
 
@@ -227,11 +228,23 @@ def confidence_to_image(confidence: np.ndarray, header: Header) -> Image:
     return array_to_image(scaled, 'mono8', header)
 
 
-def class_masks_to_msg(masks: Sequence[Any], vocabulary: Sequence[str], header: Header) -> ClassMaskArray:
-    """Per-class masks (``labelling.ClassMask``: label, class_id, score, area, bbox (x, y, w, h),
-    mask bool (h, w) cropped to bbox) as a ``trident_ros/ClassMaskArray``, masks mono8 255 inside.
+def class_masks_to_msg(masks: Sequence[Any], vocabulary: Sequence[str], header: Header,
+                       points: Mapping[int, Any] | None = None, frame_3d: str = '') -> ClassMaskArray:
+    """Per-class masks as a ``trident_ros/ClassMaskArray``, masks mono8 255 inside.
+
+    Args:
+        masks: ``labelling.ClassMask`` (label, class_id, score, area, bbox (x, y, w, h), mask bool
+            (h, w) cropped to bbox).
+        vocabulary: display name per class.
+        header: the input image's header.
+        points: ``projection.ClassPoints`` per class id (position, size, num_points), or None: no 3D.
+        frame_3d: the frame of those points (empty without 3D).
+
+    Raises:
+        ValueError: a mask does not have its bbox's shape.
     """
-    out = ClassMaskArray(header=header, vocabulary=list(vocabulary))
+    points = points or {}
+    out = ClassMaskArray(header=header, vocabulary=list(vocabulary), frame_3d=frame_3d if points else '')
     for mask in sorted(masks, key=lambda m: m.class_id):
         x, y, w, h = (int(v) for v in mask.bbox)
         pixels = np.asarray(mask.mask, dtype=bool)
@@ -241,6 +254,12 @@ def class_masks_to_msg(masks: Sequence[Any], vocabulary: Sequence[str], header: 
             label=str(mask.label), class_id=int(mask.class_id), score=float(mask.score), area=int(mask.area),
             bbox=RegionOfInterest(x_offset=x, y_offset=y, width=w, height=h),
             mask=array_to_image(pixels.astype(np.uint8) * 255, 'mono8', header)))
+        stats = points.get(int(mask.class_id))
+        if stats is not None and stats.num_points > 0:
+            out.masks[-1].num_points = int(stats.num_points)
+            out.masks[-1].position = Point(x=float(stats.position[0]), y=float(stats.position[1]),
+                                           z=float(stats.position[2]))
+            out.masks[-1].size = Vector3(x=float(stats.size[0]), y=float(stats.size[1]), z=float(stats.size[2]))
     return out
 
 

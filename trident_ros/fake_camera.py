@@ -4,7 +4,12 @@ Publishes ``image`` (sensor_msgs/Image, rgb8; remap it) at ``rate`` Hz, cycling 
 files: the bundled sample scenes (``trident_ros/data``, drawn for this package) unless files or
 folders are given as arguments or in the ``files`` parameter. Parameters: ``files`` (string array),
 ``rate`` (Hz), ``reliability`` (``best_effort`` like most camera drivers, or ``reliable``),
-``frame_id``.
+``frame_id``, ``depth``.
+
+``depth:=true`` also publishes, with the same stamp and frame, a synthetic REGISTERED depth image
+``depth`` (16UC1 millimetres) and ``depth/camera_info`` of a scene with known geometry
+(:func:`synthetic_depth`): a floor 1 m below the camera, a back wall at 6 m and two boxes whose
+front faces are at 2 m and 3.5 m, with an 8-pixel strip of invalid depth (0) at the left edge.
 
 Images over ~512 KiB need a Fast DDS profile with a large shared-memory segment in THIS process
 (``export FASTDDS_DEFAULT_PROFILES_FILE=.../config/fastdds_large_data.xml`` for Fast DDS 3.x, the same file in
@@ -15,8 +20,8 @@ from __future__ import annotations
 import itertools
 import signal
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -26,7 +31,7 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.utilities import remove_ros_args
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 
 from trident_ros.conversions import array_to_image
@@ -53,6 +58,39 @@ def expand_paths(paths: Sequence[str]) -> list[Path]:
     return found if paths else sample_images()
 
 
+CAMERA_HEIGHT_M = 1.0  # the floor is this far below the optical centre (optical y points down)
+WALL_M = 6.0
+BOXES_M = ((0.15, 0.35, 0.45, 0.80, 2.0), (0.60, 0.80, 0.35, 0.65, 3.5))
+"""(left, right, top, bottom) as fractions of the image width/height, and the face's depth in metres."""
+INVALID_COLUMNS = 8
+
+
+def synthetic_intrinsics(height: int, width: int) -> list[float]:
+    """Row-major 3x3 camera matrix of the synthetic camera: fx != fy, principal point off-centre."""
+    fx, fy = 525.0 * width / 640.0, 500.0 * height / 480.0
+    cx, cy = width / 2.0 - 0.5 + 8.0 * width / 640.0, height / 2.0 - 0.5 - 6.0 * height / 480.0
+    return [fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0]
+
+
+def synthetic_depth(height: int, width: int) -> np.ndarray:
+    """``(height, width)`` uint16 depth in millimetres of the known scene (see the module docstring).
+
+    Below the horizon the floor (``z = CAMERA_HEIGHT_M * fy / (v - cy)``), up to the wall at
+    ``WALL_M``; the boxes' fronts at their fixed depths; 0 (no depth) in the left ``INVALID_COLUMNS``.
+    """
+    k = synthetic_intrinsics(height, width)
+    fy, cy = k[4], k[5]
+    rows = np.arange(height, dtype=np.float64) - cy
+    with np.errstate(divide='ignore'):
+        floor = np.where(rows > 0, CAMERA_HEIGHT_M * fy / np.maximum(rows, 1e-9), np.inf)
+    metres = np.repeat(np.minimum(floor, WALL_M)[:, None], width, axis=1)
+    for left, right, top, bottom, depth in BOXES_M:
+        metres[int(top * height):int(bottom * height), int(left * width):int(right * width)] = depth
+    depth_mm = np.rint(metres * 1000.0).astype(np.uint16)
+    depth_mm[:, :INVALID_COLUMNS] = 0
+    return depth_mm
+
+
 def load_rgb(path: Path) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB; raises ValueError if the file cannot be read as an image."""
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -73,6 +111,8 @@ class FakeCamera(Node):
             description='best_effort (like camera drivers) or reliable')).value
         self._frame_id = self.declare_parameter('frame_id', 'camera', ParameterDescriptor(
             description='header.frame_id of the images')).value
+        self._depth = self.declare_parameter('depth', False, ParameterDescriptor(
+            description='also publish a synthetic registered depth (16UC1 mm) and its camera_info')).value
         if reliability not in RELIABILITY:
             raise ValueError(f'reliability={reliability!r}: must be one of {", ".join(RELIABILITY)}')
         if not rate > 0:
@@ -84,6 +124,9 @@ class FakeCamera(Node):
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=RELIABILITY[reliability],
                          durability=DurabilityPolicy.VOLATILE)
         self._pub = self.create_publisher(Image, 'image', qos)
+        if self._depth:
+            self._depth_pub = self.create_publisher(Image, 'depth', qos)
+            self._info_pub = self.create_publisher(CameraInfo, 'depth/camera_info', qos)
         self._timer = self.create_timer(1.0 / rate, self._publish)
         self.get_logger().info(f'publishing {len(images)} image(s) on {self._pub.topic_name} at {rate:g} Hz '
                                f'({reliability}): {", ".join(p.name for p, _ in images)}')
@@ -91,6 +134,14 @@ class FakeCamera(Node):
     def _publish(self) -> None:
         _, rgb = next(self._images)
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self._frame_id)
+        if self._depth:  # first, so that the depth is there when the image's result is published
+            height, width = rgb.shape[:2]
+            self._depth_pub.publish(array_to_image(synthetic_depth(height, width), '16UC1', header))
+            fx, _, cx, _, fy, cy = synthetic_intrinsics(height, width)[:6]
+            self._info_pub.publish(CameraInfo(
+                header=header, height=height, width=width, distortion_model='plumb_bob', d=[0.0] * 5,
+                k=[fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0], r=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+                p=[fx, 0.0, cx, 0.0, 0.0, fy, cy, 0.0, 0.0, 0.0, 1.0, 0.0]))
         self._pub.publish(array_to_image(rgb, 'rgb8', header))
 
 

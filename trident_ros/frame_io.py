@@ -23,6 +23,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from trident_ros import conversions
+from trident_ros.depth_io import Frame3D
 from trident_ros.labelling import Segmentation
 from trident_ros.msg import ClassMaskArray
 from trident_ros.pipeline import ImageFeatures
@@ -66,7 +67,8 @@ def create_outputs(node: LifecycleNode) -> dict[str, Publisher]:
             for name, msg_type in OUTPUT_TYPES.items()}
 
 
-def segmentation_messages(seg: Segmentation, last: LastFrame, num_classes: int, wanted: Set[str]) -> dict[str, Any]:
+def segmentation_messages(seg: Segmentation, last: LastFrame, num_classes: int, wanted: Set[str],
+                          frame_3d: Frame3D | None = None) -> dict[str, Any]:
     """The messages of the ``wanted`` outputs for one segmentation of ``last``, with its header.
 
     Args:
@@ -74,6 +76,8 @@ def segmentation_messages(seg: Segmentation, last: LastFrame, num_classes: int, 
         last: the frame (header, ``(H, W, 3)`` RGB).
         num_classes: classes of the vocabulary (mono16 labels past 255).
         wanted: names of :data:`OUTPUT_TYPES` to build.
+        frame_3d: the frame's 3D (``use_depth`` with a matching depth): the masks get position, size
+            and num_points per class; None: 2D masks.
 
     Returns:
         Output name -> message.
@@ -87,5 +91,7 @@ def segmentation_messages(seg: Segmentation, last: LastFrame, num_classes: int, 
     if 'confidence' in wanted:
         messages['confidence'] = conversions.confidence_to_image(seg.confidence, header)
     if 'masks' in wanted:
-        messages['masks'] = conversions.class_masks_to_msg(seg.masks, seg.vocabulary, header)
+        messages['masks'] = conversions.class_masks_to_msg(seg.masks, seg.vocabulary, header,
+                                                           frame_3d.classes if frame_3d is not None else None,
+                                                           frame_3d.frame_id if frame_3d is not None else '')
     return messages

@@ -40,6 +40,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.publisher import Publisher
+from rclpy.qos import QoSProfile
 from rclpy.subscription import Subscription
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
@@ -47,7 +48,15 @@ from std_msgs.msg import Header, String
 from trident_ros import conversions
 from trident_ros.config import ConfigError
 from trident_ros.conversions import ImageConversionError
-from trident_ros.frame_io import LastFrame, create_image_subscription, create_outputs, segmentation_messages
+from trident_ros.depth_io import DEPTH_FIELDS, DepthCounts, DepthIO
+from trident_ros.frame_io import (
+    IMAGE_QOS_PROFILES,
+    OUTPUT_QOS,
+    LastFrame,
+    create_image_subscription,
+    create_outputs,
+    segmentation_messages,
+)
 from trident_ros.frame_worker import Frame, FrameWorker
 from trident_ros.labelling import Segmentation
 from trident_ros.node_health import NodeHealth, message_kind, pipeline_values
@@ -92,6 +101,9 @@ class TridentNode(LifecycleNode):
         self._image_sub: Subscription | None = None
         self._vocabulary_topics: VocabularyTopics | None = None
         self._image_group = MutuallyExclusiveCallbackGroup()
+        self._depth: DepthIO | None = None  # with use_depth, while active
+        self._depth_counts = DepthCounts()
+        self._depth_group = MutuallyExclusiveCallbackGroup()
         self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._diag_timer = self.create_timer(1.0, self._publish_diagnostics,
                                              callback_group=MutuallyExclusiveCallbackGroup())
@@ -137,6 +149,8 @@ class TridentNode(LifecycleNode):
                 if self._pipeline is not None:
                     self._pipeline.apply_label_config(config_from_values(self._values))
             self.get_logger().info(f'applied at once: {", ".join(live)}')
+            if 'prob_thd' in live:
+                self._publish_vocabulary_info()  # LabelInfo.threshold
             self._worker.request_relabel()
         if reload:
             self.get_logger().info(f'{", ".join(reload)} take(s) effect at the next configure '
@@ -147,6 +161,10 @@ class TridentNode(LifecycleNode):
             with self._io_lock:
                 if self._image_sub is not None:
                     self._create_image_input()
+        if changed & (DEPTH_FIELDS | {'image_qos'}):
+            with self._io_lock:
+                if self._image_sub is not None:
+                    self._create_depth_io()
 
     # ------------------------------------------------------------------ vocabulary
     def _on_vocabulary(self, msg: String) -> None:
@@ -199,6 +217,9 @@ class TridentNode(LifecycleNode):
             self.get_logger().warning(f'vocabulary: {warning}')
         self.get_logger().info(f'vocabulary: {vocabulary.num_classes} classes '
                                f'({", ".join(vocabulary.names[:8])}{", ..." if vocabulary.num_classes > 8 else ""})')
+        if vocabulary.num_classes > 255:
+            self._health.warn('labels:mono16', f'{vocabulary.num_classes} classes: ~/labels is mono16, which Nav2\'s '
+                              'semantic_segmentation_layer cannot read (it needs <= 255 classes, mono8)')
         self._publish_vocabulary_info()
         self._worker.request_relabel()
 
@@ -243,6 +264,8 @@ class TridentNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._create_outputs()
         self._create_image_input()
+        with self._io_lock:
+            self._create_depth_io()
         self._state = 'active'
         self.get_logger().info('active')
         return super().on_activate(state)
@@ -309,11 +332,23 @@ class TridentNode(LifecycleNode):
                                                         self._image_group)
         self.get_logger().info(f'subscribed to {self._image_sub.topic_name} ({self.get_parameter("image_qos").value})')
 
+    def _create_depth_io(self) -> None:
+        """(Re)make the depth subscriptions and 3D publishers when ``use_depth`` is on (under _io_lock)."""
+        if self._depth is not None:
+            self._depth.destroy()
+            self._depth = None
+        if self.get_parameter('use_depth').value:
+            qos = QoSProfile(depth=5, reliability=IMAGE_QOS_PROFILES[self.get_parameter('image_qos').value].reliability)
+            self._depth = DepthIO(self, qos, OUTPUT_QOS, self._depth_counts, self._health.warn, self._depth_group)
+
     def _remove_frame_io(self) -> None:
         with self._io_lock:
             if self._image_sub is not None:
                 self.destroy_subscription(self._image_sub)
                 self._image_sub = None
+            if self._depth is not None:
+                self._depth.destroy()
+                self._depth = None
             for pub in self._outputs.values():
                 self.destroy_publisher(pub)
             self._outputs = {}
@@ -339,7 +374,7 @@ class TridentNode(LifecycleNode):
     def _process(self, frame: Frame) -> None:
         if self._pipeline is None or self._state != 'active':
             return
-        if not self._wanted_outputs():
+        if not self._wanted_outputs() and not (self._depth is not None and self._depth.has_subscribers()):
             self._health.counters.skipped_no_subscribers += 1
             return
         start = time.monotonic()
@@ -354,6 +389,8 @@ class TridentNode(LifecycleNode):
             self._health.warn(f'image:{error.reason}', f'image refused: {error}')
             return
         timings = {'queue': start - frame.received, 'conversion': time.monotonic() - start}
+        if self._depth is not None:
+            self._depth.pin(frame.msg.header)
         if self._fault_frame_id and frame.msg.header.frame_id == self._fault_frame_id:
             raise torch.cuda.OutOfMemoryError(f'simulated by {FAULT_FRAME_ID_ENV} (test hook)')
         with self._pipe_lock:
@@ -387,14 +424,20 @@ class TridentNode(LifecycleNode):
                  timings: dict[str, float], start: float) -> None:
         published = time.monotonic()
         header = last.header
-        messages = segmentation_messages(seg, last, vocabulary.num_classes, self._wanted_outputs())
+        depth = self._depth
+        frame_3d = depth.compute(header, seg) if depth is not None else None
+        depth_seconds = time.monotonic() - published  # 3D statistics, plus ~/points etc. below
+        messages = segmentation_messages(seg, last, vocabulary.num_classes, self._wanted_outputs(), frame_3d)
         with self._io_lock:
             for name, msg in messages.items():
                 if name in self._outputs:
                     self._outputs[name].publish(msg)
+            if frame_3d is not None and depth is self._depth:
+                depth_seconds += depth.publish(frame_3d, seg, vocabulary.first_names, header)
         now = time.monotonic()
         self._health.frame_published(header.frame_id, f'{header.stamp.sec}.{header.stamp.nanosec:09d}',
-                                     {**timings, **seg.timings, 'publish': now - published, 'total': now - start})
+                                     {**timings, **seg.timings, 'publish': now - published, 'total': now - start,
+                                      **({'depth_3d': depth_seconds} if depth is not None else {})})
 
     # ------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:
@@ -409,7 +452,10 @@ class TridentNode(LifecycleNode):
             idle = f'{self._state}: not processing'
         elif vocabulary is None:
             idle = 'no vocabulary' + (' yet: one is being encoded' if pending else '')
-        values = {**pipeline_values(self._pipeline, vocabulary, pending), 'image_decoder': conversions.IMAGE_BACKEND}
+        counts = self._depth_counts
+        values = {**pipeline_values(self._pipeline, vocabulary, pending), 'image_decoder': conversions.IMAGE_BACKEND,
+                  'depth_frames_3d': counts.with_3d, 'depth_frames_2d_only': counts.no_matching_depth,
+                  'depth_frames_foreign_frame': counts.foreign_frame, 'depth_refused': counts.refused}
         return self._health.status(f'{self.get_fully_qualified_name()}: segmentation', self._state, values, idle)
 
     # ------------------------------------------------------------------ shutdown

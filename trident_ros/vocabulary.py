@@ -166,6 +166,11 @@ class Vocabulary:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def first_names(self) -> list[str]:
+        """The first name of each class (what a user writes in Nav2's ``classes``); class ``k`` at ``k - 1``."""
+        return [names[0] for names in self.classes]
+
 
 @dataclass
 class TextFeatures:

@@ -54,7 +54,7 @@ class VocabularyTopics:
         self._info.publish(conversions.vocabulary_info(vocabulary.names, class_colors(vocabulary.num_classes)[1:],
                                                        header))
         if self._label_info is not None:
-            self._label_info.publish(conversions.label_info(vocabulary.names, prob_thd, header))
+            self._label_info.publish(conversions.label_info(vocabulary.first_names, prob_thd, header))
 
     def destroy(self) -> None:
         """Remove the subscriptions, the publishers and the timer."""

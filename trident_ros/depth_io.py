@@ -1,0 +1,284 @@
+"""The node's depth side: depth subscriptions, image-to-depth matching and the 3D messages.
+
+With ``use_depth`` the node subscribes ``depth`` (sensor_msgs/Image: ``16UC1`` in units of
+``depth_scale`` metres, or ``32FC1`` metres, REP 118) and ``depth/camera_info``, paired by
+message_filters (``ApproximateTimeSynchronizer`` with ``sync_slop``, or ``TimeSynchronizer`` with
+``exact_sync``); the last pairs are kept, and the frame being processed holds on to its match
+(:meth:`DepthIO.pin`). When a segmented frame is published, the pair whose stamp is nearest the
+colour image's (within ``sync_slop``, or equal with ``exact_sync``) gives its 3D; a frame without
+one is published in 2D only and counted. The colour image keeps the node's
+newest-frame-only rule: depth never holds a frame back.
+
+The depth must be registered to the colour image (same optical frame, e.g. a RealSense
+``aligned_depth_to_color`` stream): a depth in another frame gets a throttled warning and no 3D.
+A depth of another size is resampled (nearest) to the colour grid, its intrinsics scaled with it,
+so ``~/points`` always has the label image's width, height and stamp.
+"""
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import message_filters
+import numpy as np
+from geometry_msgs.msg import Point, Pose, Vector3
+from rclpy.node import Node
+from rclpy.qos import QoSProfile
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
+from std_msgs.msg import Header
+
+from trident_ros.labelling import Segmentation
+from trident_ros.projection import (
+    CLOUD_DTYPE,
+    ClassPoints,
+    DepthError,
+    Intrinsics,
+    back_project,
+    class_points,
+    cloud_points,
+    depth_to_metres,
+    resample_nearest,
+)
+from trident_ros.visualization import class_colors
+
+try:  # vision_msgs is an exec_depend; without it ~/detections_3d is not published
+    from vision_msgs.msg import BoundingBox3D, Detection3D, Detection3DArray, ObjectHypothesisWithPose
+except ImportError:  # pragma: no cover - depends on the install
+    Detection3DArray = None
+
+DEPTH_ENCODINGS = {'16uc1': np.dtype('<u2'), 'mono16': np.dtype('<u2'), '32fc1': np.dtype('<f4')}
+"""Accepted depth encodings and their little-endian element types (big-endian data is swapped)."""
+RECENT_DEPTHS = 10  # depth/camera_info pairs kept for matching
+SYNC_QUEUE = 10  # per-topic queue of the depth/camera_info synchronizer
+POINT_FIELD_TYPES = {np.dtype('<f4'): PointField.FLOAT32, np.dtype('<u2'): PointField.UINT16}
+DEPTH_FIELDS = frozenset({'use_depth', 'sync_slop', 'exact_sync'})
+"""Parameters that change the depth subscriptions (they are made again when one changes)."""
+
+
+@dataclass
+class DepthCounts:
+    """Frames by what their depth gave, for /diagnostics."""
+
+    with_3d: int = 0
+    no_matching_depth: int = 0
+    foreign_frame: int = 0
+    refused: int = 0
+
+
+@dataclass
+class Frame3D:
+    """The 3D of one segmented frame.
+
+    Attributes:
+        frame_id: the camera optical frame of the points (= the colour image's frame_id).
+        points: ``(H, W, 3)`` float32 on the label image's grid, NaN without depth.
+        classes: statistics per class id present in the label image.
+    """
+
+    frame_id: str
+    points: np.ndarray
+    classes: dict[int, ClassPoints]
+
+
+def depth_image_to_array(msg: Image) -> np.ndarray:
+    """A depth ``sensor_msgs/Image`` as ``(h, w)`` uint16 (16UC1, mono16) or float32 (32FC1).
+
+    Raises:
+        DepthError: another encoding, an empty image, or a ``step``/``data`` length that does not fit.
+    """
+    encoding = msg.encoding.strip().lower()
+    if encoding not in DEPTH_ENCODINGS:
+        raise DepthError(f'depth encoding {msg.encoding[:32]!r} is not 16UC1 (or mono16) or 32FC1')
+    dtype = DEPTH_ENCODINGS[encoding]
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height <= 0 or width <= 0:
+        raise DepthError(f'empty depth image ({width}x{height})')
+    if step < width * dtype.itemsize or step % dtype.itemsize:
+        raise DepthError(f'depth step {step} does not fit {width} {encoding} pixels')
+    if len(msg.data) != height * step:
+        raise DepthError(f'depth data has {len(msg.data)} bytes, height*step is {height * step}')
+    rows = np.frombuffer(msg.data, dtype=dtype.newbyteorder('>') if msg.is_bigendian else dtype)
+    array = rows.reshape(height, step // dtype.itemsize)[:, :width]
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def cloud_msg(cloud: np.ndarray, header: Header) -> PointCloud2:
+    """An ``(H, W)`` :data:`~trident_ros.projection.CLOUD_DTYPE` array as an organized PointCloud2."""
+    height, width = cloud.shape
+    fields = [PointField(name=name, offset=offset, datatype=POINT_FIELD_TYPES[dtype], count=1)
+              for name, (dtype, offset) in CLOUD_DTYPE.fields.items()]
+    msg = PointCloud2(header=header, height=height, width=width, fields=fields, is_bigendian=sys.byteorder == 'big',
+                      point_step=CLOUD_DTYPE.itemsize, row_step=CLOUD_DTYPE.itemsize * width, is_dense=False)
+    msg.data = cloud.tobytes()  # set afterwards: bytes take rclpy's fast path here, not in the constructor
+    return msg
+
+
+def detections_msg(frame: Frame3D, seg: Segmentation, names: Sequence[str], header: Header) -> Any:
+    """``vision_msgs/Detection3DArray``: one detection per class that has 3D points.
+
+    Its hypothesis: class id = the class's first name, score = the mask's mean probability; box
+    centre = the median point, size = the 5-95 percentile extent; ``id`` = the label-image value.
+    """
+    out = Detection3DArray(header=header)
+    for mask in seg.masks:
+        stats = frame.classes.get(mask.class_id)
+        if stats is None or stats.num_points == 0:
+            continue
+        hypothesis = ObjectHypothesisWithPose()
+        hypothesis.hypothesis.class_id = names[mask.class_id - 1]
+        hypothesis.hypothesis.score = float(mask.score)
+        hypothesis.pose.pose.position = point(stats.position)
+        out.detections.append(Detection3D(
+            header=header, results=[hypothesis], id=str(mask.class_id),
+            bbox=BoundingBox3D(center=Pose(position=point(stats.position)), size=vector(stats.size))))
+    return out
+
+
+def nanoseconds(header: Header) -> int:
+    """A header's stamp in nanoseconds."""
+    return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
+
+
+def point(xyz: np.ndarray) -> Point:
+    """``(3,)`` -> geometry_msgs/Point."""
+    return Point(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2]))
+
+
+def vector(xyz: np.ndarray) -> Vector3:
+    """``(3,)`` -> geometry_msgs/Vector3."""
+    return Vector3(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2]))
+
+
+class DepthIO:
+    """Depth subscriptions and 3D publishers of one activation of the node.
+
+    Args:
+        node: the node (its parameters ``depth_scale``, ``min_depth``, ``max_depth``, ``sync_slop``,
+            ``exact_sync`` are read from it).
+        qos: QoS of the depth and camera_info subscriptions.
+        output_qos: QoS of ``~/points`` and ``~/detections_3d``.
+        counts: where the frames are counted (kept by the node across activations).
+        warn: ``(kind, message)``: the node's throttled warning.
+        callback_group: of the depth subscriptions.
+    """
+
+    def __init__(self, node: Node, qos: QoSProfile, output_qos: QoSProfile, counts: DepthCounts,
+                 warn: Callable[[str, str], None], callback_group: Any = None) -> None:
+        self._node, self._counts, self._warn = node, counts, warn
+        self._slop = float(node.get_parameter('sync_slop').value)
+        self._exact = bool(node.get_parameter('exact_sync').value)
+        self._lock = threading.Lock()
+        self._recent: collections.deque[tuple[Image, CameraInfo]] = collections.deque(maxlen=RECENT_DEPTHS)
+        self._pinned_stamp: int | None = None  # stamp (ns) of the frame being processed
+        self._pinned: tuple[Image, CameraInfo] | None = None  # its best depth pair so far, kept from eviction
+        self._subs = [message_filters.Subscriber(node, Image, 'depth', qos_profile=qos, callback_group=callback_group),
+                      message_filters.Subscriber(node, CameraInfo, 'depth/camera_info', qos_profile=qos,
+                                                 callback_group=callback_group)]
+        if self._exact:
+            self._sync = message_filters.TimeSynchronizer(self._subs, SYNC_QUEUE)
+        else:
+            self._sync = message_filters.ApproximateTimeSynchronizer(self._subs, SYNC_QUEUE, max(self._slop, 1e-9))
+        self._sync.registerCallback(self._on_depth)
+        self._points_pub = node.create_publisher(PointCloud2, '~/points', output_qos)
+        self._detections_pub = (node.create_publisher(Detection3DArray, '~/detections_3d', output_qos)
+                                if Detection3DArray is not None else None)
+        node.get_logger().info(f'depth: subscribed to {self._subs[0].sub.topic_name} + {self._subs[1].sub.topic_name} '
+                               f'({"exact stamps" if self._exact else f"sync_slop {self._slop:g} s"})')
+
+    def destroy(self) -> None:
+        """Remove the subscriptions and publishers."""
+        for sub in self._subs:
+            self._node.destroy_subscription(sub.sub)
+        self._node.destroy_publisher(self._points_pub)
+        if self._detections_pub is not None:
+            self._node.destroy_publisher(self._detections_pub)
+        with self._lock:
+            self._recent.clear()
+            self._pinned_stamp, self._pinned = None, None
+
+    def has_subscribers(self) -> bool:
+        """Whether anybody subscribes to ``~/points`` or ``~/detections_3d``."""
+        pubs = [p for p in (self._points_pub, self._detections_pub) if p is not None]
+        return any(p.get_subscription_count() > 0 for p in pubs)
+
+    def pin(self, header: Header) -> None:
+        """Hold on to the depth of the frame the worker starts processing.
+
+        Its match (from the kept pairs, or from depth arriving later within the slop) is not pushed
+        out by newer depth while the pipeline runs, however long that takes.
+        """
+        stamp = nanoseconds(header)
+        with self._lock:
+            self._pinned_stamp = stamp
+            self._pinned = self._nearest(stamp, list(self._recent))
+
+    def _on_depth(self, depth: Image, info: CameraInfo) -> None:
+        with self._lock:
+            self._recent.append((depth, info))
+            if self._pinned_stamp is not None:
+                self._pinned = self._nearest(self._pinned_stamp, [p for p in (self._pinned, (depth, info)) if p])
+
+    def _nearest(self, stamp: int, pairs: list[tuple[Image, CameraInfo]]) -> tuple[Image, CameraInfo] | None:
+        """The pair whose depth stamp is nearest ``stamp`` (ns), if within the slop (equal: exact)."""
+        best = min(pairs, key=lambda pair: abs(nanoseconds(pair[0].header) - stamp), default=None)
+        if best is None or abs(nanoseconds(best[0].header) - stamp) > (0 if self._exact else self._slop * 1e9):
+            return None
+        return best
+
+    def _match(self, header: Header) -> tuple[Image, CameraInfo] | None:
+        """The depth pair for ``header``: the pinned one for the pinned frame, else the nearest kept."""
+        stamp = nanoseconds(header)
+        with self._lock:
+            if stamp == self._pinned_stamp and self._pinned is not None:
+                return self._pinned
+            return self._nearest(stamp, list(self._recent))
+
+    def compute(self, header: Header, seg: Segmentation) -> Frame3D | None:
+        """The 3D of a segmented frame, or None (counted, warned where the depth is unusable)."""
+        pair = self._match(header)
+        if pair is None:
+            self._counts.no_matching_depth += 1
+            return None
+        depth, info = pair
+        if depth.header.frame_id != header.frame_id:
+            self._counts.foreign_frame += 1
+            self._warn('depth:frame', f'depth frame {depth.header.frame_id[:64]!r} is not the image frame '
+                       f'{header.frame_id[:64]!r}: registered depth is needed (e.g. aligned_depth_to_color); no 3D')
+            return None
+        height, width = seg.labels.shape
+        param = self._node.get_parameter
+        try:
+            raw = depth_image_to_array(depth)
+            size = (int(info.width), int(info.height)) if info.width and info.height else (raw.shape[1], raw.shape[0])
+            intrinsics = Intrinsics.from_k(info.k, *size).scaled_to(width, height)
+            metres = depth_to_metres(raw, param('depth_scale').value, param('min_depth').value,
+                                     param('max_depth').value)
+        except DepthError as error:
+            self._counts.refused += 1
+            self._warn(f'depth:{type(error).__name__}:{str(error)[:12]}', f'depth refused, no 3D: {error}')
+            return None
+        points = back_project(resample_nearest(metres, height, width), intrinsics)
+        self._counts.with_3d += 1
+        return Frame3D(header.frame_id, points, class_points(seg.labels, points))
+
+    def publish(self, frame: Frame3D, seg: Segmentation, names: Sequence[str], header: Header) -> float:
+        """Publish ``~/points`` and ``~/detections_3d`` where subscribed; returns the seconds taken.
+
+        Args:
+            frame: the frame's 3D (:meth:`compute`).
+            seg: its segmentation.
+            names: the first name of each class (class id k: ``names[k - 1]``).
+            header: the colour image's header.
+        """
+        start = time.monotonic()
+        if self._points_pub.get_subscription_count() > 0:
+            cloud = cloud_points(frame.points, seg.labels, seg.confidence, class_colors(len(names)))
+            self._points_pub.publish(cloud_msg(cloud, header))
+        if self._detections_pub is not None and self._detections_pub.get_subscription_count() > 0:
+            self._detections_pub.publish(detections_msg(frame, seg, names, header))
+        return time.monotonic() - start
