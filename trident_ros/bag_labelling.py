@@ -260,16 +260,12 @@ def _closed_parts(parts: Path) -> list[Path]:
     return sorted(p for p in parts.glob('part_*') if (p / 'metadata.yaml').is_file())
 
 
-def _done_timestamps(parts: list[Path], labels_topic: str, settings: str) -> set[int]:
-    """Bag times of the frames in closed parts; BagError if a part was made with other settings."""
+def _done_timestamps(parts: list[Path], labels_topic: str) -> set[int]:
+    """Bag times of the frames in the closed parts."""
     from rosbags.rosbag2 import Reader
 
     done: set[int] = set()
     for part in parts:
-        recorded = _custom_of(part)
-        if recorded != settings:
-            raise BagError(f'cannot resume into {part.parent}: it was made with other settings '
-                           f'({recorded}); now: {settings}')
         with Reader(part) as reader:
             connections = [c for c in reader.connections if c.topic == labels_topic]
             done.update(timestamp for _, timestamp, _ in reader.messages(connections=connections))
@@ -287,25 +283,31 @@ def _custom_of(bag: Path) -> str | None:
     return (_bag_info(bag).get('custom_data') or {}).get(CUSTOM_KEY)
 
 
-def _prepare_parts(output: Path, resume: bool) -> Path:
-    """The parts folder of ``output``, ready for this run; an earlier finished output becomes part 0."""
+def _prepare_parts(output: Path, resume: bool, settings: str) -> Path:
+    """The parts folder of ``output``, ready for this run; a finished output becomes part 0.
+
+    Nothing is changed before the earlier run is known to be resumable with ``settings``.
+    """
     parts = _parts_dir(output)
     if not resume:
         for existing in (output, parts):
             if existing.exists():
                 raise BagError(f'{existing} exists: pass --resume to continue that run, or choose another output')
+    if output.exists() and not (output / 'metadata.yaml').is_file():
+        raise BagError(f'{output} exists but is not a closed bag (no metadata.yaml)')
+    closed = _closed_parts(parts)
+    for bag in closed + ([output] if output.exists() else []):
+        recorded = _custom_of(bag)
+        if recorded != settings:
+            raise BagError(f'cannot resume into {output}: {bag.name} was made with other settings ({recorded}); '
+                           f'now: {settings}')
     parts.mkdir(parents=True, exist_ok=True)
     for stale in parts.glob('*'):
         if not (stale / 'metadata.yaml').is_file():  # left open by a killed run: its frames are redone
             logger.warning('discarding %s (not closed: the run writing it was killed)', stale)
             shutil.rmtree(stale)
-    if output.exists() and (output / 'metadata.yaml').is_file():
-        if not _closed_parts(parts):
-            output.rename(parts / 'part_0000')
-        else:
-            shutil.rmtree(output)  # rebuilt from the parts below
-    elif output.exists():
-        raise BagError(f'{output} exists but is not a closed bag (no metadata.yaml)')
+    if output.exists() and not closed:
+        output.rename(parts / 'part_0000')
     return parts
 
 
@@ -384,8 +386,8 @@ def label_bag(pipeline: TridentPipeline, vocabulary: Vocabulary, source: Path, o
         if not msgtypes <= set(IMAGE_TYPES):
             raise BagError(f'{options.topic} carries {", ".join(sorted(msgtypes))}, not {" or ".join(IMAGE_TYPES)}')
         storage = StoragePlugin[(options.storage or _bag_info(source)['storage_identifier']).upper()]
-        parts_dir = _prepare_parts(output, resume)
-        done = _done_timestamps(_closed_parts(parts_dir), labels_topic, settings)
+        parts_dir = _prepare_parts(output, resume, settings)
+        done = _done_timestamps(_closed_parts(parts_dir), labels_topic)
         begin = reader.start_time
         start = begin + int(options.start * 1e9) if options.start is not None else None
         stop = begin + int(options.end * 1e9) if options.end is not None else None
