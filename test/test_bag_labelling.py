@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from trident_ros.bag_labelling import make_typestore
+from trident_ros.bag_labelling import make_typestore, new_message
 from trident_ros.fake_camera import sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,3 +208,35 @@ def test_a_bag_needs_its_topic_and_the_topic_must_exist(tmp_path):
     assert wrong.returncode == 1 and f"no topic '/nope'; its image topics: {TOPIC}" in wrong.stderr
     not_images = segment(str(bag), '--topic', '/chatter', '-o', str(tmp_path / 'out'))
     assert not_images.returncode == 1 and 'carries std_msgs/msg/String' in not_images.stderr
+
+
+def test_message_fields_come_from_the_msg_files_at_run_time(tmp_path):
+    """A field added to ClassMask.msg is in the written messages (with its default) without code changes."""
+    for name in ('ClassMask', 'ClassMaskArray', 'VocabularyInfo'):
+        (tmp_path / f'{name}.msg').write_text((ROOT / 'msg' / f'{name}.msg').read_text())
+    with (tmp_path / 'ClassMask.msg').open('a') as file:
+        file.write('\ngeometry_msgs/Point position\nfloat32[3] size\nuint32 num_points\n')
+    store = make_typestore(tmp_path)
+    mask = new_message(store, 'trident_ros/msg/ClassMask', label='door', class_id=2, area=5)
+    array = new_message(store, 'trident_ros/msg/ClassMaskArray', vocabulary=['wall', 'door'], masks=[mask])
+    back = store.deserialize_cdr(store.serialize_cdr(array, 'trident_ros/msg/ClassMaskArray'),
+                                 'trident_ros/msg/ClassMaskArray')
+    assert back.vocabulary == ['wall', 'door'] and back.masks[0].label == 'door' and back.masks[0].class_id == 2
+    assert (back.masks[0].position.x, back.masks[0].num_points) == (0.0, 0)
+    assert back.masks[0].size.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_an_install_finds_the_msg_files_in_its_share_folder(tmp_path):
+    """Outside the source tree (a non-symlink install) the .msg files come from <prefix>/share/trident_ros/msg."""
+    package = tmp_path / 'site' / 'trident_ros'
+    package.mkdir(parents=True)
+    for module in ('__init__.py', 'bag_labelling.py'):
+        (package / module).write_text((ROOT / 'trident_ros' / module).read_text())
+    prefix = tmp_path / 'prefix'
+    (prefix / 'share' / 'trident_ros').mkdir(parents=True)
+    shutil.copytree(ROOT / 'msg', prefix / 'share' / 'trident_ros' / 'msg')
+    env = {**os.environ, 'PYTHONPATH': str(package.parent), 'AMENT_PREFIX_PATH': str(prefix)}
+    code = 'import trident_ros.bag_labelling as b; print(b.__file__); print(b.find_msg_dir())'
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(package / 'bag_labelling.py'), str(prefix / 'share' / 'trident_ros' / 'msg')]

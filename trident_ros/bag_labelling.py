@@ -120,12 +120,16 @@ def find_msg_dir() -> Path:
                    + ', '.join(map(str, candidates)))
 
 
-def make_typestore() -> Typestore:
-    """The typestore of the latest ROS 2 LTS plus this package's messages (from ``msg/``)."""
+def make_typestore(msg_dir: Path | None = None) -> Typestore:
+    """The typestore of the latest ROS 2 LTS plus this package's messages.
+
+    Args:
+        msg_dir: the folder of ``ClassMask.msg`` ...; None: :func:`find_msg_dir`.
+    """
     from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
     store = get_typestore(Stores.LATEST)
-    folder = find_msg_dir()
+    folder = msg_dir or find_msg_dir()
     types: dict = {}
     for name in MSG_FILES:
         types.update(get_types_from_msg((folder / f'{name}.msg').read_text(encoding='utf-8'),
