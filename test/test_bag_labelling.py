@@ -240,3 +240,26 @@ def test_an_install_finds_the_msg_files_in_its_share_folder(tmp_path):
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(package / 'bag_labelling.py'), str(prefix / 'share' / 'trident_ros' / 'msg')]
+
+
+def test_sigterm_closes_the_output_with_the_frames_done(tmp_path):
+    bag = make_bag(tmp_path / 'run1', 'sqlite3', True, 30)
+    out, png = tmp_path / 'out', tmp_path / 'png'
+    process = subprocess.Popen([sys.executable, '-m', 'trident_ros.cli', str(bag), '--topic', TOPIC, '-o', str(out),
+                                '-v', VOCABULARY, '--random-weights', '--tiny', '--png', str(png)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(png.glob('*_labels.png'))) < 2 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        process.terminate()  # SIGTERM, as a job scheduler or `timeout` sends
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert f'interrupted: the frames labelled so far are in {out}' in stderr
+    done = len(list(png.glob('*_labels.png')))  # written after the frame's messages
+    topics = read_output(out)
+    written = len(topics['/trident/labels'])
+    assert 2 <= done <= written <= done + 1 < 30, (done, written)
+    check_frames(topics, input_stamps(30)[:written], segmentation=False)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 if TYPE_CHECKING:
     from rosbags.typesys.store import Typestore
 
+    from .labelling import Segmentation
     from .pipeline import TridentPipeline
     from .vocabulary import Vocabulary
 
@@ -207,24 +208,47 @@ def decode_image(msg: Any, msgtype: str) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-class _Outputs:
-    """The output topics of one part bag."""
+class _Parts:
+    """The part bags of one output: a part is opened at its first frame and closed every ``checkpoint`` frames."""
 
-    def __init__(self, store: Typestore, writer: Any, options: BagOptions) -> None:
-        self.store, self.writer = store, writer
-        names = ['labels', 'confidence', 'masks'] + (['segmentation'] if options.segmentation else [])
+    def __init__(self, folder: Path, store: Typestore, storage: Any, settings: str, options: BagOptions,
+                 checkpoint: int) -> None:
+        self.folder, self.store, self.storage, self.settings = folder, store, storage, settings
+        self.checkpoint = checkpoint
+        self.names = ['labels', 'confidence', 'masks'] + (['segmentation'] if options.segmentation else [])
+        self.prefix = options.prefix.rstrip('/')
+        self.writer: Any = None
+        self.connections: dict[str, Any] = {}
+        self.frames = 0
+
+    def _open(self) -> None:
+        from rosbags.rosbag2 import Writer
+
+        index = len(list(self.folder.glob('part_*')))
+        self.writer = Writer(self.folder / f'part_{index:04d}', version=BAG_VERSION, storage_plugin=self.storage)
+        self.writer.set_custom_data(CUSTOM_KEY, self.settings)
+        self.writer.open()
         types = {'masks': f'{MSG_PACKAGE}/msg/ClassMaskArray'}
-        self.connections = {name: writer.add_connection(f'{options.prefix.rstrip("/")}/{name}',
-                                                        types.get(name, 'sensor_msgs/msg/Image'), typestore=store)
-                            for name in names}
+        self.connections = {name: self.writer.add_connection(f'{self.prefix}/{name}',
+                                                             types.get(name, 'sensor_msgs/msg/Image'),
+                                                             typestore=self.store) for name in self.names}
+        self.frames = 0
 
-    def write(self, timestamp: int, header: Any, rgb: np.ndarray, segmentation: Any) -> None:
+    def close(self) -> None:
+        """Close the open part (metadata written: it counts as done), if any."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def write(self, timestamp: int, header: Any, rgb: np.ndarray, segmentation: Segmentation) -> None:
+        """Write one frame's outputs at bag time ``timestamp`` with the input's ``header``."""
+        if self.writer is None:
+            self._open()
         store = self.store
-        labels = segmentation.labels
-        num_classes = len(segmentation.vocabulary)
+        wide = len(segmentation.vocabulary) > 255
         messages = {
-            'labels': image_message(store, labels.astype(np.uint8 if num_classes <= 255 else np.uint16),
-                                    'mono8' if num_classes <= 255 else 'mono16', header),
+            'labels': image_message(store, segmentation.labels.astype(np.uint16 if wide else np.uint8),
+                                    'mono16' if wide else 'mono8', header),
             'confidence': image_message(store, np.clip(np.rint(segmentation.confidence * 255.0), 0, 255)
                                         .astype(np.uint8), 'mono8', header),
             'masks': self._masks(header, segmentation),
@@ -234,8 +258,11 @@ class _Outputs:
         for name, msg in messages.items():
             connection = self.connections[name]
             self.writer.write(connection, timestamp, store.serialize_cdr(msg, connection.msgtype))
+        self.frames += 1
+        if self.frames >= self.checkpoint:
+            self.close()
 
-    def _masks(self, header: Any, segmentation: Any) -> Any:
+    def _masks(self, header: Any, segmentation: Segmentation) -> Any:
         store = self.store
         masks = []
         for mask in sorted(segmentation.masks, key=lambda m: m.class_id):
@@ -249,11 +276,17 @@ class _Outputs:
                            vocabulary=list(segmentation.vocabulary), masks=masks)
 
 
+def _write_pngs(folder: Path, timestamp: int, rgb: np.ndarray, segmentation: Segmentation) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / f'{timestamp}_overlay.png'), cv2.cvtColor(segmentation.overlay(rgb), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(folder / f'{timestamp}_labels.png'), segmentation.labels)
+
+
 def _settings(options: BagOptions, source: Path) -> str:
     """The settings a resumed run must share with the earlier one (JSON, in the bag's custom_data)."""
     recorded = asdict(options)
     recorded.pop('storage')
-    return json.dumps({'source': str(source.resolve()), **recorded}, sort_keys=True)
+    return json.dumps({'source': source.resolve().name, **recorded}, sort_keys=True)
 
 
 def _parts_dir(output: Path) -> Path:
@@ -264,16 +297,18 @@ def _closed_parts(parts: Path) -> list[Path]:
     return sorted(p for p in parts.glob('part_*') if (p / 'metadata.yaml').is_file())
 
 
-def _done_timestamps(parts: list[Path], labels_topic: str) -> set[int]:
-    """Bag times of the frames in the closed parts."""
+def _complete_frames(part: Path) -> set[int]:
+    """Bag times of the frames written on every output topic of a closed part.
+
+    An interrupt can fall between a frame's messages: such a frame counts as not done.
+    """
     from rosbags.rosbag2 import Reader
 
-    done: set[int] = set()
-    for part in parts:
-        with Reader(part) as reader:
-            connections = [c for c in reader.connections if c.topic == labels_topic]
-            done.update(timestamp for _, timestamp, _ in reader.messages(connections=connections))
-    return done
+    per_topic: dict[str, set[int]] = {}
+    with Reader(part) as reader:
+        for connection, timestamp, _ in reader.messages():
+            per_topic.setdefault(connection.topic, set()).add(timestamp)
+    return set.intersection(*per_topic.values()) if per_topic else set()
 
 
 def _bag_info(bag: Path) -> dict:
@@ -316,7 +351,7 @@ def _prepare_parts(output: Path, resume: bool, settings: str) -> Path:
 
 
 def _merge(parts: list[Path], output: Path, store: Typestore, storage: Any, settings: str) -> None:
-    """Write the messages of every closed part into one new bag at ``output`` (replacing it atomically)."""
+    """Write the complete frames of every closed part into one new bag at ``output`` (then moved into place)."""
     from rosbags.rosbag2 import Reader, Writer
 
     staging = _parts_dir(output) / 'merging' / output.name  # the storage file is named after the folder
@@ -327,8 +362,11 @@ def _merge(parts: list[Path], output: Path, store: Typestore, storage: Any, sett
     with writer:
         connections: dict[tuple[str, str], Any] = {}
         for part in parts:
+            complete = _complete_frames(part)
             with Reader(part) as reader:
                 for connection, timestamp, data in reader.messages():
+                    if timestamp not in complete:
+                        continue
                     key = (connection.topic, connection.msgtype)
                     if key not in connections:
                         connections[key] = writer.add_connection(connection.topic, connection.msgtype, typestore=store)
@@ -365,7 +403,7 @@ def label_bag(pipeline: TridentPipeline, vocabulary: Vocabulary, source: Path, o
         KeyboardInterrupt: after the output was closed with the frames done so far.
     """
     from rosbags.highlevel import AnyReader
-    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.rosbag2 import StoragePlugin
 
     if options.every < 1:
         raise BagError(f'--every {options.every}: must be >= 1')
@@ -373,7 +411,6 @@ def label_bag(pipeline: TridentPipeline, vocabulary: Vocabulary, source: Path, o
         raise BagError(f'checkpoint {checkpoint}: must be >= 1')
     store = make_typestore()
     settings = _settings(options, source)
-    labels_topic = f'{options.prefix.rstrip("/")}/labels'
     try:
         reader = AnyReader([source], default_typestore=store)
         reader.open()
@@ -391,27 +428,27 @@ def label_bag(pipeline: TridentPipeline, vocabulary: Vocabulary, source: Path, o
             raise BagError(f'{options.topic} carries {", ".join(sorted(msgtypes))}, not {" or ".join(IMAGE_TYPES)}')
         storage = StoragePlugin[(options.storage or _bag_info(source)['storage_identifier']).upper()]
         parts_dir = _prepare_parts(output, resume, settings)
-        done = _done_timestamps(_closed_parts(parts_dir), labels_topic)
+        done = set().union(*map(_complete_frames, _closed_parts(parts_dir)))
         begin = reader.start_time
         start = begin + int(options.start * 1e9) if options.start is not None else None
         stop = begin + int(options.end * 1e9) if options.end is not None else None
         total = sum(c.msgcount for c in connections)
         frames = tqdm(total=-(-total // options.every) if start is None and stop is None else None,
                       unit='frame', disable=None, desc=options.topic)
-        part_writer: Any = None
-        outputs: _Outputs | None = None
-        in_part = 0
+        parts = _Parts(parts_dir, store, storage, settings, options, checkpoint)
         try:
             for index, (connection, timestamp, data) in enumerate(_read(reader, connections, start, stop, options)):
                 if index % options.every:
                     continue
-                result.selected += 1
-                frames.update()
                 if timestamp in done:
+                    result.selected += 1
                     result.resumed += 1
+                    frames.update()
                     continue
                 if max_frames is not None and result.labelled >= max_frames:
                     break
+                result.selected += 1
+                frames.update()
                 began = time.monotonic()
                 try:
                     msg = reader.deserialize(data, connection.msgtype)
@@ -421,32 +458,18 @@ def label_bag(pipeline: TridentPipeline, vocabulary: Vocabulary, source: Path, o
                     logger.warning('%s at bag time %d: image refused: %s', options.topic, timestamp, error)
                     continue
                 segmentation = pipeline.label(pipeline.encode_image(rgb), vocabulary)
-                if part_writer is None:
-                    part_writer = Writer(parts_dir / f'part_{len(list(parts_dir.glob("part_*"))):04d}',
-                                         version=BAG_VERSION, storage_plugin=storage)
-                    part_writer.set_custom_data(CUSTOM_KEY, settings)
-                    part_writer.open()
-                    outputs = _Outputs(store, part_writer, options)
                 header = new_message(store, 'std_msgs/msg/Header', stamp=msg.header.stamp,
                                      frame_id=msg.header.frame_id)
-                outputs.write(timestamp, header, rgb, segmentation)
+                parts.write(timestamp, header, rgb, segmentation)
                 if png_dir is not None:
-                    png_dir.mkdir(parents=True, exist_ok=True)
-                    cv2.imwrite(str(png_dir / f'{timestamp}_overlay.png'),
-                                cv2.cvtColor(segmentation.overlay(rgb), cv2.COLOR_RGB2BGR))
-                    cv2.imwrite(str(png_dir / f'{timestamp}_labels.png'), segmentation.labels)
+                    _write_pngs(png_dir, timestamp, rgb, segmentation)
                 result.labelled += 1
                 result.seconds += time.monotonic() - began
-                in_part += 1
-                if in_part >= checkpoint:
-                    part_writer.close()
-                    part_writer, in_part = None, 0
             else:
                 result.complete = True
         finally:
             frames.close()
-            if part_writer is not None:
-                part_writer.close()
+            parts.close()
             closed = _closed_parts(parts_dir)
             if closed:
                 _merge(closed, output, store, storage, settings)
