@@ -22,7 +22,6 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
 from trident_ros.bag_labelling import make_typestore, new_message
-from trident_ros.fake_camera import sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC = '/camera/color/image_raw'
@@ -42,7 +41,7 @@ def make_bag(path: Path, storage: str, compressed: bool, count: int) -> Path:
     store = get_typestore(Stores.LATEST)
     types = store.types
     msgtype = 'sensor_msgs/msg/CompressedImage' if compressed else 'sensor_msgs/msg/Image'
-    scenes = [cv2.resize(cv2.imread(str(p)), SIZE) for p in sample_images()]
+    scenes = [cv2.resize(cv2.imread(str(p)), SIZE) for p in sorted((ROOT / 'trident_ros' / 'data').glob('*.png'))]
     with Writer(path, version=8, storage_plugin=StoragePlugin[storage.upper()]) as writer:
         images = writer.add_connection(TOPIC, msgtype, typestore=store)
         other = writer.add_connection('/chatter', 'std_msgs/msg/String', typestore=store)
