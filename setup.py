@@ -3,6 +3,8 @@
 ROS users build this package with colcon (ament_cmake, see CMakeLists.txt); this file serves
 `pip install .` for the core (`import trident_ros.pipeline`, `trident-segment`, `trident-bench`, `trident-weights`).
 """
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
@@ -13,6 +15,8 @@ setup(
     python_requires='>=3.10',
     packages=['trident_ros', 'trident_ros.models'],
     package_data={'trident_ros': ['data/*.png']},
+    # the message definitions, read at run time by bag_labelling (rosbags' typestore)
+    data_files=[('share/trident_ros/msg', sorted(str(p) for p in Path('msg').glob('*.msg')))],
     install_requires=[
         'torch>=2.1',
         'torchvision>=0.16',
@@ -24,6 +28,7 @@ setup(
         'tqdm>=4.60',
         'pillow>=9.0',
         'PyYAML>=6.0',
+        'rosbags>=0.10',
     ],
     extras_require={'test': ['pytest>=8,<9', 'psutil']},
     entry_points={

@@ -4,7 +4,8 @@ Publishes ``image`` (sensor_msgs/Image, rgb8; remap it) at ``rate`` Hz, cycling 
 files: the bundled sample scenes (``trident_ros/data``, drawn for this package) unless files or
 folders are given as arguments or in the ``files`` parameter. Parameters: ``files`` (string array),
 ``rate`` (Hz), ``reliability`` (``best_effort`` like most camera drivers, or ``reliable``),
-``frame_id``, ``depth``.
+``frame_id``, ``depth``. :class:`FakeCamera` with ``cycle=False`` publishes only when
+:meth:`FakeCamera.publish` is called (the demo shows each scene once and waits for its result).
 
 ``depth:=true`` also publishes, with the same stamp and frame, a synthetic REGISTERED depth image
 ``depth`` (16UC1 millimetres) and ``depth/camera_info`` of a scene with known geometry
@@ -20,8 +21,9 @@ from __future__ import annotations
 import itertools
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -100,10 +102,20 @@ def load_rgb(path: Path) -> np.ndarray:
 
 
 class FakeCamera(Node):
-    """Publishes image files on ``image`` at a fixed rate."""
+    """Publishes image files on ``image`` at a fixed rate, or one at a time on request.
 
-    def __init__(self, paths: Sequence[str] = ()) -> None:
-        super().__init__('fake_camera')
+    Args:
+        paths: image files or folders (the ``files`` parameter overrides them); none: the samples.
+        cycle: publish at ``rate`` Hz, cycling through the files; False: only when :meth:`publish`
+            is called.
+        node_options: passed to rclpy's ``Node`` (e.g. ``cli_args`` remapping ``image``).
+
+    Raises:
+        ValueError: a bad parameter or no readable image.
+    """
+
+    def __init__(self, paths: Sequence[str] = (), cycle: bool = True, **node_options: Any) -> None:
+        super().__init__('fake_camera', **node_options)
         files = self.declare_parameter('files', list(paths) or [''], ParameterDescriptor(
             description='image files or folders; empty: the bundled samples')).value
         rate = self.declare_parameter('rate', 2.0, ParameterDescriptor(description='frames per second')).value
@@ -120,20 +132,31 @@ class FakeCamera(Node):
         images = [(path, load_rgb(path)) for path in expand_paths([f for f in files if f])]
         if not images:
             raise ValueError('no images to publish')
-        self._images: Iterator[tuple[Path, np.ndarray]] = itertools.cycle(images)
+        self.files: list[Path] = [path for path, _ in images]
+        """The files published, in order (``publish(index)`` publishes ``files[index]``)."""
+        self._images = [rgb for _, rgb in images]
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=RELIABILITY[reliability],
                          durability=DurabilityPolicy.VOLATILE)
         self._pub = self.create_publisher(Image, 'image', qos)
         if self._depth:
             self._depth_pub = self.create_publisher(Image, 'depth', qos)
             self._info_pub = self.create_publisher(CameraInfo, 'depth/camera_info', qos)
-        self._timer = self.create_timer(1.0 / rate, self._publish)
-        self.get_logger().info(f'publishing {len(images)} image(s) on {self._pub.topic_name} at {rate:g} Hz '
-                               f'({reliability}): {", ".join(p.name for p, _ in images)}')
+        if cycle:
+            indices = itertools.cycle(range(len(images)))
+            self._timer = self.create_timer(1.0 / rate, lambda: self.publish(next(indices)))
+        when = f'at {rate:g} Hz' if cycle else 'on request'
+        self.get_logger().info(f'publishing {len(images)} image(s) on {self._pub.topic_name} {when} '
+                               f'({reliability}): {", ".join(p.name for p in self.files)}')
 
-    def _publish(self) -> None:
-        _, rgb = next(self._images)
+    @property
+    def subscription_count(self) -> int:
+        """Subscriptions matched to ``image``."""
+        return self._pub.get_subscription_count()
+
+    def publish(self, index: int) -> Header:
+        """Publish ``files[index]`` now, stamped with the node's clock; returns the header sent."""
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self._frame_id)
+        rgb = self._images[index]
         if self._depth:  # first, so that the depth is there when the image's result is published
             height, width = rgb.shape[:2]
             self._depth_pub.publish(array_to_image(synthetic_depth(height, width), '16UC1', header))
@@ -143,6 +166,7 @@ class FakeCamera(Node):
                 k=[fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0], r=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
                 p=[fx, 0.0, cx, 0.0, 0.0, fy, cy, 0.0, 0.0, 0.0, 1.0, 0.0]))
         self._pub.publish(array_to_image(rgb, 'rgb8', header))
+        return header
 
 
 def main(args: list[str] | None = None) -> None:

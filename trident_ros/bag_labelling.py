@@ -1,0 +1,500 @@
+"""Label the images of a recorded rosbag2 bag (sqlite3 or MCAP) into a new bag, without ROS.
+
+Reads ``sensor_msgs/Image`` or ``sensor_msgs/CompressedImage`` messages of one topic with the
+`rosbags` library, runs the pipeline on each selected frame and writes, at the input message's
+bag time and with its header (stamp, frame_id), ``<prefix>/labels`` (mono8, mono16 past 255
+classes), ``<prefix>/confidence`` (mono8, probability x 255), ``<prefix>/masks``
+(``trident_ros/ClassMaskArray``, its fields read from the package's ``msg/*.msg`` at run time) and
+optionally ``<prefix>/segmentation`` (rgb8 overlay) and overlay PNGs.
+
+Progress survives interruptions: frames are written to closed "part" bags in ``<output>.parts/``
+(a part is closed every ``checkpoint`` frames, on Ctrl-C/SIGTERM and on a read error of the input),
+and the output bag is rebuilt from the closed parts at the end of every run, so what was written
+stays valid. ``resume`` reads the closed parts (or a finished output) back and labels only the
+frames not in them; a part left open by a killed process is discarded (at most ``checkpoint``
+frames are redone). The parts are removed once every selected frame is in the output.
+
+``rosbags`` is imported inside the functions: the core's other modules import without it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from rosbags.typesys.store import Typestore
+
+    from .labelling import Segmentation
+    from .pipeline import TridentPipeline
+    from .vocabulary import Vocabulary
+
+logger = logging.getLogger('trident_ros.bag_labelling')
+
+IMAGE_TYPES = ('sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage')
+MSG_PACKAGE = 'trident_ros'
+MSG_FILES = ('ClassMask', 'ClassMaskArray', 'VocabularyInfo')
+ENCODING_CHANNELS = {'rgb8': 3, 'bgr8': 3, 'rgba8': 4, 'bgra8': 4, 'mono8': 1,
+                     'rgb16': 3, 'bgr16': 3, 'rgba16': 4, 'bgra16': 4, 'mono16': 1}
+"""Raw encodings read, with their channels (as the node: 16-bit scaled to 8, alpha dropped)."""
+CUSTOM_KEY = 'trident_ros.labelling'
+BAG_VERSION = 8
+
+
+class BagError(RuntimeError):
+    """A bag cannot be read or written as asked; the message says which bag, topic and where."""
+
+
+@dataclass
+class BagOptions:
+    """What to label and what to write.
+
+    Attributes:
+        topic: the image topic (sensor_msgs/Image or sensor_msgs/CompressedImage).
+        vocabulary: the vocabulary text (recorded in the output; a resume must use the same).
+        prefix: namespace of the output topics (``<prefix>/labels`` ...).
+        every: label every Nth message of the topic (counted from ``start``).
+        start: seconds from the bag's first message; None: from the beginning.
+        end: seconds from the bag's first message (exclusive); None: to the end.
+        segmentation: also write ``<prefix>/segmentation`` (rgb8 overlay with legend).
+        storage: ``sqlite3`` or ``mcap``; None: the input's.
+    """
+
+    topic: str
+    vocabulary: str
+    prefix: str = '/trident'
+    every: int = 1
+    start: float | None = None
+    end: float | None = None
+    segmentation: bool = False
+    storage: str | None = None
+
+
+@dataclass
+class BagResult:
+    """What a run did.
+
+    Attributes:
+        output: the output bag.
+        selected: frames selected by topic, ``every``, ``start``/``end`` (read so far).
+        labelled: frames labelled by this run.
+        resumed: frames already in the output from an earlier run (not redone).
+        refused: frames that could not be decoded (warned, skipped).
+        seconds: time spent labelling (decode, pipeline, encode, write) this run.
+        complete: every selected frame of the bag is in the output.
+    """
+
+    output: Path
+    selected: int = 0
+    labelled: int = 0
+    resumed: int = 0
+    refused: int = 0
+    seconds: float = 0.0
+    complete: bool = False
+
+
+def find_msg_dir() -> Path:
+    """The package's ``msg/`` folder: the source tree, else ``<prefix>/share/trident_ros/msg`` of an install.
+
+    Raises:
+        BagError: none found.
+    """
+    candidates = [Path(__file__).resolve().parents[1] / 'msg']
+    prefixes = [p for p in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) if p]
+    candidates += [Path(prefix) / 'share' / MSG_PACKAGE / 'msg' for prefix in [*prefixes, sys.prefix]]
+    for folder in candidates:
+        if all((folder / f'{name}.msg').is_file() for name in MSG_FILES):
+            return folder
+    raise BagError('the trident_ros message definitions (msg/ClassMaskArray.msg) were not found in: '
+                   + ', '.join(map(str, candidates)))
+
+
+def make_typestore(msg_dir: Path | None = None) -> Typestore:
+    """The typestore of the latest ROS 2 LTS plus this package's messages.
+
+    Args:
+        msg_dir: the folder of ``ClassMask.msg`` ...; None: :func:`find_msg_dir`.
+    """
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    store = get_typestore(Stores.LATEST)
+    folder = msg_dir or find_msg_dir()
+    types: dict = {}
+    for name in MSG_FILES:
+        types.update(get_types_from_msg((folder / f'{name}.msg').read_text(encoding='utf-8'),
+                                        f'{MSG_PACKAGE}/msg/{name}'))
+    store.register(types)
+    return store
+
+
+def new_message(store: Typestore, msgtype: str, **values: Any) -> Any:
+    """A ``msgtype`` message: ``values`` for the fields given, zero/empty/default for every other one.
+
+    Fields are taken from the typestore, so fields added to a ``.msg`` file get their defaults.
+    """
+    from rosbags.typesys.base import Nodetype
+
+    _, fields = store.fielddefs[msgtype]
+    arguments = {}
+    for name, (kind, detail) in fields:
+        if name in values:
+            arguments[name] = values[name]
+        elif kind == Nodetype.NAME:
+            arguments[name] = new_message(store, detail)
+        elif kind == Nodetype.BASE:
+            arguments[name] = '' if detail[0] == 'string' else (False if detail[0] == 'bool' else 0)
+        else:  # ARRAY (fixed size) or SEQUENCE
+            (inner_kind, inner), size = detail
+            length = size if kind == Nodetype.ARRAY else 0
+            if inner_kind == Nodetype.NAME:
+                arguments[name] = [new_message(store, inner) for _ in range(length)]
+            elif inner[0] in ('string', 'bool'):
+                arguments[name] = [('' if inner[0] == 'string' else False)] * length
+            else:
+                arguments[name] = np.zeros(length, dtype=np.uint8 if inner[0] in ('byte', 'char') else inner[0])
+    return store.types[msgtype](**arguments)
+
+
+def image_message(store: Typestore, array: np.ndarray, encoding: str, header: Any) -> Any:
+    """An ``(H, W)`` or ``(H, W, C)`` array as a rosbags ``sensor_msgs/Image`` (little-endian data)."""
+    array = np.ascontiguousarray(array.astype(array.dtype.newbyteorder('<'), copy=False))
+    return new_message(store, 'sensor_msgs/msg/Image', header=header, height=array.shape[0], width=array.shape[1],
+                       encoding=encoding, is_bigendian=0, step=array.strides[0],
+                       data=np.frombuffer(array.tobytes(), dtype=np.uint8))
+
+
+def decode_image(msg: Any, msgtype: str) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of a rosbags Image/CompressedImage (rosbags-image, as the node's fallback).
+
+    Raises:
+        ValueError: unsupported encoding, inconsistent size, or undecodable data.
+    """
+    from rosbags.image import compressed_image_to_cvimage, image_to_cvimage
+
+    if msgtype.endswith('CompressedImage'):
+        if len(msg.data) == 0:
+            raise ValueError('compressed image has no data')
+        try:
+            rgb = compressed_image_to_cvimage(msg, 'rgb8')
+        except (AssertionError, cv2.error) as error:  # rosbags-image asserts imdecode's result
+            raise ValueError(f'compressed image ({len(msg.data)} bytes, format {msg.format[:32]!r}) '
+                             'cannot be decoded') from error
+    else:
+        encoding = msg.encoding.strip().lower()
+        if encoding not in ENCODING_CHANNELS:
+            raise ValueError(f'unsupported encoding {msg.encoding[:32]!r}; supported: {", ".join(ENCODING_CHANNELS)}')
+        row = msg.width * ENCODING_CHANNELS[encoding] * (2 if encoding.endswith('16') else 1)
+        if msg.height <= 0 or msg.width <= 0 or msg.step < row or len(msg.data) != msg.height * msg.step:
+            raise ValueError(f'{msg.width}x{msg.height} {encoding} image with step {msg.step} and '
+                             f'{len(msg.data)} bytes of data')
+        data = np.asarray(msg.data, dtype=np.uint8).reshape(msg.height, msg.step)[:, :row]
+        rows = SimpleNamespace(height=msg.height, width=msg.width, encoding=encoding,
+                               is_bigendian=msg.is_bigendian, data=np.ascontiguousarray(data))
+        rgb = image_to_cvimage(rows, 'rgb8')  # reads rows as contiguous: padding dropped above
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f'image decoded to {rgb.shape} {rgb.dtype}, not (H, W, 3) uint8')
+    return np.ascontiguousarray(rgb)
+
+
+class _Parts:
+    """The part bags of one output: a part is opened at its first frame and closed every ``checkpoint`` frames."""
+
+    def __init__(self, folder: Path, store: Typestore, storage: Any, settings: str, options: BagOptions,
+                 checkpoint: int) -> None:
+        self.folder, self.store, self.storage, self.settings = folder, store, storage, settings
+        self.checkpoint = checkpoint
+        self.names = ['labels', 'confidence', 'masks'] + (['segmentation'] if options.segmentation else [])
+        self.prefix = options.prefix.rstrip('/')
+        self.writer: Any = None
+        self.connections: dict[str, Any] = {}
+        self.frames = 0
+
+    def _open(self) -> None:
+        from rosbags.rosbag2 import Writer
+
+        index = len(list(self.folder.glob('part_*')))
+        self.writer = Writer(self.folder / f'part_{index:04d}', version=BAG_VERSION, storage_plugin=self.storage)
+        self.writer.set_custom_data(CUSTOM_KEY, self.settings)
+        self.writer.open()
+        types = {'masks': f'{MSG_PACKAGE}/msg/ClassMaskArray'}
+        self.connections = {name: self.writer.add_connection(f'{self.prefix}/{name}',
+                                                             types.get(name, 'sensor_msgs/msg/Image'),
+                                                             typestore=self.store) for name in self.names}
+        self.frames = 0
+
+    def close(self) -> None:
+        """Close the open part (metadata written: it counts as done), if any."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def write(self, timestamp: int, header: Any, rgb: np.ndarray, segmentation: Segmentation) -> None:
+        """Write one frame's outputs at bag time ``timestamp`` with the input's ``header``."""
+        if self.writer is None:
+            self._open()
+        store = self.store
+        wide = len(segmentation.vocabulary) > 255
+        messages = {
+            'labels': image_message(store, segmentation.labels.astype(np.uint16 if wide else np.uint8),
+                                    'mono16' if wide else 'mono8', header),
+            'confidence': image_message(store, np.clip(np.rint(segmentation.confidence * 255.0), 0, 255)
+                                        .astype(np.uint8), 'mono8', header),
+            'masks': self._masks(header, segmentation),
+        }
+        if 'segmentation' in self.connections:
+            messages['segmentation'] = image_message(store, segmentation.overlay(rgb), 'rgb8', header)
+        for name, msg in messages.items():
+            connection = self.connections[name]
+            self.writer.write(connection, timestamp, store.serialize_cdr(msg, connection.msgtype))
+        self.frames += 1
+        if self.frames >= self.checkpoint:
+            self.close()
+
+    def _masks(self, header: Any, segmentation: Segmentation) -> Any:
+        store = self.store
+        masks = []
+        for mask in sorted(segmentation.masks, key=lambda m: m.class_id):
+            x, y, w, h = (int(v) for v in mask.bbox)
+            bbox = new_message(store, 'sensor_msgs/msg/RegionOfInterest', x_offset=x, y_offset=y, width=w, height=h)
+            masks.append(new_message(
+                store, f'{MSG_PACKAGE}/msg/ClassMask', label=str(mask.label), class_id=int(mask.class_id),
+                score=float(mask.score), area=int(mask.area), bbox=bbox,
+                mask=image_message(store, np.asarray(mask.mask, dtype=np.uint8) * 255, 'mono8', header)))
+        return new_message(store, f'{MSG_PACKAGE}/msg/ClassMaskArray', header=header,
+                           vocabulary=list(segmentation.vocabulary), masks=masks)
+
+
+def _write_pngs(folder: Path, timestamp: int, rgb: np.ndarray, segmentation: Segmentation) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / f'{timestamp}_overlay.png'), cv2.cvtColor(segmentation.overlay(rgb), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(folder / f'{timestamp}_labels.png'), segmentation.labels)
+
+
+def _settings(options: BagOptions, source: Path) -> str:
+    """The settings a resumed run must share with the earlier one (JSON, in the bag's custom_data)."""
+    recorded = asdict(options)
+    recorded.pop('storage')
+    return json.dumps({'source': source.resolve().name, **recorded}, sort_keys=True)
+
+
+def _parts_dir(output: Path) -> Path:
+    return output.with_name(output.name + '.parts')
+
+
+def _closed_parts(parts: Path) -> list[Path]:
+    return sorted(p for p in parts.glob('part_*') if (p / 'metadata.yaml').is_file())
+
+
+def _complete_frames(part: Path) -> set[int]:
+    """Bag times of the frames written on every output topic of a closed part.
+
+    An interrupt can fall between a frame's messages: such a frame counts as not done.
+    """
+    from rosbags.rosbag2 import Reader
+
+    per_topic: dict[str, set[int]] = {}
+    with Reader(part) as reader:
+        for connection, timestamp, _ in reader.messages():
+            per_topic.setdefault(connection.topic, set()).add(timestamp)
+    return set.intersection(*per_topic.values()) if per_topic else set()
+
+
+def _bag_info(bag: Path) -> dict:
+    """``rosbag2_bagfile_information`` of a bag's metadata.yaml."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ='safe').load((bag / 'metadata.yaml').read_text(encoding='utf-8'))['rosbag2_bagfile_information']
+
+
+def _custom_of(bag: Path) -> str | None:
+    return (_bag_info(bag).get('custom_data') or {}).get(CUSTOM_KEY)
+
+
+def _prepare_parts(output: Path, resume: bool, settings: str) -> Path:
+    """The parts folder of ``output``, ready for this run; a finished output becomes part 0.
+
+    Nothing is changed before the earlier run is known to be resumable with ``settings``.
+    """
+    parts = _parts_dir(output)
+    if not resume:
+        for existing in (output, parts):
+            if existing.exists():
+                raise BagError(f'{existing} exists: pass --resume to continue that run, or choose another output')
+    if output.exists() and not (output / 'metadata.yaml').is_file():
+        raise BagError(f'{output} exists but is not a closed bag (no metadata.yaml)')
+    closed = _closed_parts(parts)
+    for bag in closed + ([output] if output.exists() else []):
+        recorded = _custom_of(bag)
+        if recorded != settings:
+            raise BagError(f'cannot resume into {output}: {bag.name} was made with other settings ({recorded}); '
+                           f'now: {settings}')
+    parts.mkdir(parents=True, exist_ok=True)
+    for stale in parts.glob('*'):
+        if not (stale / 'metadata.yaml').is_file():  # left open by a killed run: its frames are redone
+            logger.warning('discarding %s (not closed: the run writing it was killed)', stale)
+            shutil.rmtree(stale)
+    if output.exists() and not closed:
+        output.rename(parts / 'part_0000')
+    return parts
+
+
+def _merge(parts: list[Path], output: Path, store: Typestore, storage: Any, settings: str) -> None:
+    """Write the complete frames of every closed part into one new bag at ``output`` (then moved into place)."""
+    from rosbags.rosbag2 import Reader, Writer
+
+    staging = _parts_dir(output) / 'merging' / output.name  # the storage file is named after the folder
+    if staging.parent.exists():
+        shutil.rmtree(staging.parent)
+    writer = Writer(staging, version=BAG_VERSION, storage_plugin=storage)
+    writer.set_custom_data(CUSTOM_KEY, settings)
+    with writer:
+        connections: dict[tuple[str, str], Any] = {}
+        for part in parts:
+            complete = _complete_frames(part)
+            with Reader(part) as reader:
+                for connection, timestamp, data in reader.messages():
+                    if timestamp not in complete:
+                        continue
+                    key = (connection.topic, connection.msgtype)
+                    if key not in connections:
+                        connections[key] = writer.add_connection(connection.topic, connection.msgtype, typestore=store)
+                    writer.write(connections[key], timestamp, data)
+    if output.exists():
+        shutil.rmtree(output)
+    staging.rename(output)
+    staging.parent.rmdir()
+
+
+def label_bag(pipeline: TridentPipeline, vocabulary: Vocabulary, source: Path, output: Path, options: BagOptions,
+              resume: bool = False, max_frames: int | None = None, png_dir: Path | None = None,
+              checkpoint: int = 50) -> BagResult:
+    """Label ``options.topic`` of the bag ``source`` into the bag ``output`` (see the module docstring).
+
+    Args:
+        pipeline: the loaded pipeline.
+        vocabulary: ``pipeline.encode_vocabulary(options.vocabulary)``.
+        source: a rosbag2 directory (sqlite3 or MCAP).
+        output: the bag to write (a directory that must not exist unless ``resume``).
+        options: topic, subsampling and outputs.
+        resume: continue an earlier run into ``output``: frames already there are not redone.
+        max_frames: stop after labelling this many frames (the output is closed as after Ctrl-C).
+        png_dir: also write ``<bag time ns>_overlay.png`` and ``_labels.png`` per frame there.
+        checkpoint: close the current part bag after this many frames (at most this many are
+            redone after a kill).
+
+    Returns:
+        What was read, labelled and resumed; ``complete`` when the whole selection is in ``output``.
+
+    Raises:
+        BagError: unreadable or truncated input (after the frames read so far were written and the
+            output closed), a missing or non-image topic, or an output that cannot be resumed.
+        KeyboardInterrupt: after the output was closed with the frames done so far.
+    """
+    from rosbags.highlevel import AnyReader
+    from rosbags.rosbag2 import StoragePlugin
+
+    if options.every < 1:
+        raise BagError(f'--every {options.every}: must be >= 1')
+    if checkpoint < 1:
+        raise BagError(f'checkpoint {checkpoint}: must be >= 1')
+    store = make_typestore()
+    settings = _settings(options, source)
+    try:
+        reader = AnyReader([source], default_typestore=store)
+        reader.open()
+    except Exception as error:  # rosbags raises assorted types for missing or broken bags
+        raise BagError(f'cannot open the bag {source} (nothing of {options.topic} read, offset 0): '
+                       f'{type(error).__name__}: {error}') from error
+    result = BagResult(output=output)
+    try:
+        connections = [c for c in reader.connections if c.topic == options.topic]
+        if not connections:
+            images = sorted({c.topic for c in reader.connections if c.msgtype in IMAGE_TYPES})
+            raise BagError(f'{source} has no topic {options.topic!r}; its image topics: {", ".join(images) or "none"}')
+        msgtypes = {c.msgtype for c in connections}
+        if not msgtypes <= set(IMAGE_TYPES):
+            raise BagError(f'{options.topic} carries {", ".join(sorted(msgtypes))}, not {" or ".join(IMAGE_TYPES)}')
+        storage = StoragePlugin[(options.storage or _bag_info(source)['storage_identifier']).upper()]
+        parts_dir = _prepare_parts(output, resume, settings)
+        done = set().union(*map(_complete_frames, _closed_parts(parts_dir)))
+        begin = reader.start_time
+        start = begin + int(options.start * 1e9) if options.start is not None else None
+        stop = begin + int(options.end * 1e9) if options.end is not None else None
+        total = sum(c.msgcount for c in connections)
+        frames = tqdm(total=-(-total // options.every) if start is None and stop is None else None,
+                      unit='frame', disable=None, desc=options.topic)
+        parts = _Parts(parts_dir, store, storage, settings, options, checkpoint)
+        try:
+            for index, (connection, timestamp, data) in enumerate(_read(reader, connections, start, stop, options)):
+                if index % options.every:
+                    continue
+                if timestamp in done:
+                    result.selected += 1
+                    result.resumed += 1
+                    frames.update()
+                    continue
+                if max_frames is not None and result.labelled >= max_frames:
+                    break
+                result.selected += 1
+                frames.update()
+                began = time.monotonic()
+                try:
+                    msg = reader.deserialize(data, connection.msgtype)
+                    rgb = decode_image(msg, connection.msgtype)
+                except Exception as error:  # a corrupt message or image: warned, skipped, counted
+                    result.refused += 1
+                    logger.warning('%s at bag time %d: image refused: %s', options.topic, timestamp, error)
+                    continue
+                segmentation = pipeline.label(pipeline.encode_image(rgb), vocabulary)
+                header = new_message(store, 'std_msgs/msg/Header', stamp=msg.header.stamp,
+                                     frame_id=msg.header.frame_id)
+                parts.write(timestamp, header, rgb, segmentation)
+                if png_dir is not None:
+                    _write_pngs(png_dir, timestamp, rgb, segmentation)
+                result.labelled += 1
+                result.seconds += time.monotonic() - began
+            else:
+                result.complete = True
+        finally:
+            frames.close()
+            parts.close()
+            closed = _closed_parts(parts_dir)
+            if closed:
+                _merge(closed, output, store, storage, settings)
+            if result.complete:
+                shutil.rmtree(parts_dir)
+    finally:
+        reader.close()
+    return result
+
+
+def _read(reader: Any, connections: list, start: int | None, stop: int | None,
+          options: BagOptions) -> Iterator[tuple[Any, int, bytes]]:
+    """The topic's raw messages in bag-time order; a read error becomes a BagError naming where."""
+    messages = reader.messages(connections=connections, start=start, stop=stop)
+    count, last = 0, None
+    while True:
+        try:
+            item = next(messages)
+        except StopIteration:
+            return
+        except Exception as error:  # sqlite3/MCAP/rosbags errors of a corrupt or truncated bag
+            where = (f'after message #{count} (bag time {last} ns, {(last - reader.start_time) / 1e9:.3f} s '
+                     f'into the bag)' if last is not None else 'before its first message')
+            raise BagError(f'{reader.paths[0]}: reading {options.topic} failed {where}: '
+                           f'{type(error).__name__}: {error}; the frames labelled so far are in the output') from error
+        count += 1
+        last = item[1]
+        yield item
