@@ -376,6 +376,29 @@ def test_depth_within_the_slop_matches_and_exact_sync_needs_equal_stamps(node, c
     assert frame(0)[1]['masks'].frame_3d == 'camera'
 
 
+def test_more_than_255_classes_warn_that_nav2_needs_mono8_and_prob_thd_updates_label_info(node, client, sender,
+                                                                                          topics):
+    info = client.subscribe(LabelInfo, f'{NODE}/label_info', LATCHED)
+    publisher = client.publisher(String, f'{NODE}/vocabulary', RELIABLE)
+    names = [f'thing{i}' for i in range(256)]
+    since = time.monotonic()
+
+    def updated():
+        publisher.publish(String(data=', '.join(names)))
+        return info.wait_for(lambda m: len(m.class_map) == 257, 3.0, after=since)
+    assert wait_until(updated, 60.0), 'the 256-class vocabulary was not taken'
+    assert node.wait_for_output("~/labels is mono16, which Nav2's semantic_segmentation_layer cannot read", 10.0)
+    assert send(sender, topics)[1]['labels'].encoding == 'mono16'
+    since = time.monotonic()
+    publisher.publish(String(data=VOCABULARY))
+    assert info.wait_for(lambda m: [c.class_name for c in m.class_map][1:] == FIRST_NAMES, 30.0, after=since)
+    since = time.monotonic()
+    request = SetParameters.Request(parameters=[Parameter('prob_thd', value=0.35).to_parameter_msg()])
+    assert client.call(SetParameters, f'{NODE}/set_parameters', request).results[0].successful
+    assert info.wait_for(lambda m: abs(m.threshold - 0.35) < 1e-6, 10.0, after=since), 'threshold not updated'
+    client.node.destroy_publisher(publisher)
+
+
 def test_the_frame_in_progress_keeps_its_depth_while_newer_depth_arrives(tmp_path):
     """A slow pipeline keeps the depth of the frame it processes.
 
