@@ -21,7 +21,7 @@ from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from trident_ros.bag_labelling import decode_image, make_typestore, new_message
+from trident_ros.bag_messages import decode_image, make_typestore, new_message
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC = '/camera/color/image_raw'
@@ -235,7 +235,7 @@ def test_an_install_finds_the_msg_files_in_its_share_folder(tmp_path):
     (prefix / 'share' / 'trident_ros').mkdir(parents=True)
     shutil.copytree(ROOT / 'msg', prefix / 'share' / 'trident_ros' / 'msg')
     env = {**os.environ, 'PYTHONPATH': str(package.parent), 'AMENT_PREFIX_PATH': str(prefix)}
-    code = 'import trident_ros.bag_labelling as b; print(b.__file__); print(b.find_msg_dir())'
+    code = 'import trident_ros.bag_messages as b; print(b.__file__); print(b.find_msg_dir())'
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(package / 'bag_labelling.py'), str(prefix / 'share' / 'trident_ros' / 'msg')]
