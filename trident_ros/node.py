@@ -241,8 +241,14 @@ class TridentNode(LifecycleNode):
         return TransitionCallbackReturn.FAILURE
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._create_outputs()
-        self._create_image_input()
+        try:
+            self._create_outputs()
+            self._create_image_input()
+        except Exception as error:  # e.g. an invalid qos_overrides value: a clean FAILURE, still inactive
+            self._remove_frame_io()
+            self._health.error(f'activate failed: {error}', log=False)
+            self.get_logger().error(f'activate failed: {error}')
+            return TransitionCallbackReturn.FAILURE
         self._state = 'active'
         self.get_logger().info('active')
         return super().on_activate(state)
