@@ -5,13 +5,20 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 (the PyTorch convention)
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from trident_ros.config import TridentConfig
 from trident_ros.models import TridentModels, load_models
-from trident_ros.vocabulary import (IMAGENET_TEMPLATES, EncodingCancelledError, TextFeatureCache, Vocabulary,
-                                    VocabularyError, encode_vocabulary, parse_vocabulary)
+from trident_ros.vocabulary import (
+    IMAGENET_TEMPLATES,
+    EncodingCancelledError,
+    TextFeatureCache,
+    Vocabulary,
+    VocabularyError,
+    encode_vocabulary,
+    parse_vocabulary,
+)
 
 
 @pytest.fixture(scope='module')
