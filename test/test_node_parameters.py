@@ -52,3 +52,28 @@ def test_an_invalid_qos_override_fails_activate_cleanly():
         assert node.stop_worker(5.0)
         node.destroy_node()
         context.try_shutdown()
+
+
+def test_an_out_of_range_start_value_is_kept_out_and_configure_says_why():
+    """``-p prob_thd:=2.0``: the process starts (default kept), configure FAILS naming the parameter."""
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from trident_ros.node import TridentNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=ros_helpers.fresh_domain_id())
+    node = TridentNode(context=context, parameter_overrides=[
+        Parameter('random_weights', value=True), Parameter('model_scale', value='tiny'),
+        Parameter('prob_thd', value=2.0)])
+    try:
+        assert node.get_parameter('prob_thd').value == 0.2
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert 'prob_thd' in node.diagnostic_status().message
+        assert node.set_parameters([Parameter('prob_thd', value=0.3)])[0].successful  # set again: fine
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    finally:
+        assert node.stop_worker(5.0)
+        node.destroy_node()
+        context.try_shutdown()
