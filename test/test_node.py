@@ -552,6 +552,7 @@ def test_a_1000_class_vocabulary_is_encoded_while_frames_keep_flowing(active, cl
         since = time.monotonic()
         publisher.publish(String(data=', '.join(names)))
         processed = {}  # vocabulary_pending_names ('done/total') -> frames_processed, while it is encoded
+        example = {}  # one status while it is encoded
 
         def encoded():
             for msg in outputs['diagnostics'].snapshot(after=since):
@@ -559,10 +560,14 @@ def test_a_1000_class_vocabulary_is_encoded_while_frames_keep_flowing(active, cl
                 values = {kv.key: kv.value for kv in found.values} if found is not None else {}
                 if values.get('vocabulary_pending', '').startswith('thing 0'):
                     processed.setdefault(values['vocabulary_pending_names'], int(values['frames_processed']))
+                    example.setdefault('status', (found.level, found.message, values))
             return outputs['vocabulary_info'].wait_for(lambda m: len(m.classes) == 1000, 0.5, after=since)
         assert wait_until(encoded, 120), active.output()[-2000:]
         took = time.monotonic() - since
         print(f'\n1000 classes encoded in {took:.1f} s; names done: frames_processed while pending: {processed}')
+        level, message, values = example['status']
+        print(f'a status while encoding: level {level}, {message!r}, '
+              + ', '.join(f'{k}={v[:40]}' for k, v in values.items() if not k.startswith('latency')))
         counts = list(processed.values())
         assert len(counts) >= 2 and counts[-1] > counts[0], processed  # frames kept flowing
         relabelled = outputs['labels'].wait_for(lambda m: m.encoding == 'mono16', 30, after=since)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 # ros_helpers first: it checks the ROS 2 environment with a clear message
-import ros_helpers  # noqa: F401
+import ros_helpers
 
 from trident_ros.node_parameters import CHOICES, RANGES, descriptor, parameter_defaults
 
@@ -27,3 +27,53 @@ def test_choices_are_stated_and_include_the_default():
     for name, choices in CHOICES.items():
         assert defaults[name][0] in choices, name
         assert descriptor(name, '').additional_constraints == f'one of: {", ".join(choices)}'
+
+
+def test_an_invalid_qos_override_fails_activate_cleanly():
+    """In-process node: ``reliability: bogus`` for an output makes activate FAIL, the node stays inactive."""
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from trident_ros.node import TridentNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=ros_helpers.fresh_domain_id())
+    node = TridentNode(context=context, parameter_overrides=[
+        Parameter('random_weights', value=True), Parameter('model_scale', value='tiny'),
+        Parameter('qos_overrides./trident/labels.publisher.reliability', value='bogus')])
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.FAILURE
+        status = node.diagnostic_status()
+        assert 'activate failed' in status.message
+        assert {kv.key: kv.value for kv in status.values}['lifecycle_state'] == 'inactive'
+    finally:
+        assert node.stop_worker(5.0)
+        node.destroy_node()
+        context.try_shutdown()
+
+
+def test_an_out_of_range_start_value_is_kept_out_and_configure_says_why():
+    """``-p prob_thd:=2.0``: the process starts (default kept), configure FAILS naming the parameter."""
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from trident_ros.node import TridentNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=ros_helpers.fresh_domain_id())
+    node = TridentNode(context=context, parameter_overrides=[
+        Parameter('random_weights', value=True), Parameter('model_scale', value='tiny'),
+        Parameter('prob_thd', value=2.0)])
+    try:
+        assert node.get_parameter('prob_thd').value == 0.2
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert 'prob_thd' in node.diagnostic_status().message
+        assert node.set_parameters([Parameter('prob_thd', value=0.3)])[0].successful  # set again: fine
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    finally:
+        assert node.stop_worker(5.0)
+        node.destroy_node()
+        context.try_shutdown()

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 (the PyTorch convention)
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from trident_ros.config import TridentConfig

@@ -2,24 +2,18 @@
 
 A thin ROS 2 adapter over :class:`trident_ros.pipeline.TridentPipeline`:
 
-* configure loads the models, encodes the ``vocabulary`` parameter and subscribes to
-  ``~/vocabulary`` (latched ``~/vocabulary_info`` out) until cleanup; activate subscribes to the
-  camera and creates the outputs, deactivate removes them and frees GPU caches; cleanup drops the
-  models. A configure failure returns FAILURE with the reason; the process stays up;
-* the image callback only stores the newest frame; ONE frame worker thread encodes and labels it;
-  frames replaced before the worker took them are dropped (counted), never queued;
-* a vocabulary (topic ``~/vocabulary`` or parameter ``vocabulary``) goes: receive → parse (cheap;
-  refused with a reason) → the ``vocabulary`` parameter → the vocabulary thread
-  (:class:`.vocabulary_encoder.VocabularyEncoder`, which a newer vocabulary supersedes) → encoded →
-  in use → the last frame relabelled from its cached image features → published. Frames keep being
-  labelled with the vocabulary in use meanwhile;
-* every field of :class:`TridentConfig` is a parameter (:mod:`.node_parameters`); labelling
-  fields apply at once (one relabel per batch), model fields (``pipeline.MODEL_FIELDS``) at the
-  next configure;
-* nothing received can take the node down (docs/reliability.md): a bad image, vocabulary or
-  parameter is refused with a throttled warning and the last good state stays; a frame that fails
-  in the pipeline is skipped with an ERROR status and the GPU cache released
-  (:class:`.node_health.NodeHealth` counts it all for /diagnostics).
+* configure loads the models, encodes the ``vocabulary`` parameter and opens the vocabulary topics
+  (:mod:`.vocabulary_topics`) until cleanup; activate opens the camera and the outputs
+  (:mod:`.frame_io`) until deactivate; cleanup drops the models. A failed transition returns
+  FAILURE with the reason; the process stays up;
+* the image callback offers the newest frame to ONE frame worker thread (:mod:`.frame_worker`);
+* a vocabulary (topic or parameter): receive → parse (cheap; refused with a reason) → parameter
+  ``vocabulary`` → the vocabulary thread (:mod:`.vocabulary_encoder`; a newer one supersedes it)
+  → in use → the last frame relabelled from its cached image features → published;
+* parameters: :mod:`.node_parameters`; labelling fields apply at once (one relabel per batch),
+  model fields (``pipeline.MODEL_FIELDS``) at the next configure;
+* nothing received can take the node down (docs/reliability.md): bad input is refused with a
+  throttled warning and the last good state stays; :mod:`.node_health` counts it for /diagnostics.
 """
 from __future__ import annotations
 
@@ -262,10 +256,16 @@ class TridentNode(LifecycleNode):
         return TransitionCallbackReturn.FAILURE
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._create_outputs()
-        self._create_image_input()
-        with self._io_lock:
-            self._create_depth_io()
+        try:
+            self._create_outputs()
+            self._create_image_input()
+            with self._io_lock:
+                self._create_depth_io()
+        except Exception as error:  # e.g. an invalid qos_overrides value: a clean FAILURE, still inactive
+            self._remove_frame_io()
+            self._health.error(f'activate failed: {error}', log=False)
+            self.get_logger().error(f'activate failed: {error}')
+            return TransitionCallbackReturn.FAILURE
         self._state = 'active'
         self.get_logger().info('active')
         return super().on_activate(state)
@@ -285,19 +285,19 @@ class TridentNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._remove_frame_io()
-        self._remove_vocabulary_io()
-        self._drop_models()
-        self._state = 'finalized'
+        self._release_all('finalized')
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.get_logger().error('error during a transition: dropping models, back to unconfigured')
+        self._release_all('unconfigured')
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release_all(self, state: str) -> None:
         self._remove_frame_io()
         self._remove_vocabulary_io()
         self._drop_models()
-        self._state = 'unconfigured'
-        return TransitionCallbackReturn.SUCCESS
+        self._state = state
 
     def _drop_models(self) -> None:
         self._encoder.cancel()
