@@ -214,22 +214,23 @@ def test_message_fields_come_from_the_msg_files_at_run_time(tmp_path):
     for name in ('ClassMask', 'ClassMaskArray', 'VocabularyInfo'):
         (tmp_path / f'{name}.msg').write_text((ROOT / 'msg' / f'{name}.msg').read_text())
     with (tmp_path / 'ClassMask.msg').open('a') as file:
-        file.write('\ngeometry_msgs/Point position\nfloat32[3] size\nuint32 num_points\n')
+        file.write('\ngeometry_msgs/Point extra_point\nfloat32[3] extra_size\nuint32 extra_count\n')
     store = make_typestore(tmp_path)
     mask = new_message(store, 'trident_ros/msg/ClassMask', label='door', class_id=2, area=5)
     array = new_message(store, 'trident_ros/msg/ClassMaskArray', vocabulary=['wall', 'door'], masks=[mask])
     back = store.deserialize_cdr(store.serialize_cdr(array, 'trident_ros/msg/ClassMaskArray'),
                                  'trident_ros/msg/ClassMaskArray')
     assert back.vocabulary == ['wall', 'door'] and back.masks[0].label == 'door' and back.masks[0].class_id == 2
-    assert (back.masks[0].position.x, back.masks[0].num_points) == (0.0, 0)
-    assert back.masks[0].size.tolist() == [0.0, 0.0, 0.0]
+    assert (back.masks[0].extra_point.x, back.masks[0].extra_count) == (0.0, 0)
+    assert back.masks[0].extra_size.tolist() == [0.0, 0.0, 0.0]
+    assert (back.masks[0].position.z, back.masks[0].num_points) == (0.0, 0)  # the 3D fields: no depth in a bag
 
 
 def test_an_install_finds_the_msg_files_in_its_share_folder(tmp_path):
     """Outside the source tree (a non-symlink install) the .msg files come from <prefix>/share/trident_ros/msg."""
     package = tmp_path / 'site' / 'trident_ros'
     package.mkdir(parents=True)
-    for module in ('__init__.py', 'bag_labelling.py'):
+    for module in ('__init__.py', 'bag_labelling.py', 'bag_messages.py'):
         (package / module).write_text((ROOT / 'trident_ros' / module).read_text())
     prefix = tmp_path / 'prefix'
     (prefix / 'share' / 'trident_ros').mkdir(parents=True)

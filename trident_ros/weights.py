@@ -323,7 +323,8 @@ def _find(entry: NeededWeight, allow_download: bool, problems: list[str],
     if _in_hub_cache(entry):
         return None
     if not allow_download:
-        problems.append(f'{entry.what}: downloads are disabled (download: false)')
+        problems.append(f'{entry.what} weights {entry.file.name} are not at {entry.path.parent}, and downloads are '
+                        'disabled (download: false)')
     elif entry.hub is not None and _hub_offline():
         problems.append(f'{entry.what}: the Hugging Face hub is off (HF_HUB_OFFLINE is set)')
     else:
