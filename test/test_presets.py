@@ -98,3 +98,30 @@ def test_cli_method_brings_its_preset_and_the_file_wins(tmp_path):
     path.write_text(yaml.safe_dump({'pamr': False, 'method': 'sclip'}))
     config = build_config(parse_args(['x.png', '-v', 'door', '--config', str(path), '--method', 'naclip']))
     assert config.method == 'naclip' and not config.pamr and config.input_short_side == 336
+
+
+def test_proxy_preset_runs_with_a_patch_8_dino():
+    """ProxyCLIP's setting: DINO ViT-B/8 (tiny here), 336/112 windows, short side 336.
+
+    The dense map is on the DINO grid (8 px).
+    """
+    import numpy as np
+    import timm
+
+    from trident_ros.bench import synthetic_image
+    from trident_ros.models import DinoPatches, load_models
+    from trident_ros.pipeline import TridentPipeline
+
+    config = TridentConfig.from_dict({'method': 'proxy', 'model_scale': 'tiny', 'random_weights': True,
+                                      'device': 'cpu'})
+    models = load_models(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        dino = timm.create_model(config.dino_model, pretrained=False, embed_dim=48, depth=2, num_heads=2,
+                                 patch_size=8, img_size=224)
+    models.dino = DinoPatches(dino.eval())
+    pipeline = TridentPipeline(config, models=models)
+    features = pipeline.encode_image(synthetic_image(160, 120, seed=3))
+    assert tuple(features.dense.shape[1:]) == (336 // 8, 448 // 8)  # 120x160 -> 336x448
+    seg = pipeline.label(features, pipeline.encode_vocabulary('door, chair'))
+    assert set(np.unique(seg.labels)) <= {0, 1, 2}

@@ -205,3 +205,24 @@ def test_relabel_reruns_only_the_vocabulary_side():
         assert first.labels.shape == second.labels.shape == image.shape[:2]
         again = pipeline.label(features, pipeline.encode_vocabulary('door, sofa, table'))
         np.testing.assert_array_equal(again.labels, first.labels)
+
+
+def test_pamr_at_labelling_refines_the_full_size_logits_from_the_cached_frame():
+    from trident_ros.labelling import class_probabilities
+
+    image = synthetic_image(160, 120, seed=3)
+    config = TridentConfig.from_dict({'method': 'naclip', 'model_scale': 'tiny', 'random_weights': True,
+                                      'device': 'cpu'})
+    assert config.pamr  # NACLIP's default
+    pipeline = TridentPipeline(config)
+    calls = count_forwards(pipeline.models.clip.visual.conv1)
+    features = pipeline.encode_image(image)
+    vocabulary = pipeline.encode_vocabulary('door, sofa, table')
+    seg = pipeline.label(features, vocabulary)
+    assert calls[0] == 1 and 'pamr_affinity' in seg.timings
+    affinity = pamr_affinity(torch.from_numpy(image).permute(2, 0, 1)[None].float())
+    probs = class_probabilities(features.dense, vocabulary, (120, 160), config.logit_scale,
+                                lambda logits: pamr_refine(logits[None], affinity)[0])
+    np.testing.assert_allclose(seg.confidence, probs.max(0).values.numpy(), atol=1e-5)
+    plain = class_probabilities(features.dense, vocabulary, (120, 160), config.logit_scale)
+    assert not np.allclose(seg.confidence, plain.max(0).values.numpy(), atol=1e-3)

@@ -206,25 +206,26 @@ def resclip_first_pass(clip: ClipDense, crops: torch.Tensor, params: ResclipPara
 
 def crop_class_probabilities(features: torch.Tensor, grid: tuple[int, int], vocabulary: Vocabulary,
                              affinity: torch.Tensor) -> torch.Tensor:
-    """Class probabilities of one crop's pixels as SFR sees them.
+    """Class probabilities of the crops' pixels as SFR sees them.
 
     Cosine logits, bilinear to the crop, PAMR, softmax over names at scale 40, max over each class's names.
 
     Args:
-        features: ``(N, E)`` unit patch features.
+        features: ``(B, N, E)`` unit patch features of B crops.
         grid: ``(gh, gw)``.
         vocabulary: text features.
-        affinity: ``(P, h, w)`` the crop's PAMR weights.
+        affinity: ``(B, P, h, w)`` the crops' PAMR weights.
 
     Returns:
-        ``(K, h, w)`` float32.
+        ``(B, K, h, w)`` float32.
     """
     text = vocabulary.text_features.to(device=features.device, dtype=torch.float32)
-    logits = (features.float() @ text.T).T.reshape(1, -1, *grid)
+    logits = (features.float() @ text.T).transpose(1, 2).reshape(len(features), -1, *grid)
     logits = F.interpolate(logits, size=affinity.shape[-2:], mode='bilinear', align_corners=False)
-    probs = (pamr_refine(logits, affinity[None])[0] * SFR_LOGIT_SCALE).softmax(dim=0)  # (names, h, w)
-    index = vocabulary.name_to_class.to(features.device).view(-1, 1, 1).expand_as(probs)
-    return probs.new_zeros(vocabulary.num_classes, *probs.shape[1:]).scatter_reduce_(0, index, probs, reduce='amax')
+    probs = (pamr_refine(logits, affinity) * SFR_LOGIT_SCALE).softmax(dim=1)  # (B, names, h, w)
+    index = vocabulary.name_to_class.to(features.device).view(1, -1, 1, 1).expand_as(probs)
+    return probs.new_zeros(len(probs), vocabulary.num_classes, *probs.shape[2:]).scatter_reduce_(
+        1, index, probs, reduce='amax')
 
 
 @torch.inference_mode()
@@ -242,8 +243,8 @@ def resclip_second_pass(clip: ClipDense, windows: ResclipWindows, vocabulary: Vo
     k = windows.k.float()
     key_logits = k @ k.transpose(-2, -1) * windows.scale
     outputs = []
-    for index in range(len(windows.first)):
-        probs = crop_class_probabilities(windows.first[index], windows.grid, vocabulary, windows.affinity[index])
+    all_probs = crop_class_probabilities(windows.first, windows.grid, vocabulary, windows.affinity)
+    for index, probs in enumerate(all_probs):
         feedback = sfr_matrix(patch_labels(probs, params.temp_thd, patch))
         feedback = feedback / feedback.max().clamp(min=1e-12)
         logits = params.sfr_tau * ((1 - params.sfr_lambda) * key_logits[index] + params.sfr_lambda * feedback)
