@@ -230,7 +230,7 @@ def test_an_install_finds_the_msg_files_in_its_share_folder(tmp_path):
     """Outside the source tree (a non-symlink install) the .msg files come from <prefix>/share/trident_ros/msg."""
     package = tmp_path / 'site' / 'trident_ros'
     package.mkdir(parents=True)
-    for module in ('__init__.py', 'bag_labelling.py', 'bag_messages.py'):
+    for module in ('__init__.py', 'bag_messages.py'):
         (package / module).write_text((ROOT / 'trident_ros' / module).read_text())
     prefix = tmp_path / 'prefix'
     (prefix / 'share' / 'trident_ros').mkdir(parents=True)
@@ -239,7 +239,7 @@ def test_an_install_finds_the_msg_files_in_its_share_folder(tmp_path):
     code = 'import trident_ros.bag_messages as b; print(b.__file__); print(b.find_msg_dir())'
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(package / 'bag_labelling.py'), str(prefix / 'share' / 'trident_ros' / 'msg')]
+    assert result.stdout.split() == [str(package / 'bag_messages.py'), str(prefix / 'share' / 'trident_ros' / 'msg')]
 
 
 def test_sigterm_closes_the_output_with_the_frames_done(tmp_path):

@@ -496,3 +496,13 @@ def upstream_mlp_from(chunked: SamChunkedMlp) -> MLPBlock:
     mlp = MLPBlock(chunked.lin1.in_features, chunked.lin1.out_features, act=type(chunked.act))
     mlp.load_state_dict(chunked.state_dict())
     return mlp.eval()
+
+
+def test_quick_gelu_follows_the_weights_openai_yes_laion_no():
+    """OpenAI's CLIPs use QuickGELU; the headline ViT-H-14 LAION weights use plain GELU."""
+    from trident_ros.models.build import clip_quick_gelu
+
+    assert clip_quick_gelu(TridentConfig())  # ViT-B-16 openai
+    assert clip_quick_gelu(TridentConfig(clip_pretrained='/weights/open_clip_model.safetensors'))  # OpenAI's arch
+    assert not clip_quick_gelu(TridentConfig(clip_model='ViT-H-14', clip_pretrained='laion2b_s32b_b79k'))
+    assert not clip_quick_gelu(TridentConfig(clip_model='ViT-H-14', clip_pretrained='/weights/open_clip_model.bin'))

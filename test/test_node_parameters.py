@@ -6,7 +6,7 @@ import pytest
 # ros_helpers first: it checks the ROS 2 environment with a clear message
 import ros_helpers
 
-from trident_ros.node_parameters import CHOICES, RANGES, descriptor, parameter_defaults
+from trident_ros.node_parameters import CHOICES, RANGES, config_from_values, descriptor, parameter_defaults
 
 pytestmark = pytest.mark.ros
 
@@ -77,3 +77,14 @@ def test_an_out_of_range_start_value_is_kept_out_and_configure_says_why():
         assert node.stop_worker(5.0)
         node.destroy_node()
         context.try_shutdown()
+
+
+def test_a_method_preset_applies_to_the_fields_left_at_their_default_and_user_values_win():
+    values = {name: default for name, (default, _) in parameter_defaults().items()}
+    naclip = config_from_values({**values, 'method': 'naclip'})
+    assert (naclip.pamr, naclip.input_short_side, naclip.clip_slide_crop) == (True, 336, 224)  # NACLIP's own settings
+    mine = config_from_values({**values, 'method': 'naclip', 'input_short_side': 500})
+    assert (mine.pamr, mine.input_short_side) == (True, 500)
+    trident = config_from_values(values)
+    assert (trident.pamr, trident.input_short_side) == (False, 448)
+    assert 'naclip: True' in parameter_defaults()['pamr'][1]  # `ros2 param describe` says what presets do

@@ -21,6 +21,7 @@ from rclpy.parameter import Parameter
 
 from trident_ros.config import METHODS, MODEL_SCALES, SAM_MODELS, TridentConfig
 from trident_ros.pipeline import MODEL_FIELDS
+from trident_ros.presets import METHOD_PRESETS
 
 CONFIG_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TridentConfig)}
 IMAGE_TRANSPORTS = ('raw', 'compressed')
@@ -93,6 +94,9 @@ def parameter_defaults() -> dict[str, tuple[Any, str]]:
     parameters = {}
     for name in CONFIG_FIELDS:
         note = ' [takes effect at the next configure]' if name in MODEL_FIELDS else ' [applies at once]'
+        presets = [f'{method}: {preset[name]}' for method, preset in METHOD_PRESETS.items() if name in preset]
+        if presets:  # what each method's preset makes of the field while it stays at this default
+            note += f' [left at this default, the method\'s preset applies: {", ".join(presets)}]'
         parameters[name] = (getattr(defaults, name), TridentConfig.describe(name) + note)
     parameters.update(NODE_PARAMETERS)
     return parameters
@@ -142,8 +146,15 @@ def check_node_parameters(changes: Mapping[str, Any]) -> None:
 
 
 def config_from_values(values: Mapping[str, Any]) -> TridentConfig:
-    """The :class:`TridentConfig` of the config fields among ``values``; raises ``ConfigError``."""
-    return TridentConfig.from_dict({name: value for name, value in values.items() if name in CONFIG_FIELDS})
+    """The :class:`TridentConfig` of the config fields among ``values``; raises ``ConfigError``.
+
+    A field left at its plain default counts as not set: the method's preset applies to it
+    (:func:`.presets.with_presets`, as for a YAML file that does not name the field).
+    """
+    defaults = TridentConfig()
+    given = {name: value for name, value in values.items()
+             if name in CONFIG_FIELDS and (name == 'method' or value != getattr(defaults, name))}
+    return TridentConfig.from_dict(given)
 
 
 def declare_parameters(node: Node) -> dict[str, str]:

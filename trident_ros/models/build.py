@@ -205,7 +205,7 @@ def _build_full_random(config: TridentConfig, needed: tuple[str, ...]) -> Built:
     import timm
     from segment_anything import sam_model_registry
 
-    clip = open_clip.create_model(config.clip_model, pretrained=None, force_quick_gelu=True)
+    clip = open_clip.create_model(config.clip_model, pretrained=None, force_quick_gelu=clip_quick_gelu(config))
     dino = timm.create_model(config.dino_model, pretrained=False) if 'dino' in needed else None
     sam = sam_model_registry[config.sam_model](checkpoint=None) if 'sam' in needed else None
     return clip, dino, sam
@@ -242,12 +242,27 @@ def _build_dino(config: TridentConfig, dino_path: Path | None) -> nn.Module:
         raise dino_weights_error(config, error) from error
 
 
+def clip_quick_gelu(config: TridentConfig) -> bool:
+    """Whether the configured CLIP uses QuickGELU: OpenAI's weights do, LAION's (e.g. ViT-H-14) do not.
+
+    A pretrained tag open_clip knows says so itself; a local file counts as OpenAI's weights when
+    OpenAI released that architecture (``openai`` is one of its tags).
+    """
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    tag_cfg = get_pretrained_cfg(config.clip_model, config.clip_pretrained)
+    if tag_cfg:
+        return bool(tag_cfg.get('quick_gelu', False))
+    return 'openai' in list_pretrained_tags_by_model(config.clip_model)
+
+
 def _build_clip(config: TridentConfig, clip_source: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     import open_clip
 
     try:
-        return open_clip.create_model(config.clip_model, pretrained=clip_source, force_quick_gelu=True,
-                                      precision=OPEN_CLIP_PRECISION[dtype], device=device)
+        return open_clip.create_model(config.clip_model, pretrained=clip_source,
+                                      force_quick_gelu=clip_quick_gelu(config), precision=OPEN_CLIP_PRECISION[dtype],
+                                      device=device)
     except Exception as error:  # open_clip wraps download/load failures in RuntimeError and others
         raise clip_weights_error(config, error) from error
 
