@@ -66,6 +66,17 @@ RANGES: dict[str, tuple[float, float, float]] = {
     'coarse_thresh': (0.0, 1.0, 0.0),
     'sam_iou_thresh': (0.0, 1.0, 0.0),
     'sam_mask_coff': (0.0, math.inf, 0.0),
+    'area_thd': (0.0, 1.0, 0.0),
+    'cliptrase_eps': (0.0, math.inf, 0.0),
+    'cliptrase_min_samples': (0, INT64_MAX, 1),
+    'resclip_rcs_lambda': (0.0, 1.0, 0.0),
+    'resclip_sfr_tau': (0.0, math.inf, 0.0),  # > 0: TridentConfig.validate refuses 0 itself
+    'resclip_sfr_lambda': (0.0, 1.0, 0.0),
+    'resclip_temp_thd': (0.0, 1.0, 0.0),
+    'depth_scale': (0.0, math.inf, 0.0),  # > 0: TridentConfig.validate refuses 0 itself
+    'min_depth': (0.0, math.inf, 0.0),
+    'max_depth': (0.0, math.inf, 0.0),
+    'sync_slop': (0.0, math.inf, 0.0),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     'method': METHODS,
