@@ -488,6 +488,6 @@ def test_demo_3d_summary_line():
         ClassMask(label='door', class_id=1, num_points=10, position=Point(x=0.5, y=-0.25, z=2.0),
                   size=Vector3(x=1.0, y=2.0, z=0.25)),
         ClassMask(label='wall', class_id=2, num_points=0)])
-    assert summary_3d_line(1, msg) == ('frame 1 3D (camera): door at (0.50, -0.25, 2.00) m, '
-                                       'extent 1.0 x 2.0 x 0.2 m, 10 points')
-    assert summary_3d_line(2, ClassMaskArray()) == 'frame 2 3D (no depth): no points'
+    assert summary_3d_line('room', msg) == ('room 3D (camera): door at (0.50, -0.25, 2.00) m, '
+                                            'extent 1.0 x 2.0 x 0.2 m, 10 points')
+    assert summary_3d_line('street', ClassMaskArray()) == 'street 3D (no depth): no points'
