@@ -407,11 +407,10 @@ def test_the_frame_in_progress_keeps_its_depth_while_newer_depth_arrives(tmp_pat
     """
     client = TestNode(fresh_domain_id(), 'depth_io_test')
     try:
-        for name, value in (('sync_slop', 0.1), ('exact_sync', False), ('depth_scale', 0.001), ('min_depth', 0.0),
-                            ('max_depth', 20.0)):
-            client.node.declare_parameter(name, value)
+        parameters = {'sync_slop': 0.1, 'exact_sync': False, 'depth_scale': 0.001, 'min_depth': 0.0, 'max_depth': 20.0}
         warnings: list[str] = []
-        depth_io = DepthIO(client.node, RELIABLE, RELIABLE, DepthCounts(), lambda kind, text: warnings.append(text))
+        depth_io = DepthIO(client.node, parameters, RELIABLE, RELIABLE, DepthCounts(),
+                           lambda kind, text: warnings.append(text))
         depth_pub, info_pub = client.publisher(Image, '/depth'), client.publisher(CameraInfo, '/depth/camera_info')
         height, width = SMALL
         labels = np.ones(SMALL, np.uint8)

@@ -20,7 +20,7 @@ import collections
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,8 +158,9 @@ class DepthIO:
     """Depth subscriptions and 3D publishers of one activation of the node.
 
     Args:
-        node: the node (its parameters ``depth_scale``, ``min_depth``, ``max_depth``, ``sync_slop``,
-            ``exact_sync`` are read from it).
+        node: the node.
+        parameters: the node's parameter values as applied: ``sync_slop`` and ``exact_sync`` are read
+            here, ``depth_scale``, ``min_depth`` and ``max_depth`` for each frame.
         qos: QoS of the depth and camera_info subscriptions.
         output_qos: QoS of ``~/points`` and ``~/detections_3d``.
         counts: where the frames are counted (kept by the node across activations).
@@ -167,11 +168,11 @@ class DepthIO:
         callback_group: of the depth subscriptions.
     """
 
-    def __init__(self, node: Node, qos: QoSProfile, output_qos: QoSProfile, counts: DepthCounts,
-                 warn: Callable[[str, str], None], callback_group: Any = None) -> None:
-        self._node, self._counts, self._warn = node, counts, warn
-        self._slop = float(node.get_parameter('sync_slop').value)
-        self._exact = bool(node.get_parameter('exact_sync').value)
+    def __init__(self, node: Node, parameters: Mapping[str, Any], qos: QoSProfile, output_qos: QoSProfile,
+                 counts: DepthCounts, warn: Callable[[str, str], None], callback_group: Any = None) -> None:
+        self._node, self._parameters, self._counts, self._warn = node, parameters, counts, warn
+        self._slop = float(parameters['sync_slop'])
+        self._exact = bool(parameters['exact_sync'])
         self._lock = threading.Lock()
         self._recent: collections.deque[tuple[Image, CameraInfo]] = collections.deque(maxlen=RECENT_DEPTHS)
         self._pinned_stamp: int | None = None  # stamp (ns) of the frame being processed
@@ -251,13 +252,12 @@ class DepthIO:
                        f'{header.frame_id[:64]!r}: registered depth is needed (e.g. aligned_depth_to_color); no 3D')
             return None
         height, width = seg.labels.shape
-        param = self._node.get_parameter
+        param = self._parameters
         try:
             raw = depth_image_to_array(depth)
             size = (int(info.width), int(info.height)) if info.width and info.height else (raw.shape[1], raw.shape[0])
             intrinsics = Intrinsics.from_k(info.k, *size).scaled_to(width, height)
-            metres = depth_to_metres(raw, param('depth_scale').value, param('min_depth').value,
-                                     param('max_depth').value)
+            metres = depth_to_metres(raw, param['depth_scale'], param['min_depth'], param['max_depth'])
         except DepthError as error:
             self._counts.refused += 1
             self._warn(f'depth:{type(error).__name__}:{str(error)[:12]}', f'depth refused, no 3D: {error}')

@@ -181,7 +181,12 @@ def main(args: list[str] | None = None) -> None:
         except ValueError as error:
             rclpy.logging.get_logger('fake_camera').error(str(error))
             sys.exit(1)
-        rclpy.spin(node)
+        try:
+            rclpy.spin(node)
+        except Exception:
+            if rclpy.ok():
+                raise
+            # else a signal shut the context down while the executor built its wait set
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

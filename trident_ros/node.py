@@ -1,36 +1,28 @@
-"""The ``trident`` lifecycle node: camera images and a vocabulary in, segmentation outputs out.
+"""The ``trident`` lifecycle node (a thin ROS 2 adapter over :class:`trident_ros.pipeline.TridentPipeline`).
 
-A thin ROS 2 adapter over :class:`trident_ros.pipeline.TridentPipeline`:
-
-* configure loads the models, encodes the ``vocabulary`` parameter and opens the vocabulary topics
-  (:mod:`.vocabulary_topics`) until cleanup; activate opens the camera and the outputs
-  (:mod:`.frame_io`) until deactivate; cleanup drops the models. A failed transition returns
-  FAILURE with the reason; the process stays up;
+* configure loads the models, encodes ``vocabulary`` and opens the vocabulary topics (:mod:`.vocabulary_topics`)
+  until cleanup; activate opens the camera and the outputs (:mod:`.frame_io`) until deactivate; cleanup drops
+  the models. A failed transition returns FAILURE with the reason; the process (:mod:`.node_main`) stays up;
 * the image callback offers the newest frame to ONE frame worker thread (:mod:`.frame_worker`);
 * a vocabulary (topic or parameter): receive → parse (cheap; refused with a reason) → parameter
   ``vocabulary`` → the vocabulary thread (:mod:`.vocabulary_encoder`; a newer one supersedes it)
   → in use → the last frame relabelled from its cached image features → published;
-* parameters: :mod:`.node_parameters`; labelling fields apply at once (one relabel per batch),
-  model fields (``pipeline.MODEL_FIELDS``) at the next configure;
+* parameters: :mod:`.node_parameters`, callbacks per distro :mod:`.ros_compat`; labelling fields apply at
+  once (one relabel per batch), model fields (``pipeline.MODEL_FIELDS``) at the next configure;
 * nothing received can take the node down (docs/reliability.md): bad input is refused with a
   throttled warning and the last good state stays; :mod:`.node_health` counts it for /diagnostics.
 """
 from __future__ import annotations
 
-import gc
 import os
-import signal
-import sys
 import threading
 import time
 from typing import Any
 
-import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.publisher import Publisher
@@ -53,16 +45,17 @@ from trident_ros.frame_io import (
 )
 from trident_ros.frame_worker import Frame, FrameWorker
 from trident_ros.labelling import Segmentation
-from trident_ros.node_health import NodeHealth, message_kind, pipeline_values
+from trident_ros.node_health import NodeHealth, depth_values, idle_reason, message_kind, pipeline_values
 from trident_ros.node_parameters import (
     CONFIG_FIELDS,
-    check_node_parameters,
+    check_changes,
     coerce_parameters,
     config_from_values,
     declare_parameters,
     parameter_defaults,
 )
 from trident_ros.pipeline import MODEL_FIELDS, TridentPipeline
+from trident_ros.ros_compat import PRE_POST_SET_CALLBACKS, add_parameter_callbacks
 from trident_ros.vocabulary import Vocabulary, VocabularyError, parse_vocabulary
 from trident_ros.vocabulary_encoder import VocabularyEncoder, VocabularyRequest
 from trident_ros.vocabulary_topics import VocabularyTopics
@@ -72,16 +65,16 @@ FAULT_FRAME_ID_ENV = 'TRIDENT_TEST_FAULT_FRAME_ID'
 """Test hook, read once at start (docs/reliability.md): frames whose ``header.frame_id`` equals this
 variable's value fail inside the worker as CUDA running out of memory would. Unset (the default) it
 does nothing; it cannot be set over ROS."""
-SHUTDOWN_WAIT_S = 1.0  # how long shutdown waits for a frame in progress
 
 
 class TridentNode(LifecycleNode):
-    """Lifecycle node ``trident``: see the module docstring and ``config/trident.yaml``."""
+    """Lifecycle node ``trident`` (``config/trident.yaml``); ``pre_post_set_callbacks``: :mod:`.ros_compat`."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, pre_post_set_callbacks: bool = PRE_POST_SET_CALLBACKS, **kwargs: Any) -> None:
         super().__init__('trident', **kwargs)
         self._bad_overrides = declare_parameters(self)  # parameter -> why its start value is unusable
-        self._values = {name: self.get_parameter(name).value for name in parameter_defaults()}  # as applied
+        # as applied; read from here, not get_parameter: on Humble they are applied before rclpy stores them
+        self._values = {name: self.get_parameter(name).value for name in parameter_defaults()}
         self._health = NodeHealth(self.get_logger())
         self._pipeline: TridentPipeline | None = None
         self._vocabulary: Vocabulary | None = None
@@ -101,9 +94,8 @@ class TridentNode(LifecycleNode):
         self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._diag_timer = self.create_timer(1.0, self._publish_diagnostics,
                                              callback_group=MutuallyExclusiveCallbackGroup())
-        self.add_pre_set_parameters_callback(coerce_parameters)
-        self.add_on_set_parameters_callback(self._validate_parameters)
-        self.add_post_set_parameters_callback(self._apply_parameters)
+        add_parameter_callbacks(self, coerce_parameters, self._validate_parameters, self._apply_parameters,
+                                pre_post_set_callbacks)
         self._encoder = VocabularyEncoder(self._on_vocabulary_encoded, self._on_vocabulary_failed)
         self._worker = FrameWorker(self._process, self._relabel_last, self._frame_failed)
         self.get_logger().info(f'ready (unconfigured); image decoding: {conversions.IMAGE_BACKEND}')
@@ -115,10 +107,7 @@ class TridentNode(LifecycleNode):
         if not changes:
             return SetParametersResult(successful=True)
         try:
-            config = config_from_values({**self._values, **changes})
-            check_node_parameters(changes)
-            if 'vocabulary' in changes:
-                parse_vocabulary(changes['vocabulary'], max_classes=config.max_classes)
+            check_changes(self._values, changes)
         except (ConfigError, VocabularyError, ValueError) as error:
             if 'vocabulary' in changes:
                 self._health.counters.vocabularies_refused += 1
@@ -164,10 +153,10 @@ class TridentNode(LifecycleNode):
     def _on_vocabulary(self, msg: String) -> None:
         """~/vocabulary: parse (refused with a reason) and set the ``vocabulary`` parameter."""
         text = msg.data
-        if text == self.get_parameter('vocabulary').value:
+        if text == self._values['vocabulary']:
             return  # a latched publisher reaches both subscriptions; the same text changes nothing
         try:
-            parse_vocabulary(text, max_classes=self.get_parameter('max_classes').value)
+            parse_vocabulary(text, max_classes=self._values['max_classes'])
         except VocabularyError as error:
             self._health.counters.vocabularies_refused += 1
             self._health.warn(f'vocabulary:{message_kind(error)}',
@@ -201,7 +190,7 @@ class TridentNode(LifecycleNode):
         self._health.counters.vocabularies_refused += 1
         self._health.warn(f'vocabulary:{type(error).__name__}', f'vocabulary {request.text[:80]!r} could not be '
                           f'encoded, keeping the last good one: {type(error).__name__}: {error}')
-        if self._vocabulary_text and self.get_parameter('vocabulary').value == request.text:
+        if self._vocabulary_text and self._values['vocabulary'] == request.text:
             self.set_parameters([Parameter('vocabulary', Parameter.Type.STRING, self._vocabulary_text)])
 
     def _use_vocabulary(self, text: str, vocabulary: Vocabulary) -> None:
@@ -220,7 +209,7 @@ class TridentNode(LifecycleNode):
     def _publish_vocabulary_info(self) -> None:
         with self._io_lock:
             if self._vocabulary_topics is not None and self._vocabulary is not None:
-                self._vocabulary_topics.publish(self._vocabulary, self.get_parameter('prob_thd').value)
+                self._vocabulary_topics.publish(self._vocabulary, self._values['prob_thd'])
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -240,7 +229,7 @@ class TridentNode(LifecycleNode):
         self.get_logger().info(pipeline.describe())
         with self._io_lock:
             self._vocabulary_topics = VocabularyTopics(self, self._on_vocabulary)
-        text = self.get_parameter('vocabulary').value
+        text = self._values['vocabulary']
         if text:
             try:
                 self._use_vocabulary(text, pipeline.encode_vocabulary(text))
@@ -257,7 +246,8 @@ class TridentNode(LifecycleNode):
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
-            self._create_outputs()
+            with self._io_lock:
+                self._outputs = create_outputs(self)
             self._create_image_input()
             with self._io_lock:
                 self._create_depth_io()
@@ -317,29 +307,24 @@ class TridentNode(LifecycleNode):
                 self._vocabulary_topics.destroy()
                 self._vocabulary_topics = None
 
-    def _create_outputs(self) -> None:
-        """Activate → deactivate: the per-frame outputs."""
-        with self._io_lock:
-            self._outputs = create_outputs(self)
-
     def _create_image_input(self) -> None:
         """Activate → deactivate: the camera subscription, replaced when ``image_transport``/``image_qos`` change."""
         with self._io_lock:
             if self._image_sub is not None:
                 self.destroy_subscription(self._image_sub)
-            self._image_sub = create_image_subscription(self, self.get_parameter('image_transport').value,
-                                                        self.get_parameter('image_qos').value, self._on_image,
-                                                        self._image_group)
-        self.get_logger().info(f'subscribed to {self._image_sub.topic_name} ({self.get_parameter("image_qos").value})')
+            self._image_sub = create_image_subscription(self, self._values['image_transport'],
+                                                        self._values['image_qos'], self._on_image, self._image_group)
+        self.get_logger().info(f'subscribed to {self._image_sub.topic_name} ({self._values["image_qos"]})')
 
     def _create_depth_io(self) -> None:
         """(Re)make the depth subscriptions and 3D publishers when ``use_depth`` is on (under _io_lock)."""
         if self._depth is not None:
             self._depth.destroy()
             self._depth = None
-        if self.get_parameter('use_depth').value:
-            qos = QoSProfile(depth=5, reliability=IMAGE_QOS_PROFILES[self.get_parameter('image_qos').value].reliability)
-            self._depth = DepthIO(self, qos, OUTPUT_QOS, self._depth_counts, self._health.warn, self._depth_group)
+        if self._values['use_depth']:
+            qos = QoSProfile(depth=5, reliability=IMAGE_QOS_PROFILES[self._values['image_qos']].reliability)
+            self._depth = DepthIO(self, self._values, qos, OUTPUT_QOS, self._depth_counts, self._health.warn,
+                                  self._depth_group)
 
     def _remove_frame_io(self) -> None:
         with self._io_lock:
@@ -368,7 +353,7 @@ class TridentNode(LifecycleNode):
     def _wanted_outputs(self) -> set[str]:
         """Outputs switched on that somebody subscribes to."""
         with self._io_lock:
-            return {name for name, pub in self._outputs.items() if self.get_parameter(f'publish_{name}').value
+            return {name for name, pub in self._outputs.items() if self._values[f'publish_{name}']
                     and pub.get_subscription_count() > 0}
 
     def _process(self, frame: Frame) -> None:
@@ -378,7 +363,7 @@ class TridentNode(LifecycleNode):
             self._health.counters.skipped_no_subscribers += 1
             return
         start = time.monotonic()
-        max_pixels = self.get_parameter('max_input_pixels').value
+        max_pixels = self._values['max_input_pixels']
         try:
             if isinstance(frame.msg, CompressedImage):
                 rgb = conversions.compressed_to_rgb(frame.msg, max_pixels)
@@ -447,16 +432,10 @@ class TridentNode(LifecycleNode):
     def diagnostic_status(self) -> DiagnosticStatus:
         """The node's health: OK, WARN (recent bad input, no vocabulary, not active) or ERROR."""
         vocabulary, pending = self._vocabulary, self._encoder.pending()
-        idle = None
-        if self._state != 'active':
-            idle = f'{self._state}: not processing'
-        elif vocabulary is None:
-            idle = 'no vocabulary' + (' yet: one is being encoded' if pending else '')
-        counts = self._depth_counts
         values = {**pipeline_values(self._pipeline, vocabulary, pending), 'image_decoder': conversions.IMAGE_BACKEND,
-                  'depth_frames_3d': counts.with_3d, 'depth_frames_2d_only': counts.no_matching_depth,
-                  'depth_frames_foreign_frame': counts.foreign_frame, 'depth_refused': counts.refused}
-        return self._health.status(f'{self.get_fully_qualified_name()}: segmentation', self._state, values, idle)
+                  **depth_values(self._depth_counts)}
+        return self._health.status(f'{self.get_fully_qualified_name()}: segmentation', self._state, values,
+                                   idle_reason(self._state, vocabulary, pending))
 
     # ------------------------------------------------------------------ shutdown
     def stop_worker(self, timeout: float) -> bool:
@@ -465,54 +444,3 @@ class TridentNode(LifecycleNode):
         worker_stopped = self._worker.stop(timeout)
         return self._encoder.stop(max(0.0, deadline - time.monotonic())) and worker_stopped
 
-
-def ignore_repeated_signals() -> None:
-    """Set SIGINT and SIGTERM to SIG_IGN before rclpy installs its handlers over them.
-
-    rclpy's handlers shut the node down on the first signal and, at shutdown, restore what they
-    found. A terminal's Ctrl-C reaches the whole process group and ``ros2 launch`` forwards one
-    more SIGINT: with Python's defaults restored, that second signal would kill the exiting
-    process ("exit code -2"). SIG_IGN also survives interpreter teardown, which resets Python
-    callables to SIG_DFL.
-    """
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
-
-
-def main(args: list[str] | None = None) -> None:
-    """``ros2 run trident_ros trident_node``; exits 0 on SIGINT/SIGTERM, within ~1.5 s even mid-frame."""
-    finished = True
-    ignore_repeated_signals()
-    try:
-        rclpy.init(args=args)  # not `with rclpy.init()`: that context manager is Kilted-only (rclpy >= 8)
-        node = TridentNode()
-        executor = MultiThreadedExecutor(num_threads=4)
-        executor.add_node(node)
-        try:
-            executor.spin()
-        except Exception:
-            if rclpy.ok():
-                raise
-            # else a signal shut the context down while the executor built its wait set
-        finally:
-            finished = node.stop_worker(SHUTDOWN_WAIT_S)
-            finished = executor.shutdown(timeout_sec=0.5) and finished
-            node.destroy_node()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        rclpy.try_shutdown()  # rclpy.shutdown() raises on Jazzy once a signal has shut the context down
-    # Interpreter teardown would garbage-collect torch's and open_clip's module graphs (about 1 s
-    # on a busy CPU); nothing there needs collecting before exit.
-    gc.disable()
-    gc.freeze()
-    if not finished:
-        # A frame (or a model load) is still inside torch: waiting could take seconds, and
-        # interpreter teardown under a running op can crash. Nothing is left to save: leave now.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-if __name__ == '__main__':
-    main()

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
+from trident_ros.depth_io import DepthCounts
 from trident_ros.pipeline import TridentPipeline
 from trident_ros.vocabulary import Vocabulary
 from trident_ros.vocabulary_encoder import VocabularyRequest
@@ -70,6 +71,21 @@ def pipeline_values(pipeline: TridentPipeline | None, vocabulary: Vocabulary | N
         values['gpu_memory_allocated_mb'] = f'{torch.cuda.memory_allocated(device) / 2**20:.1f}'
         values['gpu_memory_reserved_mb'] = f'{torch.cuda.memory_reserved(device) / 2**20:.1f}'
     return values
+
+
+def idle_reason(state: str, vocabulary: Vocabulary | None, pending: VocabularyRequest | None) -> str | None:
+    """Why the node processes nothing (not active, no vocabulary yet), or None."""
+    if state != 'active':
+        return f'{state}: not processing'
+    if vocabulary is None:
+        return 'no vocabulary' + (' yet: one is being encoded' if pending else '')
+    return None
+
+
+def depth_values(counts: DepthCounts) -> dict[str, int]:
+    """Diagnostic values of the frames by what their depth gave."""
+    return {'depth_frames_3d': counts.with_3d, 'depth_frames_2d_only': counts.no_matching_depth,
+            'depth_frames_foreign_frame': counts.foreign_frame, 'depth_refused': counts.refused}
 
 
 class NodeHealth:

@@ -22,6 +22,7 @@ from rclpy.parameter import Parameter
 from trident_ros.config import METHODS, MODEL_SCALES, SAM_MODELS, TridentConfig
 from trident_ros.pipeline import MODEL_FIELDS
 from trident_ros.presets import METHOD_PRESETS
+from trident_ros.vocabulary import parse_vocabulary
 
 CONFIG_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TridentConfig)}
 IMAGE_TRANSPORTS = ('raw', 'compressed')
@@ -143,6 +144,20 @@ def check_node_parameters(changes: Mapping[str, Any]) -> None:
         index = int(device[5:]) if device[5:].isdigit() else 0
         if index >= count:
             raise ValueError(f'device={device!r}: this machine has {count} CUDA device(s)')
+
+
+def check_changes(values: Mapping[str, Any], changes: Mapping[str, Any]) -> None:
+    """Check a batch of parameter ``changes`` to the node's ``values`` (cheap checks only: nothing is encoded).
+
+    Raises:
+        ConfigError: the config fields do not make a valid :class:`TridentConfig` together.
+        ValueError: a node parameter (or the CUDA device) is unusable.
+        VocabularyError: ``vocabulary`` cannot be parsed (or has more than ``max_classes`` classes).
+    """
+    config = config_from_values({**values, **changes})
+    check_node_parameters(changes)
+    if 'vocabulary' in changes:
+        parse_vocabulary(changes['vocabulary'], max_classes=config.max_classes)
 
 
 def config_from_values(values: Mapping[str, Any]) -> TridentConfig:

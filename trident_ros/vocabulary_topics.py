@@ -11,13 +11,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.lifecycle import LifecycleNode
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Header, String
 
 from trident_ros import conversions
 from trident_ros.msg import VocabularyInfo
+from trident_ros.ros_compat import SubscriptionEventCallbacks
 from trident_ros.visualization import class_colors
 from trident_ros.vocabulary import Vocabulary
 
