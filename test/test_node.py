@@ -226,7 +226,7 @@ def test_configure_fails_cleanly_with_the_reason_and_the_process_stays_up(triden
     assert set_parameters(client, slide_crop=336)[0].successful
     result = ros2_cli(['lifecycle', 'set', '--no-daemon', '--spin-time', '3', NODE, 'configure'], env)
     assert 'Transitioning failed' in result.stdout + result.stderr, result
-    assert trident.wait_for_output('configure failed: SAM vit_b: downloads are disabled (download: false)', 10)
+    assert trident.wait_for_output('configure failed: SAM vit_b weights sam_vit_b_01ec64.pth are not at', 10)
     assert 'sam_vit_b_01ec64.pth' in trident.output()  # the missing file is named
     assert 'Traceback' not in trident.output()
     assert trident.alive() and lifecycle_state(client) == 'unconfigured'
