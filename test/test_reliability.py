@@ -384,7 +384,7 @@ def test_weight_file_problems_fail_configure_naming_the_file(active, client, tmp
     for name in ('dino.pth', 'clip.safetensors'):
         (tmp_path / name).write_bytes(b'never read: SAM is loaded first')
     cases = [
-        (dict(weights_dir=str(empty)), f'SAM vit_b weights sam_vit_b_01ec64.pth are not at {empty}'),
+        (dict(weights_dir=str(empty)), 'SAM vit_b: downloads are disabled (download: false)'),
         (dict(weights_dir=str(official)), f'{truncated} is corrupt or truncated: SHA-256'),
         (dict(sam_checkpoint=str(corrupt), **other_weights), f'cannot read weights file {corrupt}'),
         (dict(sam_checkpoint=str(wrong), **other_weights), f'{wrong} is not a SAM vit_b checkpoint'),
@@ -404,6 +404,7 @@ def test_weight_file_problems_fail_configure_naming_the_file(active, client, tmp
             assert set_parameters(client, prob_thd=0.25)[0].successful  # a gone file blocks no other change
             assert set_parameters(client, True, prob_thd=0.2, weights_dir='', sam_checkpoint='', dino_checkpoint='',
                                   clip_pretrained='openai')[0].successful
+        assert f'path    {empty / "sam_vit_b_01ec64.pth"}' in active.output()  # the missing file's listed path
         assert not marker.exists()  # torch.load(weights_only=True) never ran the payload
         assert 'Traceback' not in active.output()
     finally:
