@@ -56,9 +56,7 @@ from trident_ros.pipeline import TridentPipeline
 from trident_ros.weight_files import WeightsError, load_state_dict
 
 pytestmark = pytest.mark.ros
-# test_node's fixtures, requested by name: domain, env, client, outputs, cameras (module-scoped, so this module gets
-# its own) and active (on this module's trident fixture, which overrides test_node's)
-pytest_plugins = ('test_node',)
+pytest_plugins = ('node_fixtures',)  # domain, env, client, outputs, cameras (this module's own), active (on trident)
 FAULT_FRAME_ID = 'inject_fault'
 SMALL = np.ascontiguousarray(ROOM[::8, ::8])  # 80x60
 _stamps = iter(range(500_000, 600_000))
