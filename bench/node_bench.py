@@ -84,7 +84,7 @@ class Summary:
     max: float | None = None
 
     @classmethod
-    def of(cls, values: list[float]) -> 'Summary':
+    def of(cls, values: list[float]) -> Summary:
         if not values:
             return cls(0)
         ordered = sorted(values)
@@ -201,7 +201,8 @@ def run(args: argparse.Namespace) -> Report:
                              'the node to take the vocabulary')
         for index in range(args.warmup):  # one at a time, each waited for
             publish(bench, messages[index])
-            bench.wait_until(lambda: bench.frames[index].received is not None, args.timeout, f'warm-up frame {index}')
+            bench.wait_until(lambda index=index: bench.frames[index].received is not None, args.timeout,
+                             f'warm-up frame {index}')
         before = bench.fresh_status(5.0)
         period = 1.0 / args.rate
         start = time.monotonic()

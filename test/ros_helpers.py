@@ -6,6 +6,7 @@ Processes are started in their own process group and always stopped (SIGINT, the
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import random
@@ -14,10 +15,9 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import pytest
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 FASTDDS_PROFILE = ROOT / 'config' / 'fastdds_large_data.xml'
@@ -91,9 +91,9 @@ class RosProcess:
     def __init__(self, command: Sequence[str], env: dict[str, str], log_path: Path) -> None:
         self.command = list(command)
         self.log_path = log_path
-        self._log = open(log_path, 'w', encoding='utf-8')
-        self.popen = subprocess.Popen(self.command, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        with open(log_path, 'w', encoding='utf-8') as log:  # the child keeps its own descriptor
+            self.popen = subprocess.Popen(self.command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
 
     def output(self) -> str:
         return self.log_path.read_text(encoding='utf-8', errors='replace')
@@ -116,8 +116,6 @@ class RosProcess:
         except subprocess.TimeoutExpired:
             self.signal_group(signal.SIGKILL)
             return self.popen.wait(timeout)
-        finally:
-            self._log.close()
 
 
 def ros2_cli(args: Sequence[str], env: dict[str, str], timeout: float = CLI_TIMEOUT_S,
@@ -167,10 +165,8 @@ class TestNode:
         self._thread.start()
 
     def _spin(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the context was shut down under it
             self.executor.spin()
-        except Exception:  # the context was shut down under it
-            pass
 
     def subscribe(self, msg_type: Any, topic: str, qos: QoSProfile = RELIABLE) -> Collector:
         collector = Collector()

@@ -1,5 +1,6 @@
 """The `method` parameter: CLIP last-block rules against direct formulas, every method end to end on
-the small configurations (random weights), model loading per method, and the method benchmark."""
+the small configurations (random weights), model loading per method, and the method benchmark.
+"""
 from __future__ import annotations
 
 import math
@@ -8,10 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from trident_ros.measure import synthetic_image
-from trident_ros.clip_attention import (RULES, LastBlockRule, attend, clearclip_weights, clip_only_features,
-                                        naclip_weights, neighbourhood_prior, sclip_weights)
+from trident_ros.clip_attention import (
+    RULES,
+    LastBlockRule,
+    attend,
+    clearclip_weights,
+    clip_only_features,
+    naclip_weights,
+    neighbourhood_prior,
+    sclip_weights,
+)
 from trident_ros.config import CLIP_BLOCK_METHODS, CLIP_ONLY_METHODS, METHODS, ConfigError, TridentConfig
+from trident_ros.measure import synthetic_image
 from trident_ros.method_bench import benchmark_methods, format_method_table
 from trident_ros.models import load_models
 from trident_ros.pipeline import MODEL_FIELDS, TridentPipeline, normalise
@@ -177,7 +186,8 @@ def test_clip_only_features_equal_the_direct_last_block(clip_models, method):
 
 def test_vanilla_rule_through_the_same_plumbing_is_the_upstream_block(clip_models):
     """last_block_qkv + attend + out_proj + residual_feed_forward with CLIP's own attention rule
-    reproduce open_clip's last block: the pieces the methods reuse are the block's own."""
+    reproduce open_clip's last block: the pieces the methods reuse are the block's own.
+    """
     torch.manual_seed(4)
     crops = torch.randn(1, 3, 48, 64)
     clip = clip_models.clip
@@ -250,7 +260,8 @@ def test_method_end_to_end(image, method):
 
 def test_clip_only_dense_is_the_average_of_per_window_unit_features(image):
     """Where windows overlap, the dense map is the mean of the windows' L2-normalised features, so
-    logits are the mean of per-window logits, as the references average them."""
+    logits are the mean of per-window logits, as the references average them.
+    """
     config = TINY.replace(method='sclip', clip_slide_crop=64, clip_slide_stride=32, input_short_side=80)
     pipeline = TridentPipeline(config)
     dense = pipeline.encode_image(image).dense
@@ -262,7 +273,7 @@ def test_clip_only_dense_is_the_average_of_per_window_unit_features(image):
     features, _ = clip_only_features(clip, normalise(crops, clip.mean, clip.std, torch.float32), 'sclip')
     total = torch.zeros_like(dense)
     count = torch.zeros(dense.shape[1:])
-    for (y0, x0, _, _), window in zip(boxes, features):
+    for (y0, x0, _, _), window in zip(boxes, features, strict=True):
         for token in range(16):
             row, col = y0 // 16 + token // 4, x0 // 16 + token % 4
             total[:, row, col] += window[token]

@@ -23,21 +23,32 @@ import numpy as np
 import psutil
 import pytest
 import torch
-
-# ros_helpers first: it checks the ROS 2 environment with a clear message
-from ros_helpers import BEST_EFFORT, LATCHED, RELIABLE, ROOT, RosProcess, TestNode, ros_env, wait_until
-# cameras, client, domain, env, outputs: test_node's module-scoped fixtures (this module gets its own);
-# active: test_node's fixture, on this module's trident
-from test_node import (NODE, OUTPUT_TYPES, ROOM, VOCABULARY, VOCABULARY_NAMES, active, cameras,  # noqa: F401
-                       client, decode, diagnostics_after, domain, env, get_parameter, lifecycle_state, outputs, same_stamp,
-                       send_until_outputs, set_parameters, set_vocabulary_by_topic, transition, wait_for_node)
-
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticStatus
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
+
+# ros_helpers: it checks the ROS 2 environment with a clear message
+from ros_helpers import BEST_EFFORT, LATCHED, RELIABLE, ROOT, RosProcess, TestNode, ros_env, wait_until
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
+from test_node import (
+    NODE,
+    OUTPUT_TYPES,
+    ROOM,
+    VOCABULARY,
+    VOCABULARY_NAMES,
+    decode,
+    diagnostics_after,
+    get_parameter,
+    lifecycle_state,
+    same_stamp,
+    send_until_outputs,
+    set_parameters,
+    set_vocabulary_by_topic,
+    transition,
+    wait_for_node,
+)
 
 from trident_ros.config import TridentConfig
 from trident_ros.node import FAULT_FRAME_ID_ENV
@@ -45,6 +56,7 @@ from trident_ros.pipeline import TridentPipeline
 from trident_ros.weight_files import WeightsError, load_state_dict
 
 pytestmark = pytest.mark.ros
+pytest_plugins = ('node_fixtures',)  # domain, env, client, outputs, cameras (this module's own), active (on trident)
 FAULT_FRAME_ID = 'inject_fault'
 SMALL = np.ascontiguousarray(ROOM[::8, ::8])  # 80x60
 _stamps = iter(range(500_000, 600_000))
@@ -82,7 +94,8 @@ def raw(array: np.ndarray, encoding: str = 'rgb8', frame_id: str = 'test_camera'
 
 def counters(outputs, since: float | None = None, extra=lambda values, level, message: True, timeout: float = 20.0):
     """The node's diagnostics values (ints where numeric), level and message, published after ``since``
-    (default: now, so that a baseline counts every frame sent before the call)."""
+    (default: now, so that a baseline counts every frame sent before the call).
+    """
     values, level, message = diagnostics_after(outputs, time.monotonic() if since is None else since,
                                                timeout=timeout, extra=extra)
     return {k: int(v) if v.isdigit() else v for k, v in values.items()}, level, message
@@ -124,7 +137,8 @@ def vocabulary_taken(outputs, names: list[str], since: float, timeout: float = 3
 @pytest.mark.parametrize('method', ['trident', 'proxy', 'maskclip'])
 def test_extreme_aspect_ratios_segment_in_the_core(method):
     """Sides that round to 0 pixels in a resize (1x10000 at the short-side rescale, 2x3000 in
-    SAM's longest-side transform and mask prompt) used to raise; every method now segments them."""
+    SAM's longest-side transform and mask prompt) used to raise; every method now segments them.
+    """
     pipeline = TridentPipeline(TridentConfig(model_scale='tiny', random_weights=True, device='cpu', method=method,
                                              coarse_thresh=0.0, minimal_area=1, prob_thd=0.0))
     vocabulary = pipeline.encode_vocabulary('wall, floor, door')
@@ -187,7 +201,8 @@ def test_tiny_and_extreme_aspect_images_are_segmented(active, outputs, cameras):
 
 def test_an_8000x8000_image_never_reaches_the_pipeline(active, client, outputs, cameras):
     """64 MB (8000x8000 mono8) is over the DDS profile's 32 MiB message limit: the transport drops
-    it before the node sees it, or, with a transport that delivers it, max_input_pixels refuses it."""
+    it before the node sees it, or, with a transport that delivers it, max_input_pixels refuses it.
+    """
     start, _, _ = counters(outputs)
     cameras['reliable'].publish(raw(np.zeros((8000, 8000), np.uint8), 'mono8'))
     time.sleep(3.0)
@@ -283,7 +298,7 @@ def test_vocabulary_edge_cases_over_the_topic(active, client, outputs, cameras, 
     assert len(outputs['vocabulary_info'].snapshot()) == info_count  # nothing new announced
     log = active.output()
     for reason in ('vocabulary is empty', 'more than the limit of 65536', 'more than the limit of 1000'):
-        assert f'refused, keeping the last good one: vocabulary' in log and reason in log, reason
+        assert 'refused, keeping the last good one: vocabulary' in log and reason in log, reason
     last = raw(SMALL)
     send_until_outputs(cameras['reliable'], last, outputs, ('masks',))  # the last good vocabulary still labels
     assert list(outputs['masks'].snapshot()[-1].vocabulary) == VOCABULARY_NAMES
@@ -304,7 +319,7 @@ def test_vocabulary_edge_cases_over_the_topic(active, client, outputs, cameras, 
         publisher.publish(String(data=text))
         assert vocabulary_taken(outputs, names, since), (text, active.output()[-2000:])
         if warning:
-            assert wait_until(lambda: warning in active.output(), 5), warning
+            assert wait_until(lambda warning=warning: warning in active.output(), 5), warning
     assert not marker.exists()  # vocabulary text never reaches a shell or a path
     # 1,000 classes: accepted; labels switch to mono16 past 255 classes
     names = [f'class {i}' for i in range(1000)]
@@ -349,7 +364,8 @@ class PickledPayload:
 
 def test_weight_file_problems_fail_configure_naming_the_file(active, client, tmp_path):
     """Missing, truncated, corrupt, wrong-model and malicious checkpoints: configure fails with one
-    error line naming the file; the process stays up and configures again afterwards."""
+    error line naming the file; the process stays up and configures again afterwards.
+    """
     empty, official = tmp_path / 'empty', tmp_path / 'official'
     empty.mkdir()
     official.mkdir()
@@ -366,7 +382,7 @@ def test_weight_file_problems_fail_configure_naming_the_file(active, client, tmp
     for name in ('dino.pth', 'clip.safetensors'):
         (tmp_path / name).write_bytes(b'never read: SAM is loaded first')
     cases = [
-        (dict(weights_dir=str(empty)), f'SAM vit_b weights sam_vit_b_01ec64.pth are not at {empty}'),
+        (dict(weights_dir=str(empty)), 'SAM vit_b: downloads are disabled (download: false)'),
         (dict(weights_dir=str(official)), f'{truncated} is corrupt or truncated: SHA-256'),
         (dict(sam_checkpoint=str(corrupt), **other_weights), f'cannot read weights file {corrupt}'),
         (dict(sam_checkpoint=str(wrong), **other_weights), f'{wrong} is not a SAM vit_b checkpoint'),
@@ -386,6 +402,7 @@ def test_weight_file_problems_fail_configure_naming_the_file(active, client, tmp
             assert set_parameters(client, prob_thd=0.25)[0].successful  # a gone file blocks no other change
             assert set_parameters(client, True, prob_thd=0.2, weights_dir='', sam_checkpoint='', dino_checkpoint='',
                                   clip_pretrained='openai')[0].successful
+        assert f'path    {empty / "sam_vit_b_01ec64.pth"}' in active.output()  # the missing file's listed path
         assert not marker.exists()  # torch.load(weights_only=True) never ran the payload
         assert 'Traceback' not in active.output()
     finally:
@@ -524,7 +541,8 @@ def test_checkpoints_are_never_unpickled_and_received_data_never_evaluated(tmp_p
 # ------------------------------------------------------------------ the soak script, shutdown
 def test_soak_script_short_run(domain, tmp_path):
     """bench/soak.py for ~20 s on its own domain: outputs all along, no error, a clean exit; the
-    RSS slope of so short a run is noise, so only the growth is bounded here."""
+    RSS slope of so short a run is noise, so only the growth is bounded here.
+    """
     env = ros_env((domain - 30 + 35) % 70 + 30, tmp_path)  # 30..99, not this module's domain
     report_path = tmp_path / 'soak.json'
     result = subprocess.run([sys.executable, str(ROOT / 'bench' / 'soak.py'), '--minutes', '0.35', '--sample-s', '3',

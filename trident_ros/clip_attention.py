@@ -29,8 +29,8 @@ SCLIP offers (off by default) and NACLIP runs by default, is not applied; ClearC
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,14 +44,28 @@ NACLIP_GAUSSIAN_STD = 5.0
 def sclip_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """SCLIP's correlative self-attention: ``softmax(s q q^T) + softmax(s k k^T)``.
 
-    :param q, k: ``(..., T, hd)``. :returns: ``(..., T, T)`` float32.
+    Args:
+        q: Query heads ``(..., T, hd)``.
+        k: Key heads ``(..., T, hd)``.
+        scale: ``s = head_dim ** -0.5``.
+
+    Returns:
+        ``(..., T, T)`` float32 weights (rows sum to 2).
     """
     q, k = q.float(), k.float()
     return (q @ q.transpose(-2, -1) * scale).softmax(dim=-1) + (k @ k.transpose(-2, -1) * scale).softmax(dim=-1)
 
 
 def clearclip_weights(q: torch.Tensor, scale: float) -> torch.Tensor:
-    """ClearCLIP's query-query attention: ``softmax(s q q^T)``. :returns: ``(..., T, T)`` float32."""
+    """ClearCLIP's query-query attention: ``softmax(s q q^T)``.
+
+    Args:
+        q: Query heads ``(..., T, hd)``.
+        scale: ``s = head_dim ** -0.5``.
+
+    Returns:
+        ``(..., T, T)`` float32 weights.
+    """
     q = q.float()
     return (q @ q.transpose(-2, -1) * scale).softmax(dim=-1)
 
@@ -62,7 +76,13 @@ def neighbourhood_prior(grid: tuple[int, int], std: float, device: torch.device 
     Between patches ``i`` and ``j`` at grid positions ``p_i``, ``p_j``:
     ``exp(-|p_i - p_j|^2 / (2 std^2))``; the class token's row and column are 0.
 
-    :returns: ``(1 + gh*gw, 1 + gh*gw)`` float32.
+    Args:
+        grid: The patch grid ``(gh, gw)``.
+        std: Standard deviation of the Gaussian, in patches.
+        device: Where to build the prior (None: the default device).
+
+    Returns:
+        ``(1 + gh*gw, 1 + gh*gw)`` float32.
     """
     gh, gw = grid
     rows = torch.arange(gh, device=device, dtype=torch.float32).repeat_interleave(gw)
@@ -74,7 +94,17 @@ def neighbourhood_prior(grid: tuple[int, int], std: float, device: torch.device 
 def naclip_weights(k: torch.Tensor, scale: float, grid: tuple[int, int],
                    std: float = NACLIP_GAUSSIAN_STD) -> torch.Tensor:
     """NACLIP's neighbourhood-aware attention: ``softmax(s k k^T + G)`` with ``G`` from
-    :func:`neighbourhood_prior`. :param k: ``(..., 1 + gh*gw, hd)``. :returns: ``(..., T, T)`` float32."""
+    :func:`neighbourhood_prior`.
+
+    Args:
+        k: Key heads ``(..., 1 + gh*gw, hd)``, class token first.
+        scale: ``s = head_dim ** -0.5``.
+        grid: The patch grid ``(gh, gw)``.
+        std: Standard deviation of the prior, in patches.
+
+    Returns:
+        ``(..., T, T)`` float32 weights.
+    """
     k = k.float()
     return (k @ k.transpose(-2, -1) * scale + neighbourhood_prior(grid, std, k.device)).softmax(dim=-1)
 
@@ -82,7 +112,8 @@ def naclip_weights(k: torch.Tensor, scale: float, grid: tuple[int, int],
 @dataclass(frozen=True)
 class LastBlockRule:
     """A CLIP-only method's last block: its attention weights (None: the value path alone) and
-    whether it keeps the block's residual and feed-forward branch."""
+    whether it keeps the block's residual and feed-forward branch.
+    """
 
     weights: Callable[[ClipLastBlock], torch.Tensor] | None
     residual: bool
@@ -99,7 +130,12 @@ RULES: dict[str, LastBlockRule] = {
 def attend(block: ClipLastBlock, rule: LastBlockRule) -> torch.Tensor:
     """``A @ v`` per head (``v`` itself for the value path), heads concatenated.
 
-    :returns: ``(B, T, D)`` in the dtype of ``v``, before ``out_proj``.
+    Args:
+        block: The last block's heads (``v`` is ``(B, heads, T, hd)``).
+        rule: The method's rule; ``rule.weights`` None takes the value path.
+
+    Returns:
+        ``(B, T, D)`` in the dtype of ``v``, before ``out_proj``.
     """
     v = block.v
     out = v if rule.weights is None else rule.weights(block).to(v.dtype) @ v  # (B, heads, T, hd)
@@ -111,10 +147,17 @@ def attend(block: ClipLastBlock, rule: LastBlockRule) -> torch.Tensor:
 def clip_only_features(clip: ClipDense, crops: torch.Tensor, method: str) -> tuple[torch.Tensor, tuple[int, int]]:
     """Dense features of crops with a CLIP-only method's last block.
 
-    :param crops: ``(B, 3, h, w)`` CLIP-normalised, sides multiples of the patch size.
-    :param method: a key of :data:`RULES`.
-    :returns: ``(B, gh*gw, E)`` float32 L2-normalised patch features (class token dropped) and the
+    Args:
+        clip: The dense CLIP wrapper.
+        crops: ``(B, 3, h, w)`` CLIP-normalised, sides multiples of the patch size.
+        method: A key of :data:`RULES`.
+
+    Returns:
+        ``(B, gh*gw, E)`` float32 L2-normalised patch features (class token dropped) and the
         grid ``(gh, gw)``.
+
+    Raises:
+        ValueError: ``method`` is not a CLIP-only method.
     """
     if method not in RULES:
         raise ValueError(f'{method!r} is not a CLIP-only method ({", ".join(RULES)})')

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 SAM_MODELS = ('vit_b', 'vit_l', 'vit_h')
 DEVICES = ('auto', 'cpu', 'cuda')
@@ -22,8 +23,8 @@ METHOD_MODELS: dict[str, tuple[str, ...]] = {
     'trident': ('clip', 'dino', 'sam'),
     'trident_fast': ('clip', 'dino', 'sam'),
     'proxy': ('clip', 'dino'),
-    **{method: ('clip',) for method in CLIP_ONLY_METHODS},
-    **{method: ('clip',) for method in CLIP_BLOCK_METHODS},
+    **dict.fromkeys(CLIP_ONLY_METHODS, ('clip',)),
+    **dict.fromkeys(CLIP_BLOCK_METHODS, ('clip',)),
 }
 """The models each method needs; only these are loaded (and their weights looked up)."""
 PATCH_SIZE = 16
@@ -110,11 +111,14 @@ class TridentConfig:
 
     # --- labelling and refinement ---------------------------------------------------------------
     logit_scale: float = field(default=40.0, metadata={'help': 'softmax temperature on cosine logits'})
-    prob_thd: float = field(default=0.2, metadata={'help': 'pixels whose best class probability is lower stay unlabeled (0)'})
+    prob_thd: float = field(default=0.2, metadata={
+        'help': 'pixels whose best class probability is lower stay unlabeled (0)'})
     refine: bool = field(default=True, metadata={
         'help': 'refine the coarse segmentation by prompting SAM (method trident only)'})
-    coarse_thresh: float = field(default=0.2, metadata={'help': 'refinement drops classes whose best probability is lower'})
-    minimal_area: int = field(default=225, metadata={'help': 'smallest region (pixels, half resolution) that prompts SAM'})
+    coarse_thresh: float = field(default=0.2, metadata={
+        'help': 'refinement drops classes whose best probability is lower'})
+    minimal_area: int = field(default=225, metadata={
+        'help': 'smallest region (pixels, half resolution) that prompts SAM'})
     sam_mask_coff: float = field(default=0.005, metadata={'help': 'mask-prompt value factor'})
     sam_iou_thresh: float = field(default=0.8, metadata={'help': "keep a SAM mask whose predicted IoU exceeds this"})
 
@@ -214,7 +218,7 @@ class TridentConfig:
         if self.minimal_area < 1:
             fail('minimal_area', 'must be >= 1')
 
-    def replace(self, **changes: Any) -> 'TridentConfig':
+    def replace(self, **changes: Any) -> TridentConfig:
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
@@ -247,7 +251,7 @@ class TridentConfig:
         return cls(**typed)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> 'TridentConfig':
+    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> TridentConfig:
         """Load a YAML mapping of config keys (a ROS params file's ``ros__parameters`` also works).
 
         ``overrides`` (e.g. command-line options) replace the file's values before the method's
@@ -260,9 +264,10 @@ class TridentConfig:
         if not isinstance(data, dict):
             raise ConfigError(f'{path}: expected a mapping of config keys')
         # accept a ROS 2 parameters file: {node_name: {ros__parameters: {...}}}
+        names = {f.name for f in dataclasses.fields(cls)}
         for value in data.values():
             if isinstance(value, dict) and 'ros__parameters' in value:
-                data = {k: v for k, v in value['ros__parameters'].items() if k in {f.name for f in dataclasses.fields(cls)}}
+                data = {k: v for k, v in value['ros__parameters'].items() if k in names}
                 break
         return cls.from_dict({**data, **(overrides or {})})
 
