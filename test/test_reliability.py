@@ -382,7 +382,7 @@ def test_weight_file_problems_fail_configure_naming_the_file(active, client, tmp
     for name in ('dino.pth', 'clip.safetensors'):
         (tmp_path / name).write_bytes(b'never read: SAM is loaded first')
     cases = [
-        (dict(weights_dir=str(empty)), 'SAM vit_b: downloads are disabled (download: false)'),
+        (dict(weights_dir=str(empty)), f'SAM vit_b weights sam_vit_b_01ec64.pth are not at {empty}'),
         (dict(weights_dir=str(official)), f'{truncated} is corrupt or truncated: SHA-256'),
         (dict(sam_checkpoint=str(corrupt), **other_weights), f'cannot read weights file {corrupt}'),
         (dict(sam_checkpoint=str(wrong), **other_weights), f'{wrong} is not a SAM vit_b checkpoint'),
