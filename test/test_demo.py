@@ -10,11 +10,14 @@ import sys
 
 import cv2
 import numpy as np
+import pytest
 from ros_helpers import fresh_domain_id, ros_env
 
 from trident_ros.demo import SCENE_VOCABULARIES
 from trident_ros.fake_camera import sample_images
 from trident_ros.vocabulary import parse_vocabulary
+
+pytestmark = pytest.mark.ros
 
 
 def edges(bgr: np.ndarray) -> np.ndarray:
