@@ -176,21 +176,27 @@ class TestNode:
     def publisher(self, msg_type: Any, topic: str, qos: QoSProfile = RELIABLE) -> Any:
         return self.node.create_publisher(msg_type, topic, qos)
 
-    def call(self, srv_type: Any, name: str, request: Any, timeout: float = 30.0) -> Any:
+    def call(self, srv_type: Any, name: str, request: Any, timeout: float = 30.0, resend_s: float | None = None) -> Any:
         """Call a service and return the response (fails the test on timeout).
 
         Clients are kept: with Fast DDS, a server may answer a brand-new client before it has
         matched the client's response reader, and that response is lost ("failed to send
-        response"); a known client, given a moment after discovery, does not hit this.
+        response"); a known client, given a moment after discovery, rarely hits this. For a
+        request that may be repeated (a query), ``resend_s`` sends it again after that many
+        seconds without a response.
         """
         client = self._clients.get(name)
         if client is None:
             client = self._clients[name] = self.node.create_client(srv_type, name)
             assert client.wait_for_service(timeout_sec=timeout), f'service {name} not available'
             time.sleep(0.5)
-        future = client.call_async(request)
-        assert wait_until(future.done, timeout), f'no response from {name}'
-        return future.result()
+        deadline = time.monotonic() + timeout
+        while True:
+            future = client.call_async(request)
+            wait = deadline - time.monotonic() if resend_s is None else min(resend_s, deadline - time.monotonic())
+            if wait_until(future.done, max(wait, 0.0)):
+                return future.result()
+            assert time.monotonic() < deadline, f'no response from {name}'
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=1.0)

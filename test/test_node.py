@@ -111,7 +111,7 @@ def wait_for_node(client, process: RosProcess) -> None:
 
 
 def lifecycle_state(client) -> str:
-    return client.call(GetState, f'{NODE}/get_state', GetState.Request()).current_state.label
+    return client.call(GetState, f'{NODE}/get_state', GetState.Request(), resend_s=5.0).current_state.label
 
 
 def transition(client, transition_id: int) -> bool:
