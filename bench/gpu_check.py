@@ -15,7 +15,8 @@ dtypes, ``encoder_dtype``). Reported:
   them), a full frame (``segment``) and a relabel (``label`` of the cached image side with a new
   vocabulary), over ``--frames`` frames after one warm-up, and ``torch.cuda.max_memory_allocated``;
 * with ``--node-frames N``: ``bench/node_bench.py --launch`` for N frames (the node on this device, random
-  weights): frames published and received, the node's counters (processed, dropped) and latency.
+  weights): frames published and received, the node's counters (processed, dropped), latency, and its
+  diagnostics after the run (device, processing rate, GPU memory allocated and reserved).
 
 Random weights make labels meaningless; agreement between precisions is still a fair measure of precision loss.
 """
@@ -193,7 +194,7 @@ def format_report(report: Report) -> str:
         lines.append(f"node: {report.node['frames_published']} frames at {report.node['rate_hz']:g} Hz, "
                      f"{report.node['segmentations_received']} segmentations received, processed "
                      f"{counters['frames_processed']}, dropped {counters['frames_dropped']}, latency median "
-                     f"{report.node['latency_ms']['median']} ms")
+                     f"{report.node['latency_ms']['median']} ms; after the run: {report.node['node_status']}")
     return '\n'.join(lines)
 
 

@@ -50,6 +50,8 @@ RELIABILITY = {'best_effort': ReliabilityPolicy.BEST_EFFORT, 'reliable': Reliabi
 OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 NODE_COUNTERS = ('frames_received', 'frames_processed', 'frames_dropped', 'frames_rejected', 'frames_failed',
                  'frames_skipped_no_subscribers')
+# The node's own state at the end of the run (GPU memory only on CUDA).
+NODE_STATUS = ('device', 'processing_rate_hz', 'gpu_memory_allocated_mb', 'gpu_memory_reserved_mb')
 
 
 @dataclass
@@ -108,6 +110,8 @@ class Report:
     """Medians over the frames with node timings: queue, conversion, publish, and the rest (transport)."""
     node_stage_ms: dict[str, float] = field(default_factory=dict)
     """Medians of the node's per-stage timings over the same frames."""
+    node_status: dict[str, str] = field(default_factory=dict)
+    """:data:`NODE_STATUS` values of the node's diagnostics status after the run, where present."""
 
 
 def synthetic_frame(width: int, height: int, seed: int) -> np.ndarray:
@@ -259,7 +263,8 @@ def summarise(args: argparse.Namespace, measured: list[Frame], before: dict[str,
         node_counters={name: int(after.get(name, 0)) - int(before.get(name, 0)) for name in NODE_COUNTERS},
         latency_ms=Summary.of([f.latency_ms for f in measured if f.latency_ms is not None]),
         pipeline_ms=Summary.of([f.pipeline_ms for f in timed]),
-        overhead_ms=Summary.of(overhead), overhead_parts_ms=parts, node_stage_ms=stages)
+        overhead_ms=Summary.of(overhead), overhead_parts_ms=parts, node_stage_ms=stages,
+        node_status={name: after[name] for name in NODE_STATUS if name in after})
 
 
 def format_report(report: Report) -> str:
@@ -287,6 +292,8 @@ def format_report(report: Report) -> str:
         lines.append('overhead parts (medians): ' + ', '.join(f'{k} {v:.1f}' for k, v in parts))
     if report.node_stage_ms:
         lines.append('pipeline stages (medians): ' + ', '.join(f'{k} {v:.1f}' for k, v in report.node_stage_ms.items()))
+    if report.node_status:
+        lines.append('node after the run: ' + ', '.join(f'{k} {v}' for k, v in report.node_status.items()))
     return '\n'.join(lines)
 
 

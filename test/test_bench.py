@@ -81,6 +81,7 @@ def test_node_bench_launches_the_node_and_reports(tmp_path):
     latency = report['latency_ms']
     assert latency['count'] == report['segmentations_received'] and latency['min'] > 0
     assert set(report['node_counters']) >= {'frames_received', 'frames_processed', 'frames_dropped'}
+    assert report['node_status']['device'] == 'cpu' and float(report['node_status']['processing_rate_hz']) >= 0
     # frames that a diagnostics status described: overhead = latency - pipeline, both positive
     assert report['overhead_ms']['count'] == report['pipeline_ms']['count']
     if report['pipeline_ms']['count']:
