@@ -39,7 +39,7 @@ def main(args: list[str] | None = None) -> None:
     finished = True
     ignore_repeated_signals()
     try:
-        rclpy.init(args=args)  # not `with rclpy.init()`: that context manager is Kilted-only (rclpy >= 8)
+        rclpy.init(args=args)  # plain init: its context-manager form exists only on Kilted (rclpy >= 8)
         node = TridentNode()
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
