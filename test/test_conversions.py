@@ -1,12 +1,14 @@
 """trident_ros.conversions: ROS image messages <-> arrays, checked against naive formulas."""
 from __future__ import annotations
 
+import subprocess
 import sys
+import textwrap
 
 import cv2
 import numpy as np
 import pytest
-import ros_helpers  # noqa: F401,E402  (fails with a clear message outside the project environment)
+import ros_helpers  # noqa: E402  (fails with a clear message outside the project environment)
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
@@ -242,6 +244,28 @@ def test_label_info_only_with_vision_msgs():
         assert info is None
     else:  # pragma: no cover - vision_msgs installed
         assert [(c.class_id, c.class_name) for c in info.class_map] == [(0, 'unlabeled'), (1, 'door')]
+
+
+def test_without_vision_msgs_the_node_is_told_why_label_info_and_detections_3d_are_off():
+    """vision_msgs made unimportable in a subprocess: one text says which outputs are off and why."""
+    code = textwrap.dedent('''
+        import sys
+        sys.modules['vision_msgs'] = None  # import vision_msgs raises ImportError
+        from std_msgs.msg import Header
+        from trident_ros import conversions, depth_io
+        assert conversions.LabelInfo is None and conversions.label_info(['door'], 0.2, Header()) is None
+        assert depth_io.vision_msgs is None
+        print(conversions.VISION_MSGS_MISSING)
+    ''')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.strip()
+    assert text.startswith('vision_msgs cannot be imported (') and 'import of vision_msgs halted' in text
+    assert '~/label_info' in text and '~/detections_3d' in text and 'not published' in text
+    assert conversions.VISION_MSGS_MISSING == ''  # here it imports: the node says nothing
+    importers = [path.name for path in (ros_helpers.ROOT / 'trident_ros').glob('*.py')
+                 if 'vision_msgs import' in path.read_text(encoding='utf-8')]
+    assert importers == ['conversions.py']  # the one place
 
 
 def test_array_to_image_round_trip():

@@ -42,11 +42,27 @@ from std_msgs.msg import Header
 from trident_ros.msg import ClassMask as ClassMaskMsg
 from trident_ros.msg import ClassMaskArray, VocabularyInfo
 
-try:  # vision_msgs is optional: Nav2's semantic_segmentation_layer reads LabelInfo
-    from vision_msgs.msg import LabelInfo, VisionClass
-except ImportError:  # pragma: no cover - depends on the install
-    LabelInfo = None
-    VisionClass = None
+
+def vision_msgs_missing(error: ImportError) -> str:
+    """What the node says at configure when vision_msgs does not import (``error``: why)."""
+    return (f'vision_msgs cannot be imported ({error}): ~/label_info (vision_msgs/LabelInfo, read by Nav2\'s '
+            'semantic_segmentation_layer) and ~/detections_3d (vision_msgs/Detection3DArray) are not published. '
+            'Install it (ros-<distro>-vision-msgs), or run tools/setup.sh, which builds it from its definitions')
+
+
+def _import_vision_msgs() -> tuple[Any, str]:
+    """``vision_msgs.msg`` and '', or None and :func:`vision_msgs_missing`'s text."""
+    try:
+        from vision_msgs import msg
+    except ImportError as error:
+        return None, vision_msgs_missing(error)
+    return msg, ''
+
+
+vision_msgs, VISION_MSGS_MISSING = _import_vision_msgs()
+"""The one import of vision_msgs (a distro's, or the one tools/setup.sh builds): its ``msg`` module or None,
+and the warning the node gives at configure without it ('' with it)."""
+LabelInfo = vision_msgs.LabelInfo if vision_msgs is not None else None
 
 # encoding -> (channels, bytes per channel); the encodings the node accepts (see module docstring)
 SUPPORTED_ENCODINGS: dict[str, tuple[int, int]] = {
@@ -273,6 +289,7 @@ def label_info(classes: Sequence[str], threshold: float, header: Header) -> Any 
     """``vision_msgs/LabelInfo`` (0 = unlabeled, class k -> k + 1), or None without vision_msgs."""
     if LabelInfo is None:
         return None
-    class_map = [VisionClass(class_id=0, class_name='unlabeled')]
-    class_map += [VisionClass(class_id=k, class_name=name) for k, name in enumerate(classes, start=1)]
+    vision_class = vision_msgs.VisionClass
+    class_map = [vision_class(class_id=0, class_name='unlabeled')]
+    class_map += [vision_class(class_id=k, class_name=name) for k, name in enumerate(classes, start=1)]
     return LabelInfo(header=header, class_map=class_map, threshold=float(threshold))

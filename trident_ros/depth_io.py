@@ -1,9 +1,10 @@
 """The node's depth side: depth subscriptions, image-to-depth matching and the 3D messages.
 
 With ``use_depth`` the node subscribes ``depth`` (sensor_msgs/Image: ``16UC1`` in units of
-``depth_scale`` metres, or ``32FC1`` metres, REP 118) and ``depth/camera_info``, paired by
-message_filters (``ApproximateTimeSynchronizer`` with ``sync_slop``, or ``TimeSynchronizer`` with
-``exact_sync``); the last pairs are kept, and the frame being processed holds on to its match
+``depth_scale`` metres, or ``32FC1`` metres, REP 118) and ``depth/camera_info`` with two plain
+subscriptions, paired here (:class:`~trident_ros.depth_pairing.DepthPairing`: equal stamps with
+``exact_sync``, else the nearest within ``sync_slop``; stamps that go backwards restart the
+pairing); the last pairs are kept, and the frame being processed holds on to its match
 (:meth:`DepthIO.pin`). When a segmented frame is published, the pair whose stamp is nearest the
 colour image's (within ``sync_slop``, or equal with ``exact_sync``) gives its 3D; a frame without
 one is published in 2D only and counted. The colour image keeps the node's
@@ -16,15 +17,12 @@ so ``~/points`` always has the label image's width, height and stamp.
 """
 from __future__ import annotations
 
-import collections
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import message_filters
 import numpy as np
 from geometry_msgs.msg import Point, Pose, Vector3
 from rclpy.node import Node
@@ -32,6 +30,8 @@ from rclpy.qos import QoSProfile
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 
+from trident_ros.conversions import vision_msgs
+from trident_ros.depth_pairing import DepthPairing
 from trident_ros.labelling import Segmentation
 from trident_ros.projection import (
     CLOUD_DTYPE,
@@ -46,15 +46,9 @@ from trident_ros.projection import (
 )
 from trident_ros.visualization import class_colors
 
-try:  # vision_msgs is an exec_depend; without it ~/detections_3d is not published
-    from vision_msgs.msg import BoundingBox3D, Detection3D, Detection3DArray, ObjectHypothesisWithPose
-except ImportError:  # pragma: no cover - depends on the install
-    Detection3DArray = None
-
 DEPTH_ENCODINGS = {'16uc1': np.dtype('<u2'), 'mono16': np.dtype('<u2'), '32fc1': np.dtype('<f4')}
 """Accepted depth encodings and their little-endian element types (big-endian data is swapped)."""
-RECENT_DEPTHS = 10  # depth/camera_info pairs kept for matching
-SYNC_QUEUE = 10  # per-topic queue of the depth/camera_info synchronizer
+RECENT_DEPTHS = 10  # depth/camera_info pairs kept for matching, and messages per topic waiting for a partner
 POINT_FIELD_TYPES = {np.dtype('<f4'): PointField.FLOAT32, np.dtype('<u2'): PointField.UINT16}
 DEPTH_FIELDS = frozenset({'use_depth', 'sync_slop', 'exact_sync'})
 """Parameters that change the depth subscriptions (they are made again when one changes)."""
@@ -124,18 +118,18 @@ def detections_msg(frame: Frame3D, seg: Segmentation, names: Sequence[str], head
     Its hypothesis: class id = the class's first name, score = the mask's mean probability; box
     centre = the median point, size = the 5-95 percentile extent; ``id`` = the label-image value.
     """
-    out = Detection3DArray(header=header)
+    out = vision_msgs.Detection3DArray(header=header)
     for mask in seg.masks:
         stats = frame.classes.get(mask.class_id)
         if stats is None or stats.num_points == 0:
             continue
-        hypothesis = ObjectHypothesisWithPose()
+        hypothesis = vision_msgs.ObjectHypothesisWithPose()
         hypothesis.hypothesis.class_id = names[mask.class_id - 1]
         hypothesis.hypothesis.score = float(mask.score)
         hypothesis.pose.pose.position = point(stats.position)
-        out.detections.append(Detection3D(
+        out.detections.append(vision_msgs.Detection3D(
             header=header, results=[hypothesis], id=str(mask.class_id),
-            bbox=BoundingBox3D(center=Pose(position=point(stats.position)), size=vector(stats.size))))
+            bbox=vision_msgs.BoundingBox3D(center=Pose(position=point(stats.position)), size=vector(stats.size))))
     return out
 
 
@@ -171,36 +165,25 @@ class DepthIO:
     def __init__(self, node: Node, parameters: Mapping[str, Any], qos: QoSProfile, output_qos: QoSProfile,
                  counts: DepthCounts, warn: Callable[[str, str], None], callback_group: Any = None) -> None:
         self._node, self._parameters, self._counts, self._warn = node, parameters, counts, warn
-        self._slop = float(parameters['sync_slop'])
-        self._exact = bool(parameters['exact_sync'])
-        self._lock = threading.Lock()
-        self._recent: collections.deque[tuple[Image, CameraInfo]] = collections.deque(maxlen=RECENT_DEPTHS)
-        self._pinned_stamp: int | None = None  # stamp (ns) of the frame being processed
-        self._pinned: tuple[Image, CameraInfo] | None = None  # its best depth pair so far, kept from eviction
-        self._subs = [message_filters.Subscriber(node, Image, 'depth', qos_profile=qos, callback_group=callback_group),
-                      message_filters.Subscriber(node, CameraInfo, 'depth/camera_info', qos_profile=qos,
-                                                 callback_group=callback_group)]
-        if self._exact:
-            self._sync = message_filters.TimeSynchronizer(self._subs, SYNC_QUEUE)
-        else:
-            self._sync = message_filters.ApproximateTimeSynchronizer(self._subs, SYNC_QUEUE, max(self._slop, 1e-9))
-        self._sync.registerCallback(self._on_depth)
+        exact, slop = bool(parameters['exact_sync']), float(parameters['sync_slop'])
+        self._pairing = DepthPairing(0 if exact else round(slop * 1e9), RECENT_DEPTHS)
+        self._subs = [node.create_subscription(Image, 'depth', self._on_depth, qos, callback_group=callback_group),
+                      node.create_subscription(CameraInfo, 'depth/camera_info', self._on_info, qos,
+                                               callback_group=callback_group)]
         self._points_pub = node.create_publisher(PointCloud2, '~/points', output_qos)
-        self._detections_pub = (node.create_publisher(Detection3DArray, '~/detections_3d', output_qos)
-                                if Detection3DArray is not None else None)
-        node.get_logger().info(f'depth: subscribed to {self._subs[0].sub.topic_name} + {self._subs[1].sub.topic_name} '
-                               f'({"exact stamps" if self._exact else f"sync_slop {self._slop:g} s"})')
+        self._detections_pub = (node.create_publisher(vision_msgs.Detection3DArray, '~/detections_3d', output_qos)
+                                if vision_msgs is not None else None)
+        node.get_logger().info(f'depth: subscribed to {self._subs[0].topic_name} + {self._subs[1].topic_name} '
+                               f'({"exact stamps" if exact else f"sync_slop {slop:g} s"})')
 
     def destroy(self) -> None:
         """Remove the subscriptions and publishers."""
         for sub in self._subs:
-            self._node.destroy_subscription(sub.sub)
+            self._node.destroy_subscription(sub)
         self._node.destroy_publisher(self._points_pub)
         if self._detections_pub is not None:
             self._node.destroy_publisher(self._detections_pub)
-        with self._lock:
-            self._recent.clear()
-            self._pinned_stamp, self._pinned = None, None
+        self._pairing.clear()
 
     def has_subscribers(self) -> bool:
         """Whether anybody subscribes to ``~/points`` or ``~/detections_3d``."""
@@ -213,35 +196,17 @@ class DepthIO:
         Its match (from the kept pairs, or from depth arriving later within the slop) is not pushed
         out by newer depth while the pipeline runs, however long that takes.
         """
-        stamp = nanoseconds(header)
-        with self._lock:
-            self._pinned_stamp = stamp
-            self._pinned = self._nearest(stamp, list(self._recent))
+        self._pairing.pin(nanoseconds(header))
 
-    def _on_depth(self, depth: Image, info: CameraInfo) -> None:
-        with self._lock:
-            self._recent.append((depth, info))
-            if self._pinned_stamp is not None:
-                self._pinned = self._nearest(self._pinned_stamp, [p for p in (self._pinned, (depth, info)) if p])
+    def _on_depth(self, msg: Image) -> None:
+        self._pairing.add_depth(nanoseconds(msg.header), msg)
 
-    def _nearest(self, stamp: int, pairs: list[tuple[Image, CameraInfo]]) -> tuple[Image, CameraInfo] | None:
-        """The pair whose depth stamp is nearest ``stamp`` (ns), if within the slop (equal: exact)."""
-        best = min(pairs, key=lambda pair: abs(nanoseconds(pair[0].header) - stamp), default=None)
-        if best is None or abs(nanoseconds(best[0].header) - stamp) > (0 if self._exact else self._slop * 1e9):
-            return None
-        return best
-
-    def _match(self, header: Header) -> tuple[Image, CameraInfo] | None:
-        """The depth pair for ``header``: the pinned one for the pinned frame, else the nearest kept."""
-        stamp = nanoseconds(header)
-        with self._lock:
-            if stamp == self._pinned_stamp and self._pinned is not None:
-                return self._pinned
-            return self._nearest(stamp, list(self._recent))
+    def _on_info(self, msg: CameraInfo) -> None:
+        self._pairing.add_info(nanoseconds(msg.header), msg)
 
     def compute(self, header: Header, seg: Segmentation) -> Frame3D | None:
         """The 3D of a segmented frame, or None (counted, warned where the depth is unusable)."""
-        pair = self._match(header)
+        pair = self._pairing.match(nanoseconds(header))
         if pair is None:
             self._counts.no_matching_depth += 1
             return None

@@ -227,6 +227,8 @@ class TridentNode(LifecycleNode):
             self._pipeline = pipeline
         self._health.clear_error()
         self.get_logger().info(pipeline.describe())
+        if conversions.VISION_MSGS_MISSING:  # no ~/label_info (here) and no ~/detections_3d (DepthIO)
+            self.get_logger().warning(conversions.VISION_MSGS_MISSING, once=True)
         with self._io_lock:
             self._vocabulary_topics = VocabularyTopics(self, self._on_vocabulary)
         text = self._values['vocabulary']
