@@ -11,19 +11,17 @@ import time
 import numpy as np
 import pytest
 
-from ros_helpers import (BEST_EFFORT, LATCHED, RELIABLE, ROOT, RosProcess, TestNode, fresh_domain_id, ros_env,
-                         wait_until)
+from ros_helpers import (BEST_EFFORT, LATCHED, RELIABLE, ROOT, RosProcess, TestNode, executable, fresh_domain_id,
+                         ros_env, wait_until)
 
 import yaml
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Point, Vector3
 from lifecycle_msgs.msg import Transition
-from lifecycle_msgs.srv import ChangeState, GetState
 from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
-from sensor_msgs_py import point_cloud2
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 from std_msgs.msg import Header, String
 from vision_msgs.msg import Detection3DArray, LabelInfo
 
@@ -40,6 +38,9 @@ VOCABULARY = 'floor, wall, door, sofa; couch'
 FIRST_NAMES = ['floor', 'wall', 'door', 'sofa']
 SMALL = (96, 128)  # (H, W) of the frames this test sends (fast on a CPU)
 _stamps = iter(range(5000, 100000))
+POINT_FIELD_TYPES = {PointField.INT8: 'i1', PointField.UINT8: 'u1', PointField.INT16: 'i2',
+                     PointField.UINT16: 'u2', PointField.INT32: 'i4', PointField.UINT32: 'u4',
+                     PointField.FLOAT32: 'f4', PointField.FLOAT64: 'f8'}
 
 
 # ------------------------------------------------------------------ fixtures
@@ -74,17 +75,13 @@ def topics(client) -> dict:
 def node(env, client, topics, tmp_path_factory):
     """The node, configured and active, tiny random models, depth on."""
     log = tmp_path_factory.mktemp('node') / 'trident.log'
-    process = RosProcess(['ros2', 'run', 'trident_ros', 'trident_node', '--ros-args', '-p', 'random_weights:=true',
+    process = RosProcess([executable('trident_node'), '--ros-args', '-p', 'random_weights:=true',
                           '-p', 'model_scale:=tiny', '-p', 'device:=cpu', '-p', 'use_depth:=true',
                           '-p', f'vocabulary:={VOCABULARY}'], env, log)
     try:
-        ready = client.node.create_client(GetState, f'{NODE}/get_state')
-        assert ready.wait_for_service(timeout_sec=60), f'node did not start:\n{process.output()}'
-        client.node.destroy_client(ready)
+        client.wait_for_node(NODE, process)
         for transition_id in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
-            request = ChangeState.Request()
-            request.transition.id = transition_id
-            assert client.call(ChangeState, f'{NODE}/change_state', request, timeout=120).success, process.output()
+            assert client.change_state(NODE, transition_id), process.output()
         yield process
     finally:
         if process.alive():
@@ -95,7 +92,7 @@ def node(env, client, topics, tmp_path_factory):
 @pytest.fixture(scope='module')
 def camera(env, node, tmp_path_factory):
     """``fake_camera depth:=true`` publishing the room scene at 1 Hz (stopped by the later tests)."""
-    process = RosProcess(['ros2', 'run', 'trident_ros', 'fake_camera', '--ros-args', '-p', 'depth:=true',
+    process = RosProcess([executable('fake_camera'), '--ros-args', '-p', 'depth:=true',
                           '-p', 'rate:=1.0', '-p', f'files:=[{ROOT / "trident_ros" / "data" / "room.png"}]',
                           '-p', 'reliability:=reliable'], env, tmp_path_factory.mktemp('camera') / 'camera.log')
     yield process
@@ -124,9 +121,14 @@ def decode_mono8(msg: Image) -> np.ndarray:
 
 
 def cloud_fields(msg: PointCloud2) -> np.ndarray:
-    """``(H, W)`` structured array of x, y, z, label, confidence, read by sensor_msgs_py."""
-    points = point_cloud2.read_points(msg, ['x', 'y', 'z', 'label', 'confidence'])
-    return np.asarray(points).reshape(msg.height, msg.width)
+    """``(H, W)`` structured array of the cloud's fields, read from its fields, offsets, point_step and row_step."""
+    order = '>' if msg.is_bigendian else '<'
+    dtype = np.dtype({'names': [f.name for f in msg.fields], 'offsets': [f.offset for f in msg.fields],
+                      'formats': [order + POINT_FIELD_TYPES[f.datatype] for f in msg.fields],
+                      'itemsize': msg.point_step})
+    assert all(f.count == 1 for f in msg.fields) and msg.row_step >= msg.width * msg.point_step
+    rows = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.row_step)[:, :msg.width * msg.point_step]
+    return np.ascontiguousarray(rows).view(dtype).reshape(msg.height, msg.width)
 
 
 def expected_points(depth: Image, info: CameraInfo) -> np.ndarray:
@@ -151,12 +153,13 @@ def diagnostics(topics, since: float) -> dict[str, str]:
 
 
 def send(sender, topics, depth: Image | None = None, info: CameraInfo | None = None, frame_id: str = 'camera',
-         names=('labels', 'masks'), timeout: float = 60.0, depth_offset_ns: int = 0) -> tuple[tuple[int, int], dict]:
-    """Publish depth/info (if given), then a SMALL colour frame, all with one fresh stamp.
+         names=('labels', 'masks'), timeout: float = 60.0, depth_offset_ns: int = 0,
+         sec: int | None = None) -> tuple[tuple[int, int], dict]:
+    """Publish depth/info (if given), then a SMALL colour frame, all with one stamp (``sec``, else a fresh one).
 
     Sent again every 3 s until the outputs ``names`` for that stamp arrived; returns the stamp and them.
     """
-    stamp = Time(sec=next(_stamps), nanosec=500)
+    stamp = Time(sec=next(_stamps) if sec is None else sec, nanosec=500)
     height, width = SMALL
     rgb = np.random.default_rng(stamp.sec).integers(0, 255, (height, width, 3), dtype=np.uint8)
     image = Image(header=Header(stamp=stamp, frame_id=frame_id), height=height, width=width, encoding='rgb8',
@@ -361,6 +364,17 @@ def test_garbage_depth_never_crashes(node, sender, topics, case):
     assert node.alive()
 
 
+def test_stamps_that_go_backwards_restart_the_pairing_and_every_frame_has_3d(node, sender, topics):
+    """A bag played in a loop (or a simulator reset): stamps 100, 101, 102 s, then 60, 61, 62 s."""
+    height, width = SMALL
+    for sec in (100, 101, 102, 60, 61, 62):
+        stamp, found = send(sender, topics, depth_msg(synthetic_depth(height, width), '16UC1'),
+                            info_msg(height, width), names=('labels', 'masks', 'points'), sec=sec)
+        assert stamp == (sec, 500) and found['masks'].frame_3d == 'camera', f'no 3D at {sec} s'
+        assert (found['points'].height, found['points'].width) == SMALL
+        assert np.isfinite(cloud_fields(found['points'])['z']).any()
+
+
 def test_depth_within_the_slop_matches_and_exact_sync_needs_equal_stamps(node, client, sender, topics):
     height, width = SMALL
 
@@ -447,6 +461,7 @@ def test_the_frame_in_progress_keeps_its_depth_while_newer_depth_arrives(tmp_pat
 
 
 # ------------------------------------------------------------------ the launch file
+@pytest.mark.launch
 def test_demo_launch_with_use_depth_publishes_labelled_points(tmp_path):
     """``ros2 launch ... demo:=true use_depth:=true``: the fake camera's depth reaches the node."""
     domain = fresh_domain_id()
