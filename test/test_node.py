@@ -1,7 +1,9 @@
 """The trident node as a real process over real DDS (tiny random-weight models, own ROS_DOMAIN_ID).
 
-One node process (``ros2 run trident_ros trident_node``) serves the whole module; tests run in
+One node process (the installed ``trident_node`` executable) serves the whole module; tests run in
 file order and each leaves the node active with its defaults, except the last, which stops it.
+Lifecycle transitions and parameters go through the node's services (what ``ros2 lifecycle`` and
+``ros2 param`` call).
 """
 from __future__ import annotations
 
@@ -16,9 +18,6 @@ import yaml
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import Transition
-from lifecycle_msgs.srv import ChangeState, GetState
-from rcl_interfaces.srv import GetParameters, SetParameters, SetParametersAtomically
-from rclpy.parameter import Parameter, parameter_value_to_python
 from rclpy.qos import DurabilityPolicy, ReliabilityPolicy
 
 # ros_helpers first: it checks the ROS 2 environment with a clear message
@@ -29,8 +28,8 @@ from ros_helpers import (
     ROOT,
     RosProcess,
     TestNode,
+    executable,
     fresh_domain_id,
-    ros2_cli,
     ros_env,
     wait_until,
 )
@@ -92,57 +91,27 @@ def trident(env, client, outputs, cameras, tmp_path_factory):
     """
     no_weights = tmp_path_factory.mktemp('no_weights')
     log = tmp_path_factory.mktemp('node') / 'trident.log'
-    process = RosProcess(['ros2', 'run', 'trident_ros', 'trident_node', '--ros-args', '-p', 'download:=false',
+    process = RosProcess([executable('trident_node'), '--ros-args', '-p', 'download:=false',
                           '-p', f'weights_dir:={no_weights}', '-p', 'logit_scale:=40', '-p', 'slide_crop:=big'],
                          env, log)
     try:
-        wait_for_node(client, process)
+        client.wait_for_node(NODE, process)
         yield process
     finally:
         if process.alive():
             assert process.stop() == 0, process.output()
 
 
-def wait_for_node(client, process: RosProcess) -> None:
-    """Wait until the node process answers its lifecycle service (it has started)."""
-    ready = client.node.create_client(GetState, f'{NODE}/get_state')
-    assert ready.wait_for_service(timeout_sec=60), f'node did not start:\n{process.output()}'
-    client.node.destroy_client(ready)
-
-
-def lifecycle_state(client) -> str:
-    return client.call(GetState, f'{NODE}/get_state', GetState.Request(), resend_s=5.0).current_state.label
-
-
-def transition(client, transition_id: int) -> bool:
-    request = ChangeState.Request()
-    request.transition.id = transition_id
-    return client.call(ChangeState, f'{NODE}/change_state', request, timeout=120).success
-
-
-def set_parameters(client, atomically: bool = False, **values):
-    parameters = [Parameter(name, value=value).to_parameter_msg() for name, value in values.items()]
-    if atomically:
-        return [client.call(SetParametersAtomically, f'{NODE}/set_parameters_atomically',
-                            SetParametersAtomically.Request(parameters=parameters)).result]
-    return client.call(SetParameters, f'{NODE}/set_parameters', SetParameters.Request(parameters=parameters)).results
-
-
-def get_parameter(client, name: str):
-    value = client.call(GetParameters, f'{NODE}/get_parameters', GetParameters.Request(names=[name])).values[0]
-    return parameter_value_to_python(value)
-
-
 @pytest.fixture
 def active(trident, client, outputs):
     """The node active with tiny random-weight models and VOCABULARY (from the topic)."""
-    if lifecycle_state(client) == 'unconfigured':
-        assert all(r.successful for r in set_parameters(client, True, random_weights=True, model_scale='tiny',
-                                                        slide_crop=336))
-        assert transition(client, Transition.TRANSITION_CONFIGURE), trident.output()
-    if lifecycle_state(client) == 'inactive':
-        assert transition(client, Transition.TRANSITION_ACTIVATE), trident.output()
-    if get_parameter(client, 'vocabulary') != VOCABULARY:
+    if client.lifecycle_state(NODE) == 'unconfigured':
+        assert all(r.successful for r in client.set_parameters(
+            NODE, {'random_weights': True, 'model_scale': 'tiny', 'slide_crop': 336}, atomically=True))
+        assert client.change_state(NODE, Transition.TRANSITION_CONFIGURE), trident.output()
+    if client.lifecycle_state(NODE) == 'inactive':
+        assert client.change_state(NODE, Transition.TRANSITION_ACTIVATE), trident.output()
+    if client.get_parameters(NODE, ['vocabulary']) != {'vocabulary': VOCABULARY}:
         set_vocabulary_by_topic(client, outputs, VOCABULARY, VOCABULARY_NAMES)
     return trident
 
@@ -220,26 +189,25 @@ def set_vocabulary_by_topic(client, outputs, text: str, names: list[str]) -> Non
 
 
 # ------------------------------------------------------------------ tests
-def test_configure_fails_cleanly_with_the_reason_and_the_process_stays_up(trident, client, env):
-    assert not transition(client, Transition.TRANSITION_CONFIGURE)
+def test_configure_fails_cleanly_with_the_reason_and_the_process_stays_up(trident, client):
+    assert not client.change_state(NODE, Transition.TRANSITION_CONFIGURE)
     assert trident.wait_for_output("configure failed: Trying to set parameter 'slide_crop' to 'big'", 10)
-    assert set_parameters(client, slide_crop=336)[0].successful
-    result = ros2_cli(['lifecycle', 'set', '--no-daemon', '--spin-time', '3', NODE, 'configure'], env)
-    assert 'Transitioning failed' in result.stdout + result.stderr, result
+    assert client.set_parameters(NODE, {'slide_crop': 336})[0].successful
+    assert not client.change_state(NODE, Transition.TRANSITION_CONFIGURE)
     assert trident.wait_for_output('configure failed: SAM vit_b weights sam_vit_b_01ec64.pth are not at', 10)
     assert 'sam_vit_b_01ec64.pth' in trident.output()  # the missing file is named
     assert 'Traceback' not in trident.output()
-    assert trident.alive() and lifecycle_state(client) == 'unconfigured'
-    assert get_parameter(client, 'logit_scale') == 40  # an int override for a float parameter is fine
+    assert trident.alive() and client.lifecycle_state(NODE) == 'unconfigured'
+    # an int override for a float parameter is fine
+    assert client.get_parameters(NODE, ['logit_scale']) == {'logit_scale': 40}
 
 
-def test_lifecycle_cli_configures_and_activates_with_one_log_line(trident, client, env):
-    assert all(r.successful for r in set_parameters(client, True, random_weights=True, model_scale='tiny'))
-    for step in ('configure', 'activate'):
-        result = ros2_cli(['lifecycle', 'set', '--no-daemon', '--spin-time', '3', NODE, step], env)
-        assert 'Transitioning successful' in result.stdout, (result, trident.output())
-    result = ros2_cli(['lifecycle', 'get', '--no-daemon', '--spin-time', '3', NODE], env)
-    assert result.stdout.strip().startswith('active'), result
+def test_lifecycle_services_configure_and_activate_with_one_log_line(trident, client):
+    assert all(r.successful for r in client.set_parameters(NODE, {'random_weights': True, 'model_scale': 'tiny'},
+                                                           atomically=True))
+    for transition_id in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+        assert client.change_state(NODE, transition_id), trident.output()
+    assert client.lifecycle_state(NODE) == 'active'
     model_lines = [line for line in trident.output().splitlines() if 'models: RANDOM' in line]
     assert len(model_lines) == 1 and 'device cpu' in model_lines[0] and 'float32' in model_lines[0]
 
@@ -275,7 +243,7 @@ def test_reliable_camera_and_other_encodings_decode_like_opencv(active, client, 
 
     Near-uniform probabilities under a high threshold leave every pixel unlabeled.
     """
-    results = set_parameters(client, True, logit_scale=0.01, prob_thd=0.95)
+    results = client.set_parameters(NODE, {'logit_scale': 0.01, 'prob_thd': 0.95}, atomically=True)
     assert results[0].successful, results[0].reason
     try:
         small = np.ascontiguousarray(ROOM[::8, ::8])  # 80x60
@@ -287,23 +255,24 @@ def test_reliable_camera_and_other_encodings_decode_like_opencv(active, client, 
                 if encoding == 'mono8' else small
             np.testing.assert_array_equal(decode(found['segmentation']), expected)
     finally:
-        assert set_parameters(client, True, logit_scale=40.0, prob_thd=0.2)[0].successful
+        assert client.set_parameters(NODE, {'logit_scale': 40.0, 'prob_thd': 0.2}, atomically=True)[0].successful
 
 
-def test_vocabulary_by_cli_topic_and_cli_param_relabels_the_last_frame_without_the_encoder(
-        active, client, outputs, cameras, env):
+def test_vocabulary_by_topic_and_by_parameter_relabels_the_last_frame_without_the_encoder(
+        active, client, outputs, cameras):
     msg = image_msg(ROOM[::4, ::4])
     send_until_outputs(cameras['best_effort'], msg, outputs, ('masks',))
     before, _, _ = diagnostics_after(outputs, time.monotonic())
-    result = ros2_cli(['topic', 'pub', '--once', '-w', '1', f'{NODE}/vocabulary', 'std_msgs/msg/String',
-                       "{data: 'door, chair'}"], env)
-    assert result.returncode == 0, result
-    relabelled = outputs['masks'].wait_for(lambda m: same_stamp(m, msg.header)
-                                           and list(m.vocabulary) == ['door', 'chair'], 20)
-    assert relabelled is not None, active.output()
-    result = ros2_cli(['param', 'set', '--no-daemon', '--spin-time', '3', NODE, 'vocabulary', 'sky; heaven, road, car'],
-                      env)
-    assert 'Set parameter successful' in result.stdout, result
+    publisher = client.publisher(String, f'{NODE}/vocabulary', RELIABLE)  # volatile, as `ros2 topic pub`
+    try:
+        assert wait_until(lambda: publisher.get_subscription_count() > 0, 10)
+        publisher.publish(String(data='door, chair'))  # once
+        relabelled = outputs['masks'].wait_for(lambda m: same_stamp(m, msg.header)
+                                               and list(m.vocabulary) == ['door', 'chair'], 20)
+        assert relabelled is not None, active.output()
+    finally:
+        client.node.destroy_publisher(publisher)
+    assert client.set_parameters(NODE, {'vocabulary': 'sky; heaven, road, car'})[0].successful
     relabelled = outputs['masks'].wait_for(lambda m: same_stamp(m, msg.header)
                                            and list(m.vocabulary) == ['sky; heaven', 'road', 'car'], 20)
     assert relabelled is not None, active.output()
@@ -315,18 +284,18 @@ def test_vocabulary_by_cli_topic_and_cli_param_relabels_the_last_frame_without_t
     assert 'no image encoder run' in active.output()
 
 
-def test_bad_vocabularies_are_refused_and_the_last_good_one_stays(active, client, outputs, env):
+def test_bad_vocabularies_are_refused_and_the_last_good_one_stays(active, client, outputs):
     count = len(outputs['vocabulary_info'].snapshot())
     publisher = client.publisher(String, f'{NODE}/vocabulary', RELIABLE)
     wait_until(lambda: publisher.get_subscription_count() > 0, 10)
     for text in ('', ', ; ,', '   ', 'x' * 70_000):
         publisher.publish(String(data=text))
-    result = ros2_cli(['param', 'set', '--no-daemon', '--spin-time', '3', NODE, 'vocabulary', "', ;'"], env)
-    assert 'Setting parameter failed' in result.stdout + result.stderr, result
+    result = client.set_parameters(NODE, {'vocabulary': ', ;'})[0]
+    assert not result.successful and result.reason, result
     assert active.wait_for_output('vocabulary from ~/vocabulary refused', 10)
     time.sleep(1.0)
     assert len(outputs['vocabulary_info'].snapshot()) == count
-    assert get_parameter(client, 'vocabulary') == VOCABULARY
+    assert client.get_parameters(NODE, ['vocabulary']) == {'vocabulary': VOCABULARY}
     _, level, message = diagnostics_after(outputs, time.monotonic() - 1.5)
     assert level == DiagnosticStatus.WARN and 'refused' in message
     client.node.destroy_publisher(publisher)
@@ -336,13 +305,13 @@ def test_invalid_parameters_are_refused_with_a_reason(active, client):
     refused = {'prob_thd': -0.5, 'slide_stride': 1000, 'device': 'tpu',
                'image_qos': 'fast', 'image_transport': 'theora', 'max_input_pixels': 0, 'refine': 'yes'}
     for name, value in refused.items():
-        before = get_parameter(client, name)
-        result = set_parameters(client, **{name: value})[0]
+        before = client.get_parameters(NODE, [name])
+        result = client.set_parameters(NODE, {name: value})[0]
         assert not result.successful and result.reason, (name, result)
-        assert get_parameter(client, name) == before
-    assert set_parameters(client, logit_scale=41)[0].successful  # an int for a float is fine
-    assert get_parameter(client, 'logit_scale') == 41.0
-    assert set_parameters(client, logit_scale=40.0)[0].successful
+        assert client.get_parameters(NODE, [name]) == before
+    assert client.set_parameters(NODE, {'logit_scale': 41})[0].successful  # an int for a float is fine
+    assert client.get_parameters(NODE, ['logit_scale']) == {'logit_scale': 41.0}
+    assert client.set_parameters(NODE, {'logit_scale': 40.0})[0].successful
 
 
 def test_bad_images_are_counted_and_good_frames_keep_working(active, client, outputs, cameras):
@@ -368,13 +337,13 @@ def test_bad_images_are_counted_and_good_frames_keep_working(active, client, out
         - int(start['frames_dropped']) >= expected, timeout=20)
     assert int(values['frames_rejected']) >= expected - 2, values
     assert level == DiagnosticStatus.WARN and 'image refused' in message
-    assert set_parameters(client, max_input_pixels=1000)[0].successful
+    assert client.set_parameters(NODE, {'max_input_pixels': 1000})[0].successful
     try:
         since = time.monotonic()
         cameras['reliable'].publish(image_msg(ROOM[::8, ::8]))  # 80x60 = 4800 pixels
         diagnostics_after(outputs, since, extra=lambda v, level, message: 'exceeds max_input_pixels=1000' in message)
     finally:
-        assert set_parameters(client, max_input_pixels=16_777_216)[0].successful
+        assert client.set_parameters(NODE, {'max_input_pixels': 16_777_216})[0].successful
     send_until_outputs(cameras['reliable'], good, outputs, ('labels',))
     assert active.alive() and 'Traceback' not in active.output()
 
@@ -410,7 +379,7 @@ def test_a_burst_keeps_only_the_newest_frame(active, client, outputs, cameras):
 
 
 def test_compressed_transport(active, client, outputs, cameras):
-    assert set_parameters(client, image_transport='compressed')[0].successful
+    assert client.set_parameters(NODE, {'image_transport': 'compressed'})[0].successful
     try:
         assert wait_until(lambda: client.node.count_subscribers('/image/compressed') > 0, 10)
         header = Header(stamp=Time(sec=next(_stamps)), frame_id='jpeg_camera')
@@ -424,32 +393,32 @@ def test_compressed_transport(active, client, outputs, cameras):
         assert (found['labels'].width, found['labels'].height) == (160, 120)
         assert active.output().count('compressed image') >= 1
     finally:
-        assert set_parameters(client, image_transport='raw')[0].successful
+        assert client.set_parameters(NODE, {'image_transport': 'raw'})[0].successful
 
 
 # The best-effort camera publisher is now incompatible: rclpy's default QoS event handler in this
 # process says so through its deprecated logger.warn.
 @pytest.mark.filterwarnings('ignore:Deprecated in favor of')
 def test_reliable_image_qos(active, client, outputs, cameras):
-    assert set_parameters(client, image_qos='reliable')[0].successful
+    assert client.set_parameters(NODE, {'image_qos': 'reliable'})[0].successful
     try:
         assert wait_until(lambda: any(info.node_name == 'trident' and info.qos_profile.reliability
                                       == ReliabilityPolicy.RELIABLE
                                       for info in client.node.get_subscriptions_info_by_topic('/image')), 10)
         send_until_outputs(cameras['reliable'], image_msg(ROOM[::8, ::8]), outputs, ('labels',))
     finally:
-        assert set_parameters(client, image_qos='sensor_data')[0].successful
+        assert client.set_parameters(NODE, {'image_qos': 'sensor_data'})[0].successful
 
 
 def test_outputs_switched_off_are_not_published(active, client, outputs, cameras):
-    assert set_parameters(client, publish_confidence=False)[0].successful
+    assert client.set_parameters(NODE, {'publish_confidence': False})[0].successful
     try:
         msg = image_msg(ROOM[::8, ::8])
         send_until_outputs(cameras['reliable'], msg, outputs, ('labels',))
         time.sleep(0.5)
         assert not any(same_stamp(m, msg.header) for m in outputs['confidence'].snapshot())
     finally:
-        assert set_parameters(client, publish_confidence=True)[0].successful
+        assert client.set_parameters(NODE, {'publish_confidence': True})[0].successful
 
 
 def test_diagnostics_report_rates_latencies_and_counts(active, outputs, cameras):
@@ -468,35 +437,32 @@ def test_diagnostics_report_rates_latencies_and_counts(active, outputs, cameras)
     assert float(values['processing_rate_hz']) > 0 and int(values['frames_processed']) >= 1
 
 
-def test_parameters_describe_their_ranges_and_choices_the_ros_way(active, client, env):
-    described = {}
-    for name in ('prob_thd', 'slide_crop', 'method'):
-        result = ros2_cli(['param', 'describe', '--no-daemon', '--spin-time', '3', NODE, name], env)
-        assert result.returncode == 0, result
-        described[name] = result.stdout
-    print('\n' + '\n'.join(described.values()))
-    assert 'Min value: 0.0' in described['prob_thd'] and 'Max value: 1.0' in described['prob_thd']
-    assert all(f'{key}: 16' in described['slide_crop'] for key in ('Min value', 'Step'))
-    assert 'one of: trident, trident_fast, proxy' in described['method']
+def test_parameters_describe_their_ranges_and_choices_the_ros_way(active, client):
+    described = client.describe_parameters(NODE, ['prob_thd', 'slide_crop', 'method'])
+    print('\n' + '\n'.join(str(descriptor) for descriptor in described.values()))
+    [prob_thd] = described['prob_thd'].floating_point_range
+    assert (prob_thd.from_value, prob_thd.to_value) == (0.0, 1.0)
+    [slide_crop] = described['slide_crop'].integer_range
+    assert slide_crop.from_value == 16 and slide_crop.step == 16
+    assert 'one of: trident, trident_fast, proxy' in described['method'].additional_constraints
     for name, value in (('prob_thd', 1.5), ('slide_crop', 300), ('reuse_threshold', 300.0)):
-        result = set_parameters(client, **{name: value})[0]
+        result = client.set_parameters(NODE, {name: value})[0]
         assert not result.successful and 'Min' in result.reason, (name, result)  # rclpy enforces the range
-    listed = ros2_cli(['param', 'list', '--no-daemon', '--spin-time', '3', NODE], env).stdout
+    listed = client.list_parameters(NODE)
     assert 'qos_overrides./image.subscription.depth' in listed
     assert 'qos_overrides./trident/labels.publisher.reliability' in listed
 
 
 def test_qos_overrides_apply_to_the_outputs(active, client, env, tmp_path):
     """A second node (namespace /second) started with a standard qos_overrides parameter."""
-    second = RosProcess(['ros2', 'run', 'trident_ros', 'trident_node', '--ros-args', '-r', '__ns:=/second',
+    second = RosProcess([executable('trident_node'), '--ros-args', '-r', '__ns:=/second',
                          '-p', 'random_weights:=true', '-p', 'model_scale:=tiny',
                          '-p', 'qos_overrides./second/trident/labels.publisher.reliability:=best_effort'],
                         env, tmp_path / 'second.log')
     try:
-        request = ChangeState.Request()
+        client.wait_for_node('/second/trident', second)
         for transition_id in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
-            request.transition.id = transition_id
-            assert client.call(ChangeState, '/second/trident/change_state', request, timeout=120).success
+            assert client.change_state('/second/trident', transition_id), second.output()
 
         def reliability(topic: str):
             infos = client.node.get_publishers_info_by_topic(topic)
@@ -507,33 +473,41 @@ def test_qos_overrides_apply_to_the_outputs(active, client, env, tmp_path):
         assert second.stop() == 0, second.output()
 
 
-def test_param_load_of_a_dump_changes_nothing_and_a_batch_relabels_once(active, client, outputs, cameras, env,
+def load_parameter_file(client, path) -> dict:
+    """``ros2 param load``: every parameter of a YAML parameter file in one set_parameters request.
+
+    The file has one section (``{node or '/**': {'ros__parameters': {name: value}}}``); the
+    ``SetParametersResult`` of each parameter by name.
+    """
+    [section] = yaml.safe_load(path.read_text(encoding='utf-8')).values()
+    values = section['ros__parameters']
+    return dict(zip(values, client.set_parameters(NODE, values), strict=True))
+
+
+def test_param_load_of_a_dump_changes_nothing_and_a_batch_relabels_once(active, client, outputs, cameras,
                                                                        tmp_path):
     send_until_outputs(cameras['reliable'], image_msg(ROOM[::8, ::8]), outputs, ('masks',))
-    dump = ros2_cli(['param', 'dump', '--no-daemon', '--spin-time', '3', NODE], env)
-    assert dump.returncode == 0 and 'prob_thd' in dump.stdout, dump
-    # under the wildcard key: Kilted's `ros2 param load` reads files with a node key wrongly (it
-    # sends them, then fails to list them); '/**' works with every distribution
-    [parameters] = yaml.safe_load(dump.stdout).values()
+    dump = client.dump_parameters(NODE)
+    assert 'prob_thd' in dump, dump
     dump_file, batch = tmp_path / 'dump.yaml', tmp_path / 'batch.yaml'
-    dump_file.write_text(yaml.safe_dump({'/**': parameters}))
+    dump_file.write_text(yaml.safe_dump({NODE: {'ros__parameters': dump}}))
     batch.write_text(yaml.safe_dump({'/**': {'ros__parameters': {'prob_thd': 0.3, 'logit_scale': 41.0,
                                                                  'coarse_thresh': 0.25}}}))
     before, _, _ = diagnostics_after(outputs, time.monotonic())
     log_size = len(active.output())
-    result = ros2_cli(['param', 'load', '--no-daemon', '--spin-time', '3', NODE, str(dump_file)], env)
-    assert result.returncode == 0 and 'Set parameter prob_thd successful' in result.stdout, result
+    results = load_parameter_file(client, dump_file)
+    assert results['prob_thd'].successful, results['prob_thd']
     after, _, _ = diagnostics_after(outputs, time.monotonic() + 1.0)
     assert after['frames_relabelled'] == before['frames_relabelled'], (before, after)
     assert active.output()[log_size:] == ''  # nothing changed: nothing logged
     try:
-        result = ros2_cli(['param', 'load', '--no-daemon', '--spin-time', '3', NODE, str(batch)], env)
-        assert result.returncode == 0, result
-        assert get_parameter(client, 'prob_thd') == 0.3 and get_parameter(client, 'coarse_thresh') == 0.25
+        assert all(result.successful for result in load_parameter_file(client, batch).values())
+        assert client.get_parameters(NODE, ['prob_thd', 'coarse_thresh']) == {'prob_thd': 0.3, 'coarse_thresh': 0.25}
         after_batch, _, _ = diagnostics_after(outputs, time.monotonic() + 1.0)
         assert int(after_batch['frames_relabelled']) == int(after['frames_relabelled']) + 1, after_batch
     finally:
-        assert set_parameters(client, True, prob_thd=0.2, logit_scale=40.0, coarse_thresh=0.2)[0].successful
+        assert client.set_parameters(NODE, {'prob_thd': 0.2, 'logit_scale': 40.0, 'coarse_thresh': 0.2},
+                                     atomically=True)[0].successful
 
 
 def test_a_1000_class_vocabulary_is_encoded_while_frames_keep_flowing(active, client, outputs, cameras):
@@ -590,33 +564,33 @@ def test_a_1000_class_vocabulary_is_encoded_while_frames_keep_flowing(active, cl
 
 
 def test_a_vocabulary_sent_while_inactive_is_applied_at_activation(active, client, outputs, cameras):
-    assert transition(client, Transition.TRANSITION_DEACTIVATE)
+    assert client.change_state(NODE, Transition.TRANSITION_DEACTIVATE)
     publisher = client.publisher(String, f'{NODE}/vocabulary', RELIABLE)  # volatile, as `ros2 topic pub`
     try:
         assert wait_until(lambda: publisher.get_subscription_count() > 0, 10)  # still subscribed while inactive
         since = time.monotonic()
         publisher.publish(String(data='lamp, rug'))
         assert outputs['vocabulary_info'].wait_for(lambda m: list(m.classes) == ['lamp', 'rug'], 20, after=since)
-        assert lifecycle_state(client) == 'inactive'
+        assert client.lifecycle_state(NODE) == 'inactive'
     finally:
         client.node.destroy_publisher(publisher)
-        assert transition(client, Transition.TRANSITION_ACTIVATE)
+        assert client.change_state(NODE, Transition.TRANSITION_ACTIVATE)
     found = send_until_outputs(cameras['reliable'], image_msg(ROOM[::8, ::8]), outputs, ('masks',))
     assert list(found['masks'].vocabulary) == ['lamp', 'rug']
     set_vocabulary_by_topic(client, outputs, VOCABULARY, VOCABULARY_NAMES)
 
 
 def test_deactivate_cleanup_and_a_latched_vocabulary_publisher(active, client, outputs):
-    assert transition(client, Transition.TRANSITION_DEACTIVATE)
+    assert client.change_state(NODE, Transition.TRANSITION_DEACTIVATE)
     assert wait_until(lambda: client.node.count_publishers(f'{NODE}/labels') == 0
                       and client.node.count_subscribers('/image') == 0, 10)
     latched = client.publisher(String, f'{NODE}/vocabulary', LATCHED)
     try:
         latched.publish(String(data='lamp, rug'))  # nobody listens yet: only a latched sample reaches the node
-        assert transition(client, Transition.TRANSITION_CLEANUP)
-        assert lifecycle_state(client) == 'unconfigured'
-        assert transition(client, Transition.TRANSITION_CONFIGURE)
-        assert transition(client, Transition.TRANSITION_ACTIVATE)
+        assert client.change_state(NODE, Transition.TRANSITION_CLEANUP)
+        assert client.lifecycle_state(NODE) == 'unconfigured'
+        assert client.change_state(NODE, Transition.TRANSITION_CONFIGURE)
+        assert client.change_state(NODE, Transition.TRANSITION_ACTIVATE)
         info = outputs['vocabulary_info'].wait_for(lambda m: list(m.classes) == ['lamp', 'rug'], 20)
         assert info is not None, active.output()
     finally:
@@ -627,8 +601,6 @@ def test_deactivate_cleanup_and_a_latched_vocabulary_publisher(active, client, o
 
 
 def test_sigterm_during_frames_exits_0_within_2_s(active, client, outputs, cameras):
-    import psutil
-
     msg = image_msg(ROOM)
     send_until_outputs(cameras['best_effort'], msg, outputs, ('labels',))
     stop = threading.Event()
@@ -641,10 +613,9 @@ def test_sigterm_during_frames_exits_0_within_2_s(active, client, outputs, camer
     thread.start()
     try:
         time.sleep(1.5)
-        node_process = psutil.Process(active.popen.pid).children(recursive=True)[0]
         sent = time.monotonic()
-        node_process.send_signal(signal.SIGTERM)
-        code = active.popen.wait(10)  # `ros2 run` returns the node's exit code
+        active.popen.send_signal(signal.SIGTERM)  # the node itself, not its process group
+        code = active.popen.wait(10)
         elapsed = time.monotonic() - sent
     finally:
         stop.set()

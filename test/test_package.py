@@ -169,8 +169,7 @@ def test_package_xml_declares_runtime_dependencies():
     assert root.findtext('name') == 'trident_ros'
     depends = {e.text for e in root if e.tag in ('depend', 'exec_depend')}
     required = {'rclpy', 'sensor_msgs', 'std_msgs', 'diagnostic_msgs', 'cv_bridge', 'python3-numpy',
-                'python3-opencv', 'lifecycle_msgs', 'rosidl_default_runtime', 'geometry_msgs', 'vision_msgs',
-                'message_filters'}
+                'python3-opencv', 'lifecycle_msgs', 'rosidl_default_runtime', 'geometry_msgs', 'vision_msgs'}
     assert required <= depends, required - depends
     pip_keys = {d for d in depends if d.endswith('-pip')}
     assert {'python3-torch-pip', 'python3-timm-pip', 'python3-open-clip-torch-pip',

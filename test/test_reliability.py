@@ -1,10 +1,11 @@
 """Issue 7: bad input, overload and faults never take the trident node down, and nothing is lost.
 
-One node process (``ros2 run``, tiny random-weight models, own ROS_DOMAIN_ID) serves the module.
-Tests run in file order; each leaves the node active with VOCABULARY and its default parameters,
-except the last, which stops it with SIGINT in the middle of a frame. The node is started with
-``TRIDENT_TEST_FAULT_FRAME_ID`` (a documented test hook, docs/reliability.md) so that one test can
-make a frame fail inside the worker as CUDA running out of memory would.
+One node process (the installed ``trident_node`` executable, tiny random-weight models, own
+ROS_DOMAIN_ID) serves the module. Tests run in file order; each leaves the node active with
+VOCABULARY and its default parameters, except the last, which stops it with SIGINT in the middle
+of a frame. The node is started with ``TRIDENT_TEST_FAULT_FRAME_ID`` (a documented test hook,
+docs/reliability.md) so that one test can make a frame fail inside the worker as CUDA running out
+of memory would.
 """
 from __future__ import annotations
 
@@ -26,10 +27,9 @@ import torch
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticStatus
 from lifecycle_msgs.msg import Transition
-from lifecycle_msgs.srv import ChangeState
 
 # ros_helpers: it checks the ROS 2 environment with a clear message
-from ros_helpers import BEST_EFFORT, LATCHED, RELIABLE, ROOT, RosProcess, TestNode, ros_env, wait_until
+from ros_helpers import BEST_EFFORT, LATCHED, RELIABLE, ROOT, RosProcess, TestNode, executable, ros_env, wait_until
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 from test_node import (
@@ -40,14 +40,9 @@ from test_node import (
     VOCABULARY_NAMES,
     decode,
     diagnostics_after,
-    get_parameter,
-    lifecycle_state,
     same_stamp,
     send_until_outputs,
-    set_parameters,
     set_vocabulary_by_topic,
-    transition,
-    wait_for_node,
 )
 
 from trident_ros.config import TridentConfig
@@ -58,13 +53,14 @@ from trident_ros.weight_files import WeightsError, load_state_dict
 pytestmark = pytest.mark.ros
 pytest_plugins = ('node_fixtures',)  # domain, env, client, outputs, cameras (this module's own), active (on trident)
 FAULT_FRAME_ID = 'inject_fault'
+ROS_PEER = str(Path(__file__).with_name('ros_peer.py'))  # another ROS process: an echo or a latched publisher
 SMALL = np.ascontiguousarray(ROOM[::8, ::8])  # 80x60
 _stamps = iter(range(500_000, 600_000))
 
 
 # ------------------------------------------------------------------ fixtures
 def start_node(env: dict[str, str], log: Path, *arguments: str) -> RosProcess:
-    return RosProcess(['ros2', 'run', 'trident_ros', 'trident_node', '--ros-args', '-p', 'random_weights:=true',
+    return RosProcess([executable('trident_node'), '--ros-args', '-p', 'random_weights:=true',
                        '-p', 'model_scale:=tiny', '-p', f'vocabulary:={VOCABULARY}', *arguments], env, log)
 
 
@@ -75,7 +71,7 @@ def trident(env, client, outputs, cameras, tmp_path_factory):
     process = start_node({**env, FAULT_FRAME_ID_ENV: FAULT_FRAME_ID, 'HF_HUB_OFFLINE': '1'},
                          tmp_path_factory.mktemp('node') / 'node.log')
     try:
-        wait_for_node(client, process)
+        client.wait_for_node(NODE, process)
         yield process
     finally:
         if process.alive():
@@ -101,13 +97,9 @@ def counters(outputs, since: float | None = None, extra=lambda values, level, me
     return {k: int(v) if v.isdigit() else v for k, v in values.items()}, level, message
 
 
-def node_process(process: RosProcess) -> psutil.Process:
-    """The node itself (``ros2 run`` starts it as its child)."""
-    return wait_until(lambda: next(iter(psutil.Process(process.popen.pid).children(recursive=True)), None), 10)
-
-
-def rss_mb(process: psutil.Process) -> float:
-    return process.memory_info().rss / 2**20
+def rss_mb(process: RosProcess) -> float:
+    """The resident memory of the node (the executable's own process), in MiB."""
+    return psutil.Process(process.popen.pid).memory_info().rss / 2**20
 
 
 def stream(publisher, make, period: float) -> tuple[threading.Event, threading.Thread]:
@@ -180,12 +172,12 @@ def test_malformed_and_unsupported_images_are_refused_and_counted(active, client
                    'data has 14395 bytes, height*step is 14400', 'empty image (0x0)'):
         assert reason in log, reason  # one warning per kind of problem (throttled per kind)
     # over max_input_pixels: refused, never downscaled
-    assert set_parameters(client, max_input_pixels=1000)[0].successful
+    assert client.set_parameters(NODE, {'max_input_pixels': 1000})[0].successful
     try:
         cameras['reliable'].publish(raw(SMALL))  # 80x60 = 4800 pixels
         counters(outputs, time.monotonic(), extra=lambda v, level, message: 'exceeds max_input_pixels=1000' in message)
     finally:
-        assert set_parameters(client, max_input_pixels=16_777_216)[0].successful
+        assert client.set_parameters(NODE, {'max_input_pixels': 16_777_216})[0].successful
     send_until_outputs(cameras['reliable'], raw(SMALL), outputs, ('labels',))
     assert active.alive() and 'Traceback' not in active.output()
 
@@ -215,7 +207,7 @@ def test_an_8000x8000_image_never_reaches_the_pipeline(active, client, outputs, 
 
 def test_big_endian_16_bit_and_padded_rows_decode_exactly(active, client, outputs, cameras):
     """With every pixel unlabeled the overlay is the decoded input: compare it with a naive decoding."""
-    assert set_parameters(client, True, logit_scale=0.01, prob_thd=0.95)[0].successful
+    assert client.set_parameters(NODE, {'logit_scale': 0.01, 'prob_thd': 0.95}, atomically=True)[0].successful
     try:
         rng = np.random.default_rng(7)
         colour = rng.integers(0, 65536, (60, 80, 3), dtype=np.uint16)
@@ -234,7 +226,7 @@ def test_big_endian_16_bit_and_padded_rows_decode_exactly(active, client, output
             overlay = decode(found['segmentation']).astype(int)
             assert np.abs(overlay - expected.astype(int)).max() <= 1, msg.encoding  # 16 -> 8 bit rounding
     finally:
-        assert set_parameters(client, True, logit_scale=40.0, prob_thd=0.2)[0].successful
+        assert client.set_parameters(NODE, {'logit_scale': 40.0, 'prob_thd': 0.2}, atomically=True)[0].successful
 
 
 def test_past_and_future_stamps_and_frame_id_changes_pass_through(active, client, outputs, cameras):
@@ -252,7 +244,7 @@ def test_past_and_future_stamps_and_frame_id_changes_pass_through(active, client
 
 
 def test_compressed_images_bad_and_good(active, client, outputs, cameras):
-    assert set_parameters(client, image_transport='compressed')[0].successful
+    assert client.set_parameters(NODE, {'image_transport': 'compressed'})[0].successful
     try:
         assert wait_until(lambda: client.node.count_subscribers('/image/compressed') > 0, 10)
         bgr = cv2.cvtColor(ROOM[::4, ::4], cv2.COLOR_RGB2BGR)
@@ -278,7 +270,7 @@ def test_compressed_images_bad_and_good(active, client, outputs, cameras):
             found = send_until_outputs(cameras['compressed'], msg, outputs, ('labels',))
             assert (found['labels'].width, found['labels'].height) == (160, 120)
     finally:
-        assert set_parameters(client, image_transport='raw')[0].successful
+        assert client.set_parameters(NODE, {'image_transport': 'raw'})[0].successful
 
 
 # ------------------------------------------------------------------ vocabulary
@@ -294,7 +286,8 @@ def test_vocabulary_edge_cases_over_the_topic(active, client, outputs, cameras, 
     values, level, _ = counters(outputs, time.monotonic(),
                                 extra=lambda v, *_: int(v['vocabularies_refused']) >= start['vocabularies_refused'] + 5)
     assert values['vocabularies_refused'] == start['vocabularies_refused'] + len(refused)
-    assert values['vocabulary_size'] == len(VOCABULARY_NAMES) and get_parameter(client, 'vocabulary') == VOCABULARY
+    assert values['vocabulary_size'] == len(VOCABULARY_NAMES)
+    assert client.get_parameters(NODE, ['vocabulary']) == {'vocabulary': VOCABULARY}
     assert len(outputs['vocabulary_info'].snapshot()) == info_count  # nothing new announced
     log = active.output()
     for reason in ('vocabulary is empty', 'more than the limit of 65536', 'more than the limit of 1000'):
@@ -341,13 +334,13 @@ def test_invalid_runtime_parameters_are_refused_and_the_old_values_stay(active, 
     if not torch.cuda.is_available():
         refused.append(('device', 'cuda'))  # no such device here: refused now, not at the next configure
     for name, value in refused:
-        before = get_parameter(client, name)
-        result = set_parameters(client, **{name: value})[0]
+        before = client.get_parameters(NODE, [name])
+        result = client.set_parameters(NODE, {name: value})[0]
         assert not result.successful and result.reason, (name, value)
-        assert get_parameter(client, name) == before, name
+        assert client.get_parameters(NODE, [name]) == before, name
     # atomically: one bad value refuses the whole change
-    result = set_parameters(client, True, prob_thd=0.5, slide_stride=999)[0]
-    assert not result.successful and get_parameter(client, 'prob_thd') == 0.2
+    result = client.set_parameters(NODE, {'prob_thd': 0.5, 'slide_stride': 999}, atomically=True)[0]
+    assert not result.successful and client.get_parameters(NODE, ['prob_thd']) == {'prob_thd': 0.2}
     assert 'parameter change refused: device=' in active.output()
     send_until_outputs(cameras['reliable'], raw(SMALL), outputs, ('labels',))  # still segmenting, old values
 
@@ -389,34 +382,34 @@ def test_weight_file_problems_fail_configure_naming_the_file(active, client, tmp
         (dict(sam_checkpoint=str(evil), **other_weights), f'cannot read weights file {evil}'),
         (dict(sam_checkpoint=str(gone), **other_weights), f'sam_checkpoint {gone} does not exist'),
     ]
-    assert transition(client, Transition.TRANSITION_DEACTIVATE) and transition(client, Transition.TRANSITION_CLEANUP)
+    default_files = dict(weights_dir='', sam_checkpoint='', dino_checkpoint='', clip_pretrained='openai')
+    assert client.change_state(NODE, Transition.TRANSITION_DEACTIVATE)
+    assert client.change_state(NODE, Transition.TRANSITION_CLEANUP)
     try:
         for values, expected in cases:
-            assert all(r.successful for r in set_parameters(client, True, random_weights=False, model_scale='full',
-                                                            download=False, **values)), values
+            real_weights = dict(random_weights=False, model_scale='full', download=False, **values)
+            assert all(r.successful for r in client.set_parameters(NODE, real_weights, atomically=True)), values
             if 'sam_checkpoint' in values and values['sam_checkpoint'] == str(gone):
                 gone.unlink()  # set while it existed, gone by configure time: weights.py says so
-            assert not transition(client, Transition.TRANSITION_CONFIGURE)
+            assert not client.change_state(NODE, Transition.TRANSITION_CONFIGURE)
             assert active.wait_for_output(f'configure failed: {expected}', 20), (expected, active.output()[-3000:])
-            assert lifecycle_state(client) == 'unconfigured' and active.alive()
-            assert set_parameters(client, prob_thd=0.25)[0].successful  # a gone file blocks no other change
-            assert set_parameters(client, True, prob_thd=0.2, weights_dir='', sam_checkpoint='', dino_checkpoint='',
-                                  clip_pretrained='openai')[0].successful
+            assert client.lifecycle_state(NODE) == 'unconfigured' and active.alive()
+            assert client.set_parameters(NODE, {'prob_thd': 0.25})[0].successful  # a gone file blocks no other change
+            assert client.set_parameters(NODE, dict(prob_thd=0.2, **default_files), atomically=True)[0].successful
         assert f'path    {empty / "sam_vit_b_01ec64.pth"}' in active.output()  # the missing file's listed path
         assert not marker.exists()  # torch.load(weights_only=True) never ran the payload
         assert 'Traceback' not in active.output()
     finally:
-        assert set_parameters(client, True, random_weights=True, model_scale='tiny', download=True, weights_dir='',
-                              sam_checkpoint='', dino_checkpoint='', clip_pretrained='openai')[0].successful
-        assert transition(client, Transition.TRANSITION_CONFIGURE), active.output()[-3000:]
-        assert transition(client, Transition.TRANSITION_ACTIVATE)
+        random_weights = dict(random_weights=True, model_scale='tiny', download=True, **default_files)
+        assert client.set_parameters(NODE, random_weights, atomically=True)[0].successful
+        assert client.change_state(NODE, Transition.TRANSITION_CONFIGURE), active.output()[-3000:]
+        assert client.change_state(NODE, Transition.TRANSITION_ACTIVATE)
 
 
 # ------------------------------------------------------------------ overload and faults
 def test_a_100_hz_burst_of_640x480_keeps_the_newest_frame_and_memory_flat(active, client, outputs, cameras):
     send_until_outputs(cameras['best_effort'], raw(ROOM), outputs, ('labels',))  # warm: 640x480 seen before
-    node = node_process(active)
-    rss_before = rss_mb(node)
+    rss_before = rss_mb(active)
     start, _, _ = counters(outputs)
     frames = [raw(ROOM) for _ in range(300)]  # 3 s at 100 Hz, 900 KiB each
     began = time.monotonic()
@@ -426,7 +419,7 @@ def test_a_100_hz_burst_of_640x480_keeps_the_newest_frame_and_memory_flat(active
     rate = len(frames) / (time.monotonic() - began)
     newest = outputs['labels'].wait_for(lambda m: same_stamp(m, frames[-1].header), 30)
     assert newest is not None  # the newest frame is never dropped
-    rss_after = rss_mb(node)
+    rss_after = rss_mb(active)
     values, _, _ = counters(outputs, time.monotonic())
     received, processed, dropped = (values[k] - start[k] for k in ('frames_received', 'frames_processed',
                                                                     'frames_dropped'))
@@ -453,8 +446,7 @@ def test_a_failing_frame_is_skipped_with_an_error_and_the_next_frame_works(activ
 
 def test_output_subscribers_come_and_go(active, domain, env, client, outputs, cameras, tmp_path):
     stop, thread = stream(cameras['reliable'], lambda: raw(SMALL), 0.2)
-    echo = RosProcess(['ros2', 'topic', 'echo', '--no-arr', f'{NODE}/segmentation', 'sensor_msgs/msg/Image'], env,
-                      tmp_path / 'echo.log')
+    echo = RosProcess([sys.executable, ROS_PEER, 'echo', f'{NODE}/segmentation'], env, tmp_path / 'echo.log')
     try:
         churn = TestNode(domain, 'churn')
         since = time.monotonic()
@@ -479,10 +471,9 @@ def test_output_subscribers_come_and_go(active, domain, env, client, outputs, ca
 
 
 def test_vocabulary_publishers_restart(active, env, client, outputs, tmp_path):
-    command = ['ros2', 'topic', 'pub', '--qos-durability', 'transient_local', '--qos-reliability', 'reliable',
-               f'{NODE}/vocabulary', 'std_msgs/msg/String', "{data: 'tv, shelf'}"]
     since = time.monotonic()
-    publisher_process = RosProcess(command, env, tmp_path / 'pub.log')
+    publisher_process = RosProcess([sys.executable, ROS_PEER, 'latch', f'{NODE}/vocabulary', 'tv, shelf'], env,
+                                   tmp_path / 'pub.log')
     try:
         assert vocabulary_taken(outputs, ['tv', 'shelf'], since), publisher_process.output()
     finally:
@@ -539,9 +530,11 @@ def test_checkpoints_are_never_unpickled_and_received_data_never_evaluated(tmp_p
 
 
 # ------------------------------------------------------------------ the soak script, shutdown
+@pytest.mark.launch
 def test_soak_script_short_run(domain, tmp_path):
     """bench/soak.py for ~20 s on its own domain: outputs all along, no error, a clean exit; the
-    RSS slope of so short a run is noise, so only the growth is bounded here.
+    RSS slope of so short a run is noise, so only the growth is bounded here. The script starts the
+    node with ``ros2 launch trident_ros trident.launch.py``: this needs launch_ros.
     """
     env = ros_env((domain - 30 + 35) % 70 + 30, tmp_path)  # 30..99, not this module's domain
     report_path = tmp_path / 'soak.json'
@@ -564,10 +557,9 @@ def signal_mid_frame(process: RosProcess, publisher, outputs_topic, signum: int)
     try:
         assert outputs_topic.wait_for(lambda m: True, 30, after=time.monotonic()) is not None, process.output()
         time.sleep(0.5)
-        node = node_process(process)
         sent = time.monotonic()
-        node.send_signal(signum)
-        code = process.popen.wait(10)  # `ros2 run` returns the node's exit code
+        process.popen.send_signal(signum)  # the node itself, not its process group
+        code = process.popen.wait(10)
         elapsed = time.monotonic() - sent
         print(f'\n{signal.Signals(signum).name} mid-frame: exit code {code} after {elapsed:.2f} s')
         return code, elapsed
@@ -582,10 +574,9 @@ def test_sigterm_during_a_frame_exits_0_within_2_s(active, domain, env, client, 
     try:
         labels = client.subscribe(Image, '/second/trident/labels')
         camera = client.publisher(Image, '/second/image', BEST_EFFORT)
-        request = ChangeState.Request()
+        client.wait_for_node('/second/trident', second)
         for transition_id in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
-            request.transition.id = transition_id
-            assert client.call(ChangeState, '/second/trident/change_state', request, timeout=120).success
+            assert client.change_state('/second/trident', transition_id), second.output()
         code, elapsed = signal_mid_frame(second, camera, labels, signal.SIGTERM)
     finally:
         second.stop()

@@ -24,7 +24,7 @@ from rclpy.signals import SignalHandlerOptions
 from ros_helpers import BEST_EFFORT, LATCHED, RELIABLE, TestNode, fresh_domain_id, wait_until
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
-from test_node import NODE, OUTPUT_TYPES, ROOM, get_parameter, image_msg, send_until_outputs, set_parameters, transition
+from test_node import NODE, OUTPUT_TYPES, ROOM, image_msg, send_until_outputs
 from trident_ros.msg import VocabularyInfo
 from vision_msgs.msg import LabelInfo
 
@@ -65,8 +65,8 @@ def setup(request) -> Iterator[tuple[TestNode, dict, bool]]:
     outputs['label_info'] = client.subscribe(LabelInfo, f'{NODE}/label_info', LATCHED)
     trident = InProcessNode(domain, request.param)
     try:
-        assert transition(client, Transition.TRANSITION_CONFIGURE)
-        assert transition(client, Transition.TRANSITION_ACTIVATE)
+        assert client.change_state(NODE, Transition.TRANSITION_CONFIGURE)
+        assert client.change_state(NODE, Transition.TRANSITION_ACTIVATE)
         yield client, outputs, request.param
     finally:
         trident.close()
@@ -81,13 +81,13 @@ def test_this_rclpy_has_pre_and_post_set_callbacks_and_the_event_callbacks_class
 
 def test_an_int_for_a_float_parameter_is_coerced_only_by_a_pre_set_callback(setup):
     client, _, pre_post = setup
-    result = set_parameters(client, logit_scale=41)[0]
+    result = client.set_parameters(NODE, {'logit_scale': 41})[0]
     if pre_post:
-        assert result.successful and get_parameter(client, 'logit_scale') == 41.0
+        assert result.successful and client.get_parameters(NODE, ['logit_scale']) == {'logit_scale': 41.0}
     else:  # as on Humble: rclpy refuses the type before any callback could coerce it
         assert not result.successful and 'Wrong parameter type' in result.reason, result
-        assert get_parameter(client, 'logit_scale') == 40.0
-    assert set_parameters(client, logit_scale=40.0)[0].successful
+        assert client.get_parameters(NODE, ['logit_scale']) == {'logit_scale': 40.0}
+    assert client.set_parameters(NODE, {'logit_scale': 40.0})[0].successful
 
 
 def test_vocabulary_and_a_labelling_parameter_apply_at_once(setup):
@@ -105,11 +105,11 @@ def test_vocabulary_and_a_labelling_parameter_apply_at_once(setup):
     relabelled = outputs['masks'].wait_for(lambda m: m.header.stamp.sec == msg.header.stamp.sec
                                            and list(m.vocabulary) == ['door', 'sofa; couch', 'lamp'], 30, after=since)
     assert relabelled is not None
-    assert get_parameter(client, 'vocabulary') == 'door, sofa; couch, lamp'
+    assert client.get_parameters(NODE, ['vocabulary']) == {'vocabulary': 'door, sofa; couch, lamp'}
     since = time.monotonic()
-    assert set_parameters(client, prob_thd=0.35)[0].successful
+    assert client.set_parameters(NODE, {'prob_thd': 0.35})[0].successful
     assert outputs['label_info'].wait_for(lambda m: abs(m.threshold - 0.35) < 1e-6, 10, after=since)
-    assert set_parameters(client, prob_thd=0.2)[0].successful
+    assert client.set_parameters(NODE, {'prob_thd': 0.2})[0].successful
     client.node.destroy_publisher(camera)
     client.node.destroy_publisher(publisher)
 
@@ -121,13 +121,13 @@ def test_image_qos_and_use_depth_remake_the_subscriptions_from_the_new_values(se
         return any(info.node_name == 'trident' and info.qos_profile.reliability == reliability
                    for info in client.node.get_subscriptions_info_by_topic(topic))
 
-    assert set_parameters(client, image_qos='reliable')[0].successful
+    assert client.set_parameters(NODE, {'image_qos': 'reliable'})[0].successful
     assert wait_until(lambda: trident_subscribes('/image', ReliabilityPolicy.RELIABLE), 10)
     camera = client.publisher(Image, '/image', RELIABLE)
     send_until_outputs(camera, image_msg(SMALL), outputs, ('labels',))
-    assert set_parameters(client, use_depth=True)[0].successful
+    assert client.set_parameters(NODE, {'use_depth': True})[0].successful
     assert wait_until(lambda: trident_subscribes('/depth', ReliabilityPolicy.RELIABLE), 10)
-    assert set_parameters(client, image_qos='sensor_data', use_depth=False)[0].successful
+    assert client.set_parameters(NODE, {'image_qos': 'sensor_data', 'use_depth': False})[0].successful
     assert wait_until(lambda: trident_subscribes('/image', ReliabilityPolicy.BEST_EFFORT)
                       and not client.node.get_subscriptions_info_by_topic('/depth'), 10)
     client.node.destroy_publisher(camera)
