@@ -9,6 +9,8 @@ import pytest
 
 LAUNCH_REASON = 'needs launch_ros (a ROS install: PyPI has no launch packages)'
 HAS_LAUNCH = importlib.util.find_spec('launch_ros') is not None
+NOT_RUN = pytest.StashKey[list]()
+"""The node ids of the tests deselected for want of launch_ros."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -21,8 +23,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [item for item in items if not item.get_closest_marker('launch')]
     config.stash[NOT_RUN] = [item.nodeid for item in needs_launch]
 
-
-NOT_RUN = pytest.StashKey[list]()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ARG001

@@ -209,8 +209,8 @@ class TestNode:
         """Wait until ``node`` (full name, e.g. ``/trident``) answers its lifecycle service."""
         ready = self.node.create_client(GetState, f'{node}/get_state')
         try:
-            output = process.output() if process is not None else ''
-            assert ready.wait_for_service(timeout_sec=timeout), f'{node} did not start:\n{output}'
+            started = ready.wait_for_service(timeout_sec=timeout)
+            assert started, f'{node} did not start:\n{process.output() if process is not None else ""}'
         finally:
             self.node.destroy_client(ready)
 

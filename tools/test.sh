@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The test suite in three legs, each in its own environment (tools/setup.sh all builds them):
 #   kilted  the whole suite on the Kilted wheels (Python 3.11, torch/numpy of requirements/core.txt)
-#   jazzy   the ROS tests (-m ros: node, launch, reliability, package, conversions) on the Jazzy wheels
+#   jazzy   the ROS tests (-m ros: node, launch, reliability, package, conversions) on the Jazzy wheels (Python 3.12)
 #   jetson  the core tests (no ROS) on the Jetson stack of requirements/jetson.txt (Python 3.10, torch 2.3.1, numpy 1)
 # Every leg runs on this run's ROS_DOMAIN_ID (random unless set), DDS discovery kept on this machine. Extra
 # arguments go to pytest in every leg; TEST_LEGS="kilted jetson" runs only some. Fails if any leg fails or
-# cannot run (it says why); the end prints each leg's pytest summary.
+# cannot run (it says why); the end prints each leg's pytest summary, and how many tests that need launch_ros
+# (a ROS install; PyPI has none) were not run in that leg.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -61,7 +62,8 @@ for leg in $legs; do
   status=${PIPESTATUS[0]}
   summary=$(grep -E '(passed|failed|errors?|no tests ran).* in [0-9.]+s|^cannot run: ' "$root/log/test-$leg.txt" \
             | tail -1 | sed -E 's/^=+ //; s/ =+$//')
-  summaries+=("[test] $leg: ${summary:-no pytest summary (see log/test-$leg.txt)} -> exit $status, $((SECONDS - start)) s")
+  not_run=$(grep -E '^launch tests not run: ' "$root/log/test-$leg.txt" | tail -1)
+  summaries+=("[test] $leg: ${summary:-no pytest summary (see log/test-$leg.txt)} -> exit $status, $((SECONDS - start)) s${not_run:+; $not_run}")
   [ "$status" -eq 0 ] || failed=1
 done
 printf '%s\n' "${summaries[@]}"
