@@ -21,15 +21,20 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
+import rclpy
 from ament_index_python.packages import get_package_prefix, get_package_share_directory
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.signals import SignalHandlerOptions
 
 from .launch_plan import PACKAGE, Plan, PlannedNode, command_line
 
 STATE_POLL_S = 2.0
-"""While a transition runs, the node's state is also asked this often (a lost service response
-cannot stall autostart)."""
+"""When a transition has not answered after this long, the node's state is asked, again every this
+long: a lost service response cannot stall autostart."""
 
 
 class StartError(RuntimeError):
@@ -108,8 +113,7 @@ def autostart(processes: list[NodeProcess], timeout: float) -> None:
     client = _LifecycleClient(time.monotonic() + timeout, int(domain_id) if domain_id else None)
     try:
         for process in chosen:
-            client.reach(process, 'configure', 'inactive')
-            client.reach(process, 'activate', 'active')
+            client.start_up(process)
     finally:
         client.close()
 
@@ -123,10 +127,6 @@ class _LifecycleClient:
     """
 
     def __init__(self, deadline: float, domain_id: int | None) -> None:
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.signals import SignalHandlerOptions
-
         self._deadline = deadline
         self._context = rclpy.Context()
         rclpy.init(args=[], context=self._context, domain_id=domain_id,
@@ -140,38 +140,30 @@ class _LifecycleClient:
         self._node.destroy_node()
         self._context.try_shutdown()
 
-    def reach(self, process: NodeProcess, transition: str, goal: str) -> None:
-        """Trigger ``transition`` (a label: configure, activate) and wait until the node is in state ``goal``.
-
-        Done when the service answers success or when ``get_state`` reports ``goal`` (the answer may be lost).
+    def start_up(self, process: NodeProcess) -> None:
+        """Configure ``process``'s node, then activate it; each step is done when the service answers success
+        or when ``get_state`` reports its goal state (Fast DDS may lose a brand-new client's answer).
         """
-        from lifecycle_msgs.msg import Transition
-        from lifecycle_msgs.srv import ChangeState, GetState
-
         name = process.node.full_name
         change = self._node.create_client(ChangeState, f'{name}/change_state')
         get_state = self._node.create_client(GetState, f'{name}/get_state')
         try:
-            self._spin_until(process, change.service_is_ready, f'{name}/change_state')
+            self._spin_until(process, lambda: change.service_is_ready() and get_state.service_is_ready(),
+                             f'the lifecycle services of {name}')
             time.sleep(0.5)  # Fast DDS: a server may answer a brand-new client before it matched the reply reader
-            request = ChangeState.Request()
-            request.transition.id = getattr(Transition, f'TRANSITION_{transition.upper()}')
-            changed = change.call_async(request)
-            asked_at, asked = 0.0, None
+            state = _StateQuery(get_state, first_after=0.0)
+            self._spin_until(process, lambda: state.label() is not None, f'the lifecycle state of {name}')
+            for transition_id, goal in ((Transition.TRANSITION_CONFIGURE, 'inactive'),
+                                        (Transition.TRANSITION_ACTIVATE, 'active')):
+                changed = change.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
+                state = _StateQuery(get_state, first_after=STATE_POLL_S)
 
-            def reached() -> bool:
-                nonlocal asked_at, asked
-                if changed.done():
-                    if not changed.result().success:
-                        raise StartError(f'{name} refused {transition}')
-                    return True
-                if asked is not None and asked.done() and asked.result().current_state.label == goal:
-                    return True
-                if time.monotonic() - asked_at > STATE_POLL_S:
-                    asked_at, asked = time.monotonic(), get_state.call_async(GetState.Request())
-                return False
+                def reached(changed: Any = changed, state: _StateQuery = state, goal: str = goal) -> bool:
+                    if changed.done() and not changed.result().success:
+                        raise StartError(f'{name} did not reach {goal}: the transition failed (see its log)')
+                    return changed.done() or state.label() == goal
 
-            self._spin_until(process, reached, f'{name} to {transition} ({goal})')
+                self._spin_until(process, reached, f'{name} to become {goal}')
         finally:
             self._node.destroy_client(change)
             self._node.destroy_client(get_state)
@@ -183,3 +175,23 @@ class _LifecycleClient:
             if time.monotonic() > self._deadline:
                 raise StartError(f'timed out waiting for {what}')
             self._executor.spin_once(timeout_sec=0.1)
+
+
+class _StateQuery:
+    """A node's lifecycle state label, asked ``first_after`` s from now, then every ``STATE_POLL_S`` (an answer may
+    be lost).
+    """
+
+    def __init__(self, client: Any, first_after: float) -> None:
+        self._client = client
+        self._asked_at = time.monotonic() + first_after - STATE_POLL_S
+        self._future: Any = None
+        self._latest: str | None = None
+
+    def label(self) -> str | None:
+        """The latest answer (None before the first); asks again when it is time."""
+        if self._future is not None and self._future.done():
+            self._latest = self._future.result().current_state.label
+        if time.monotonic() - self._asked_at > STATE_POLL_S:
+            self._asked_at, self._future = time.monotonic(), self._client.call_async(GetState.Request())
+        return self._latest
