@@ -15,8 +15,9 @@ dtypes, ``encoder_dtype``). Reported:
   them), a full frame (``segment``) and a relabel (``label`` of the cached image side with a new
   vocabulary), over ``--frames`` frames after one warm-up, and ``torch.cuda.max_memory_allocated``;
 * with ``--node-frames N``: ``bench/node_bench.py --launch`` for N frames (the node on this device, random
-  weights): frames published and received, the node's counters (processed, dropped), latency, and its
-  diagnostics after the run (device, processing rate, GPU memory allocated and reserved).
+  weights, started as its executable: no ``launch`` needed): frames published and received, the node's
+  counters (processed, dropped), latency, and its diagnostics after the run (device, processing rate, GPU
+  memory allocated and reserved).
 
 Random weights make labels meaningless; agreement between precisions is still a fair measure of precision loss.
 """
@@ -147,7 +148,7 @@ def _frame(pipeline: TridentPipeline, image: np.ndarray, vocabulary: Any) -> tup
 
 
 def run_node(frames: int, device: str, scale: str, rate: float) -> dict[str, Any]:
-    """``bench/node_bench.py --launch`` on this device; its JSON report."""
+    """``bench/node_bench.py --launch`` on this device (it starts the node itself, without launch); its JSON report."""
     command = [sys.executable, str(Path(__file__).with_name('node_bench.py')), '--launch', '--frames', str(frames),
                '--rate', str(rate), '--model-scale', scale, '--device', device, '--json']
     result = subprocess.run(command, capture_output=True, text=True, timeout=600 + 2 * frames / rate)

@@ -7,6 +7,9 @@ what reaches ``~/segmentation``.
     python bench/node_bench.py --frames 30 --rate 2        # against a node already running, e.g.
         ros2 launch trident_ros trident.launch.py random_weights:=true model_scale:=tiny
 
+``--launch`` needs no ``launch``: it starts the node as ``trident.launch.py`` plans it (its executable,
+configured and activated over its lifecycle services, :mod:`trident_ros.node_starter`).
+
 Each frame is a 640x480 rgb8 ``sensor_msgs/Image`` (``--size``), built before the run, whose
 ``header.frame_id`` (``node_bench/<i>``) the node copies to its outputs. Per frame:
 
@@ -29,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -44,6 +46,9 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
+
+from trident_ros.launch_plan import plan_launch
+from trident_ros.node_starter import NodeProcess, autostart, package_share, start, stop
 
 FRAME_PREFIX = 'node_bench/'
 RELIABILITY = {'best_effort': ReliabilityPolicy.BEST_EFFORT, 'reliable': ReliabilityPolicy.RELIABLE}
@@ -297,26 +302,19 @@ def format_report(report: Report) -> str:
     return '\n'.join(lines)
 
 
-def launch_node(args: argparse.Namespace) -> subprocess.Popen:
-    """``ros2 launch trident_ros trident.launch.py`` with random weights, in its own process group."""
-    command = ['ros2', 'launch', 'trident_ros', 'trident.launch.py', 'random_weights:=true',
-               f'model_scale:={args.model_scale}', f'image_topic:={args.image_topic}',
-               f'vocabulary:={args.vocabulary}', 'log_level:=warn']
+def launch_arguments(args: argparse.Namespace) -> dict[str, str]:
+    """The launch arguments of the node ``--launch`` starts: random weights, this run's topic and vocabulary."""
+    values = {'random_weights': 'true', 'model_scale': args.model_scale, 'image_topic': args.image_topic,
+              'vocabulary': args.vocabulary, 'log_level': 'warn'}
     if args.device:
-        command.append(f'device:={args.device}')
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL if not args.verbose else None,
-                            stderr=subprocess.DEVNULL if not args.verbose else None, start_new_session=True)
+        values['device'] = args.device
+    return values
 
 
-def stop(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGINT, 15), (signal.SIGKILL, 5)):
-        if process.poll() is not None:
-            return
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
+def launch_node(args: argparse.Namespace) -> list[NodeProcess]:
+    """Start the node as ``trident.launch.py`` with :func:`launch_arguments` plans it (not yet configured)."""
+    return start(plan_launch(launch_arguments(args), package_share(), os.environ),
+                 stdout=None if args.verbose else subprocess.DEVNULL)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -337,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--reliability', choices=sorted(RELIABILITY), default='best_effort')
     parser.add_argument('--timeout', type=float, default=60.0, help='seconds to wait for outstanding results')
     parser.add_argument('--ready-timeout', type=float, default=180.0, help='seconds to wait for the node')
-    parser.add_argument('--launch', action='store_true', help='start the node (random weights) and stop it after')
+    parser.add_argument('--launch', action='store_true',
+                        help='start the node (random weights) and stop it after; as trident.launch.py plans it, '
+                             'without launch (its executable, configured and activated here)')
     parser.add_argument('--model-scale', choices=('tiny', 'full'), default='tiny', help='with --launch')
     parser.add_argument('--device', default='', help='with --launch: auto, cpu, cuda')
     parser.add_argument('--verbose', action='store_true', help="with --launch: show the node's output")
@@ -348,14 +348,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('--frames >= 1, --rate > 0 and --warmup >= 0 please')
     if args.domain_id is not None:
         os.environ['ROS_DOMAIN_ID'] = str(args.domain_id)
-    process = launch_node(args) if args.launch else None
+    processes = launch_node(args) if args.launch else []
     try:
+        autostart(processes, args.ready_timeout)  # configure and activate it
         rclpy.init()
         report = run(args)
     finally:
         rclpy.try_shutdown()
-        if process is not None:
-            stop(process)
+        stop(processes)
     print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
     return 0
 

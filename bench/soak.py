@@ -1,16 +1,17 @@
-"""Soak test of the trident node: minutes of mixed good and bad input against a launched node.
+"""Soak test of the trident node: minutes of mixed good and bad input against a node it starts.
 
     bash tools/with_env.sh python bench/soak.py --minutes 10 --report log/soak.json
 
-Starts ``ros2 launch trident_ros trident.launch.py`` (tiny random-weight models, autostart, in the
-namespace ``soak``) on this shell's ROS_DOMAIN_ID, then, for ``--minutes``, publishes camera frames
+Starts the node as ``trident.launch.py`` plans it (tiny random-weight models, autostart, in the
+namespace ``soak``), without ``launch`` (:mod:`trident_ros.node_starter`), on this shell's
+ROS_DOMAIN_ID, then, for ``--minutes``, publishes camera frames
 at ``--rate`` Hz, mixing good ones (640x480 rgb8, bgr8, mono8, big-endian rgb16, 1x1, 1x2000) with
 bad ones (unsupported encodings, short data, step < row, 0x0), and every few seconds a vocabulary
 (good and bad alternately), a parameter change (valid or not), a phase on the compressed transport
 (JPEG, PNG, truncated, random bytes) and a subscriber that comes and goes.
 
 Every ``--sample-s`` seconds it records the node's resident memory (psutil, the node's own pid)
-and the ``~/labels`` messages received since the last sample. At the end it stops the launch with
+and the ``~/labels`` messages received since the last sample. At the end it stops the node with
 SIGINT and prints a JSON report: RSS at start (after warm-up) and end, the least-squares slope in
 MB/min over the samples after warm-up (and that of the per-minute minima, the baseline without
 the spikes of frames in flight), inputs sent by kind, outputs, the node's last diagnostics,
@@ -25,8 +26,6 @@ import contextlib
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -48,6 +47,9 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
+
+from trident_ros.launch_plan import plan_launch, profile_environment
+from trident_ros.node_starter import autostart, package_share, start, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = 'soak'
@@ -228,19 +230,6 @@ class Feeder:
             self.raw_frame(step if step % 2 else step // 2 % 6)
 
 
-def find_node_process(launch: subprocess.Popen, timeout: float) -> psutil.Process:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for child in psutil.Process(launch.pid).children(recursive=True):
-            try:
-                if any('trident_node' in part for part in child.cmdline()):
-                    return child
-            except psutil.NoSuchProcess:
-                continue
-        time.sleep(0.2)
-    raise RuntimeError('the trident node process did not appear')
-
-
 def slope_mb_per_min(samples: list[Sample]) -> float:
     """Least-squares slope of RSS over time, in MB per minute."""
     if len(samples) < 2:
@@ -268,19 +257,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log_path = Path(args.log)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED='1', RCUTILS_COLORIZED_OUTPUT='0')
-    command = ['ros2', 'launch', 'trident_ros', 'trident.launch.py', f'namespace:={NAMESPACE}',
-               f'image_topic:={CAMERA}', 'random_weights:=true', 'model_scale:=tiny', 'device:=cpu',
-               f'vocabulary:={GOOD_VOCABULARIES[0]}']
+    plan = plan_launch({'namespace': NAMESPACE, 'image_topic': CAMERA, 'random_weights': 'true',
+                        'model_scale': 'tiny', 'device': 'cpu', 'vocabulary': GOOD_VOCABULARIES[0]},
+                       package_share(), env)
     room = cv2.cvtColor(cv2.imread(str(ROOT / 'trident_ros' / 'data' / 'room.png')), cv2.COLOR_BGR2RGB)
     samples: list[Sample] = []
     client = SoakClient()
     feeder = Feeder(client, room, args.rate)
     with open(log_path, 'w', encoding='utf-8') as log:
-        launch = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        processes = start(plan, stdout=log, env=env)
     started = time.monotonic()
     report: dict[str, Any] = {'minutes': args.minutes, 'rate_hz': args.rate, 'log': str(log_path)}
     try:
-        node = find_node_process(launch, 60.0)
+        node = psutil.Process(processes[0].popen.pid)
+        autostart(processes, 90.0)
         if not wait(lambda: client.outputs > 0, 90.0, lambda: feeder.raw_frame(0)):
             raise RuntimeError(f'no output from the node within 90 s; see {log_path}')
         report['startup_s'] = round(time.monotonic() - started, 1)
@@ -304,18 +294,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(1.5)  # one more diagnostics message
         report['diagnostics'] = dict(client.diagnostics)
         stop_started = time.monotonic()
-        os.killpg(launch.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the launch and the node
-        try:
-            node.wait(15)
-            report['node_shutdown_s'] = round(time.monotonic() - stop_started, 2)
-            launch.wait(15)
-        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
-            report['node_shutdown_s'] = None
-        report['launch_exit_code'] = launch.poll()
+        report['node_exit_code'] = stop(processes)[0]  # SIGINT, as Ctrl-C in a terminal; SIGKILL after 15 s
+        report['node_shutdown_s'] = round(time.monotonic() - stop_started, 2)
     finally:
-        if launch.poll() is None:
-            os.killpg(launch.pid, signal.SIGKILL)
-            launch.wait(10)
+        stop(processes)
         client.close()
     return summarise(report, samples, feeder.counts, log_path, args)
 
@@ -341,8 +323,7 @@ def summarise(report: dict[str, Any], samples: list[Sample], counts: Counts, log
     errors = [line for line in lines if '[ERROR]' in line and 'trident' in line]
     empty_windows = [s.t_s for s in steady[:-1] if s.outputs == 0]  # the last window may be short
     shutdown_s = report.get('node_shutdown_s')
-    exited_cleanly = ('process has finished cleanly' in text and report.get('launch_exit_code') == 0
-                      and shutdown_s is not None and shutdown_s < 2.0)
+    exited_cleanly = report.get('node_exit_code') == 0 and shutdown_s is not None and shutdown_s < 2.0
     report.update({
         'warmup_s': warmup,
         'samples': [vars(s) for s in samples],
@@ -382,15 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--max-slope', type=float, default=2.0,
                         help='largest acceptable RSS slope after warm-up, MB/min (default 2)')
     parser.add_argument('--report', default='', help='also write the JSON report to this file')
-    parser.add_argument('--log', default=str(ROOT / 'log' / 'soak' / 'launch.log'), help="the node's log file")
+    parser.add_argument('--log', default=str(ROOT / 'log' / 'soak' / 'node.log'), help="the node's log file")
     args = parser.parse_args(argv)
-    # Fast DDS 3.x (Kilted) reads FASTDDS_..., 2.x (Jazzy, Humble) FASTRTPS_...
-    profile_variables = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
-    profile = next((os.environ[name] for name in profile_variables if os.environ.get(name)),
-                   str(ROOT / 'config' / 'fastdds_large_data.xml'))
-    for name in profile_variables:
-        if not os.environ.get(name):
-            os.environ[name] = profile
+    # this process publishes camera-sized images too: the package's Fast DDS profile unless one is set
+    os.environ.update(profile_environment(package_share(), os.environ))
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     report = run(args)
     text = json.dumps(report, indent=1, ensure_ascii=False)

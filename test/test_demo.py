@@ -1,6 +1,7 @@
 """`make demo`'s program: each sample scene shown once, its overlay named after it, its own vocabulary.
 
-Runs ``python -m trident_ros.demo --random-weights --tiny`` as a user would (a real launch, real DDS).
+Runs ``python -m trident_ros.demo --random-weights --tiny`` as a user would (the node's executable started
+and autostarted through the launch plan, without ``launch``; real DDS).
 """
 from __future__ import annotations
 
@@ -11,10 +12,18 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from ros_helpers import fresh_domain_id, ros_env
+from ros_helpers import executable, fresh_domain_id, ros_env
 
-from trident_ros.demo import SCENE_VOCABULARIES
+from trident_ros.demo import (
+    DEPTH_INFO_TOPIC,
+    DEPTH_TOPIC,
+    IMAGE_TOPIC,
+    SCENE_VOCABULARIES,
+    launch_arguments,
+    parse_args,
+)
 from trident_ros.fake_camera import sample_images
+from trident_ros.launch_plan import plan_launch
 from trident_ros.vocabulary import parse_vocabulary
 
 pytestmark = pytest.mark.ros
@@ -28,12 +37,26 @@ def edges(bgr: np.ndarray) -> np.ndarray:
     return magnitude / np.linalg.norm(magnitude)
 
 
+def test_demo_starts_the_node_with_the_launch_files_defaults_and_its_options():
+    """The demo's node is the launch file's node: its topics are the launch defaults, its options launch arguments."""
+    [node] = plan_launch({}, '/share', {}).nodes
+    remappings = dict(node.remappings)
+    planned = remappings['image'], remappings['depth'], remappings['depth/camera_info']
+    assert planned == (IMAGE_TOPIC, DEPTH_TOPIC, DEPTH_INFO_TOPIC)
+    assert launch_arguments(parse_args([]), 'door') == {'image_topic': IMAGE_TOPIC, 'vocabulary': 'door'}
+    options = parse_args(['--random-weights', '--tiny', '--device', 'cpu', '--depth'])
+    assert launch_arguments(options, 'a, b') == {'image_topic': IMAGE_TOPIC, 'vocabulary': 'a, b',
+                                                 'random_weights': 'true', 'model_scale': 'tiny', 'device': 'cpu',
+                                                 'use_depth': 'true'}
+
+
 def test_demo_writes_one_overlay_per_scene_named_after_it_with_its_vocabulary(tmp_path):
     out = tmp_path / 'demo_out'
     result = subprocess.run([sys.executable, '-m', 'trident_ros.demo', '--random-weights', '--tiny', '--out', str(out),
                              '--timeout', '240'], env=ros_env(fresh_domain_id(), tmp_path), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f'$ {executable("trident_node")} --ros-args -r __node:=trident '), result.stdout
     scenes = [path.stem for path in sample_images()]
     assert sorted(p.name for p in out.glob('*.png')) == sorted(f'{scene}_overlay.png' for scene in scenes)
     lines = [line for line in result.stdout.splitlines() if '_overlay.png' in line and ' -> ' in line]

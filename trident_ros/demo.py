@@ -1,17 +1,19 @@
 """`make demo`: the trident node on the bundled sample images, as a user would run it.
 
-Starts ``ros2 launch trident_ros trident.launch.py`` (the node), then shows it each sample scene
-once: sets the scene's vocabulary (the ``vocabulary`` parameter), waits until ``~/vocabulary_info``
-reports it, publishes the scene from an in-process fake camera (on the launch file's default
-``image_topic``) and waits for the results stamped like that image. Each ``~/segmentation``
-overlay is written as ``<scene>_overlay.png`` with a per-class summary line; then the launch is
-stopped with SIGINT. With real weights missing it stops before launching and names every missing file.
+Starts the node as ``trident.launch.py`` would (its plan, :mod:`trident_ros.launch_plan`), without
+``launch``: its installed executable, configured and activated over its lifecycle services
+(:mod:`trident_ros.node_starter`). Then shows it each sample scene once: sets the scene's vocabulary
+(the ``vocabulary`` parameter), waits until ``~/vocabulary_info`` reports it, publishes the scene from
+an in-process fake camera (on the launch file's default ``image_topic``) and waits for the results
+stamped like that image. Each ``~/segmentation`` overlay is written as ``<scene>_overlay.png`` with a
+per-class summary line; then the node is stopped with SIGINT. With real weights missing it stops
+before starting the node and names every missing file.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import signal
+import shlex
 import subprocess
 import sys
 import time
@@ -24,6 +26,8 @@ import numpy as np
 
 from .config import TridentConfig
 from .fake_camera import sample_images
+from .launch_plan import Plan, plan_launch, profile_environment
+from .node_starter import StartError, autostart, package_share, start, stop
 from .vocabulary import parse_vocabulary
 from .weights import RANDOM_WEIGHTS_BANNER, WeightsError, fetch_weights
 
@@ -89,19 +93,21 @@ def check_weights(args: argparse.Namespace) -> str | None:
     return None
 
 
-def launch_command(args: argparse.Namespace, vocabulary: str) -> list[str]:
-    """The node alone (the demo is its camera), starting with the first scene's ``vocabulary``."""
-    command = ['ros2', 'launch', 'trident_ros', 'trident.launch.py', f'image_topic:={IMAGE_TOPIC}',
-               f'vocabulary:={vocabulary}']
+def launch_arguments(args: argparse.Namespace, vocabulary: str) -> dict[str, str]:
+    """The launch arguments of the node alone (the demo is its camera), starting with the first scene's ``vocabulary``.
+
+    ``ros2 launch trident_ros trident.launch.py`` with these as ``name:=value`` starts the same node.
+    """
+    values = {'image_topic': IMAGE_TOPIC, 'vocabulary': vocabulary}
     if args.random_weights:
-        command.append('random_weights:=true')
+        values['random_weights'] = 'true'
     if args.tiny:
-        command.append('model_scale:=tiny')
+        values['model_scale'] = 'tiny'
     if args.device:
-        command.append(f'device:={args.device}')
+        values['device'] = args.device
     if args.depth:
-        command.append('use_depth:=true')
-    return command
+        values['use_depth'] = 'true'
+    return values
 
 
 def summary_line(scene: str, vocabulary: list[str], msg: Any, image_area: int) -> str:
@@ -130,7 +136,7 @@ class SceneRunner:
     are matched on the published image's stamp.
     """
 
-    def __init__(self, launch: subprocess.Popen, deadline: float, depth: bool = False) -> None:
+    def __init__(self, node_process: subprocess.Popen, deadline: float, depth: bool = False) -> None:
         import rclpy
         from rcl_interfaces.srv import SetParameters
         from rclpy.executors import SingleThreadedExecutor
@@ -141,7 +147,7 @@ class SceneRunner:
         from .fake_camera import FakeCamera
         from .msg import ClassMaskArray, VocabularyInfo
 
-        self._launch, self._deadline = launch, deadline
+        self._node_process, self._deadline = node_process, deadline
         self.node = rclpy.create_node('trident_demo')
         camera_args = ['--ros-args', '-r', f'image:={IMAGE_TOPIC}']
         if depth:  # registered depth on the launch file's default depth_topic
@@ -172,13 +178,13 @@ class SceneRunner:
         self.node.destroy_node()
 
     def spin_until(self, condition: Callable[[], Any], what: str) -> Any:
-        """Spin until ``condition()`` is truthy (returned); DemoError at the deadline or if the launch ends."""
+        """Spin until ``condition()`` is truthy (returned); DemoError at the deadline or if the node exits."""
         while True:
             value = condition()
             if value:
                 return value
-            if self._launch.poll() is not None:
-                raise DemoError(f'the launch exited (code {self._launch.returncode}) while waiting for {what}')
+            if self._node_process.poll() is not None:
+                raise DemoError(f'the node exited (code {self._node_process.returncode}) while waiting for {what}')
             if time.monotonic() > self._deadline:
                 raise DemoError(f'timed out waiting for {what}')
             self._executor.spin_once(timeout_sec=0.1)
@@ -238,12 +244,12 @@ class SceneRunner:
         return found
 
 
-def run_scenes(args: argparse.Namespace, launch: subprocess.Popen) -> int:
+def run_scenes(args: argparse.Namespace, node_process: subprocess.Popen, deadline: float) -> int:
     """Show every sample scene once and write its overlay; returns how many were written."""
     import rclpy
 
     rclpy.init()
-    runner = SceneRunner(launch, time.monotonic() + args.timeout, depth=args.depth)
+    runner = SceneRunner(node_process, deadline, depth=args.depth)
     written = 0
     try:
         runner.wait_ready()
@@ -265,17 +271,20 @@ def run_scenes(args: argparse.Namespace, launch: subprocess.Popen) -> int:
     return written
 
 
-def use_package_dds_profile() -> None:
-    """This process publishes camera-sized images: the package's Fast DDS profile unless one is set.
-
-    Fast DDS 3.x (Kilted) reads ``FASTDDS_DEFAULT_PROFILES_FILE``, 2.x (Jazzy, Humble)
-    ``FASTRTPS_DEFAULT_PROFILES_FILE``.
-    """
-    from ament_index_python.packages import get_package_share_directory
-
-    profile = str(Path(get_package_share_directory('trident_ros')) / 'config' / 'fastdds_large_data.xml')
-    for name in ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE'):
-        os.environ.setdefault(name, profile)
+def run_node(args: argparse.Namespace, plan: Plan, log_path: Path) -> int:
+    """Start the planned node, autostart it, show it the scenes, stop it; returns how many overlays were written."""
+    deadline = time.monotonic() + args.timeout
+    with open(log_path, 'w', encoding='utf-8') as log:  # the node keeps its own descriptor
+        processes = start(plan, stdout=log)
+    print(f'$ {shlex.join(processes[0].command)}  (log: {log_path})', flush=True)
+    try:
+        autostart(processes, deadline - time.monotonic())
+        return run_scenes(args, processes[0].popen, deadline)
+    except StartError as error:
+        print(f'demo stopped: {error}', file=sys.stderr)
+        return 0
+    finally:
+        stop(processes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,23 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     except DemoError as error:
         print(error, file=sys.stderr)
         return 2
-    use_package_dds_profile()
+    share = package_share()
+    # this process publishes camera-sized images too: the package's Fast DDS profile unless one is set
+    os.environ.update(profile_environment(share, os.environ))
+    plan = plan_launch(launch_arguments(args, first_vocabulary), share, os.environ)
     args.out.mkdir(parents=True, exist_ok=True)
-    log_path = args.out / 'launch.log'
-    command = launch_command(args, first_vocabulary)
-    print('$ ' + ' '.join(command), f'  (log: {log_path})', flush=True)
-    with open(log_path, 'w', encoding='utf-8') as log:
-        launch = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            written = run_scenes(args, launch)
-        finally:
-            if launch.poll() is None:
-                os.killpg(launch.pid, signal.SIGINT)
-                try:
-                    launch.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(launch.pid, signal.SIGKILL)
-                    launch.wait()
+    log_path = args.out / 'node.log'
+    written = run_node(args, plan, log_path)
     if written < len(scenes):
         print(f'only {written} of {len(scenes)} scenes came back; see {log_path}', file=sys.stderr)
         print(log_path.read_text(encoding='utf-8')[-3000:], file=sys.stderr)
