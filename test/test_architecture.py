@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / 'trident_ros'
 ROS_MODULES = {'node', 'node_main', 'node_health', 'node_parameters', 'ros_compat', 'frame_io', 'depth_io',
-               'vocabulary_topics', 'conversions', 'fake_camera', 'demo', 'msg'}
+               'vocabulary_topics', 'conversions', 'fake_camera', 'demo', 'node_starter', 'msg'}
 """The ROS adapter: the only modules that may import ROS (``msg``: the generated interfaces)."""
 ROS_PACKAGES = {'rclpy', 'rosidl_runtime_py', 'rosidl_parser', 'sensor_msgs', 'std_msgs', 'builtin_interfaces',
                 'diagnostic_msgs', 'lifecycle_msgs', 'rcl_interfaces', 'vision_msgs', 'message_filters',

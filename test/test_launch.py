@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -200,6 +202,28 @@ def test_autostart_reports_a_node_that_exits(launch_env, tmp_path):
             node_starter.autostart(processes, timeout=60)
     finally:
         node_starter.stop(processes)
+
+
+def test_trident_launch_executable_runs_the_plan_until_sigint(launch_env, tmp_path):
+    """``ros2 run trident_ros trident_launch demo:=true ...``: the launch file's nodes for a machine without launch;
+    a bad argument is refused with the reason; SIGINT stops the nodes and exits 0.
+    """
+    env, client = launch_env
+    refused = subprocess.run([executable('trident_launch'), 'demo:=maybe'], env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2 and "demo:='maybe' is not one of" in refused.stderr, refused
+    labels = client.subscribe(Image, '/trident/labels')
+    process = RosProcess([executable('trident_launch'), 'demo:=true', *(f'{k}:={v}' for k, v in TINY.items())], env,
+                         tmp_path / 'trident_launch.log')
+    try:
+        assert labels.wait_for(lambda m: m.header.frame_id == 'camera', 90), process.output()
+        assert client.lifecycle_state('/trident') == 'active'
+        os.kill(process.popen.pid, signal.SIGINT)  # the command only: it stops the nodes' process groups itself
+        code = process.popen.wait(15)
+    finally:
+        process.stop()
+    assert code == 0, process.output()
+    assert wait_until(lambda: not client.node.get_subscriptions_info_by_topic('/camera/image_raw'), 10)
 
 
 @pytest.mark.launch

@@ -530,11 +530,10 @@ def test_checkpoints_are_never_unpickled_and_received_data_never_evaluated(tmp_p
 
 
 # ------------------------------------------------------------------ the soak script, shutdown
-@pytest.mark.launch
 def test_soak_script_short_run(domain, tmp_path):
     """bench/soak.py for ~20 s on its own domain: outputs all along, no error, a clean exit; the
     RSS slope of so short a run is noise, so only the growth is bounded here. The script starts the
-    node with ``ros2 launch trident_ros trident.launch.py``: this needs launch_ros.
+    node as the launch file would (:mod:`trident_ros.node_starter`), without launch.
     """
     env = ros_env((domain - 30 + 35) % 70 + 30, tmp_path)  # 30..99, not this module's domain
     report_path = tmp_path / 'soak.json'

@@ -4,7 +4,9 @@ Each planned node runs as its installed executable (:func:`~trident_ros.launch_p
 in its own process group, with the plan's environment variables added to this process's. With the
 plan's autostart, :func:`autostart` configures and then activates each lifecycle node once through
 its ``change_state`` service (what the launch file does with lifecycle events); :func:`stop` sends
-SIGINT to each group (Ctrl-C), then SIGKILL to those still running.
+SIGINT to each group (Ctrl-C), then SIGKILL to those still running. :func:`main` is the same as a
+command for machines without ``ros2 launch`` (``ros2 run trident_ros trident_launch demo:=true``,
+the launch file's arguments).
 
     processes = start(plan_launch({'random_weights': 'true'}, share, os.environ), stdout=log)
     try:
@@ -30,7 +32,7 @@ from lifecycle_msgs.srv import ChangeState, GetState
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.signals import SignalHandlerOptions
 
-from .launch_plan import PACKAGE, Plan, PlannedNode, command_line
+from .launch_plan import PACKAGE, Plan, PlannedNode, command_line, plan_launch
 
 STATE_POLL_S = 2.0
 """When a transition has not answered after this long, the node's state is asked, again every this
@@ -195,3 +197,45 @@ class _StateQuery:
         if time.monotonic() - self._asked_at > STATE_POLL_S:
             self._asked_at, self._future = time.monotonic(), self._client.call_async(GetState.Request())
         return self._latest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``trident_launch [name:=value ...]``: the launch file's nodes, started and autostarted without launch.
+
+    Runs until Ctrl-C or SIGTERM (then stops the nodes: exit 0) or until a node exits (its exit code).
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog='trident_launch', description=main.__doc__.splitlines()[0])
+    parser.add_argument('arguments', nargs='*', metavar='name:=value', help="the launch file's arguments")
+    args = parser.parse_args(argv)
+    values = dict(item.split(':=', 1) for item in args.arguments if ':=' in item)
+    malformed = [item for item in args.arguments if ':=' not in item]
+    try:
+        if malformed:
+            raise ValueError(f'expected name:=value, got {malformed}')
+        plan = plan_launch(values, package_share(), os.environ)
+    except ValueError as error:
+        parser.error(str(error))
+    signal.signal(signal.SIGTERM, _interrupt)
+    processes = start(plan)
+    code = 0
+    try:
+        autostart(processes, timeout=600.0)
+        while all(process.exited() is None for process in processes):
+            time.sleep(0.2)
+        code = next(process.exited() for process in processes if process.exited() is not None)
+    except StartError as error:
+        print(f'trident_launch: {error}', file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(processes)
+    return code
+
+
+def _interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001
+    """SIGTERM ends :func:`main` as Ctrl-C does."""
+    raise KeyboardInterrupt
