@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_launch(values, package_share(), os.environ)
     except ValueError as error:
         parser.error(str(error))
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell's background job starts with it ignored
+        signal.signal(signum, _interrupt)
     processes = start(plan)
     code = 0
     try:
@@ -237,5 +238,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001
-    """SIGTERM ends :func:`main` as Ctrl-C does."""
+    """SIGINT and SIGTERM end :func:`main` (it then stops the nodes)."""
     raise KeyboardInterrupt
