@@ -12,4 +12,4 @@ demo: setup
 test: setup-all
 	bash tools/test.sh $(ARGS)
 bench: setup
-	bash tools/with_env.sh python -m trident_ros.bench $(ARGS)
+	bash tools/with_env.sh python -m trident_ros.tools.bench $(ARGS)

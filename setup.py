@@ -13,7 +13,8 @@ setup(
     description='Training-free open-vocabulary semantic segmentation (Trident) for robots',
     license='Apache-2.0',
     python_requires='>=3.10',
-    packages=['trident_ros', 'trident_ros.models'],
+    packages=['trident_ros', 'trident_ros.models', 'trident_ros.stages', 'trident_ros.methods', 'trident_ros.ros',
+              'trident_ros.tools'],
     package_data={'trident_ros': ['data/*.png']},
     # the message definitions, read at run time by bag_labelling (rosbags' typestore)
     data_files=[('share/trident_ros/msg', sorted(str(p) for p in Path('msg').glob('*.msg')))],
@@ -33,9 +34,9 @@ setup(
     extras_require={'test': ['pytest>=8,<9', 'psutil']},
     entry_points={
         'console_scripts': [
-            'trident-segment = trident_ros.cli:main',
-            'trident-bench = trident_ros.bench:main',
-            'trident-weights = trident_ros.weights_cli:main',
+            'trident-segment = trident_ros.tools.segment:main',
+            'trident-bench = trident_ros.tools.bench:main',
+            'trident-weights = trident_ros.tools.fetch_weights:main',
         ],
     },
 )

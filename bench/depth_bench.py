@@ -23,11 +23,7 @@ import time
 import numpy as np
 from std_msgs.msg import Header
 
-from trident_ros.conversions import array_to_image, class_masks_to_msg
-from trident_ros.depth_io import Frame3D, cloud_msg, depth_image_to_array, detections_msg
-from trident_ros.fake_camera import synthetic_depth, synthetic_intrinsics
-from trident_ros.labelling import Segmentation, class_masks
-from trident_ros.projection import (
+from trident_ros.depth import (
     Intrinsics,
     back_project,
     class_points,
@@ -35,6 +31,10 @@ from trident_ros.projection import (
     depth_to_metres,
     resample_nearest,
 )
+from trident_ros.labelling import Segmentation, class_masks
+from trident_ros.ros.conversions import array_to_image, class_masks_to_msg
+from trident_ros.ros.depth_io import Frame3D, cloud_msg, depth_image_to_array, detections_msg
+from trident_ros.ros.fake_camera import synthetic_depth, synthetic_intrinsics
 from trident_ros.visualization import class_colors
 
 

@@ -12,7 +12,7 @@ Peaks are sampled every 0.5 ms (psutil) and can miss very short ones; the last l
 kernel's own high-water mark (``ru_maxrss``), which misses nothing. By default glibc keeps freed
 blocks (its mmap threshold rises up to 32 MiB as big blocks are freed), so RSS after a stage
 includes memory that is free but not returned; ``--release`` makes every block of 64 KiB or more
-its own mapping (:func:`trident_ros.measure.release_freed_memory`), as ``MALLOC_MMAP_THRESHOLD_=65536``
+its own mapping (:func:`trident_ros.tools.measure.release_freed_memory`), as ``MALLOC_MMAP_THRESHOLD_=65536``
 in the environment would.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, float, int, int]] = []
 
     def stage(name: str, run):
-        from trident_ros.measure import PeakRss
+        from trident_ros.tools.measure import PeakRss
 
         with PeakRss() as peak:
             start = time.perf_counter()
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: F401  (measured on its own: the CUDA build maps its libraries at import)
     rows.append(('import torch', 0.0, 0, PROCESS.memory_info().rss))
     from trident_ros.config import TridentConfig
-    from trident_ros.measure import BENCH_NAMES, parse_size, release_freed_memory, synthetic_image
     from trident_ros.pipeline import TridentPipeline
+    from trident_ros.tools.measure import BENCH_NAMES, parse_size, release_freed_memory, synthetic_image
     rows.append(('import trident_ros (open_clip, timm, ...)', 0.0, 0, PROCESS.memory_info().rss))
     if args.release and not release_freed_memory():
         parser.error('--release needs glibc')

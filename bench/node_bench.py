@@ -8,7 +8,7 @@ what reaches ``~/segmentation``.
         ros2 launch trident_ros trident.launch.py random_weights:=true model_scale:=tiny
 
 ``--launch`` needs no ``launch``: it starts the node as ``trident.launch.py`` plans it (its executable,
-configured and activated over its lifecycle services, :mod:`trident_ros.node_starter`).
+configured and activated over its lifecycle services, :mod:`trident_ros.ros.node_starter`).
 
 Each frame is a 640x480 rgb8 ``sensor_msgs/Image`` (``--size``), built before the run, whose
 ``header.frame_id`` (``node_bench/<i>``) the node copies to its outputs. Per frame:
@@ -47,8 +47,8 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
 
-from trident_ros.launch_plan import plan_launch
-from trident_ros.node_starter import NodeProcess, autostart, package_share, start, stop
+from trident_ros.ros.launch_plan import plan_launch
+from trident_ros.ros.node_starter import NodeProcess, autostart, package_share, start, stop
 
 FRAME_PREFIX = 'node_bench/'
 RELIABILITY = {'best_effort': ReliabilityPolicy.BEST_EFFORT, 'reliable': ReliabilityPolicy.RELIABLE}

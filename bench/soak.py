@@ -3,7 +3,7 @@
     bash tools/with_env.sh python bench/soak.py --minutes 10 --report log/soak.json
 
 Starts the node as ``trident.launch.py`` plans it (tiny random-weight models, autostart, in the
-namespace ``soak``), without ``launch`` (:mod:`trident_ros.node_starter`), on this shell's
+namespace ``soak``), without ``launch`` (:mod:`trident_ros.ros.node_starter`), on this shell's
 ROS_DOMAIN_ID, then, for ``--minutes``, publishes camera frames
 at ``--rate`` Hz, mixing good ones (640x480 rgb8, bgr8, mono8, big-endian rgb16, 1x1, 1x2000) with
 bad ones (unsupported encodings, short data, step < row, 0x0), and every few seconds a vocabulary
@@ -48,8 +48,8 @@ from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
-from trident_ros.launch_plan import plan_launch, profile_environment
-from trident_ros.node_starter import autostart, package_share, start, stop
+from trident_ros.ros.launch_plan import plan_launch, profile_environment
+from trident_ros.ros.node_starter import autostart, package_share, start, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = 'soak'

@@ -8,7 +8,7 @@ with ``autostart:=false`` it stays unconfigured for a lifecycle manager (e.g. Na
 Launch arguments left empty keep the value from ``config_file``.
 
 The decisions (arguments, nodes, parameters, remappings, environment, autostart) are
-``trident_ros.launch_plan``'s; this file only turns its plan into launch actions.
+``trident_ros.ros.launch_plan``'s; this file only turns its plan into launch actions.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from launch_ros.parameter_descriptions import ParameterValue
 from lifecycle_msgs.msg import Transition
 
 from launch import Action, LaunchContext, LaunchDescription
-from trident_ros.launch_plan import PACKAGE, PlannedNode, arguments, plan_launch
+from trident_ros.ros.launch_plan import PACKAGE, PlannedNode, arguments, plan_launch
 
 
 def _arguments(share: str) -> list[DeclareLaunchArgument]:

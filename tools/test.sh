@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test suite in three legs, each in its own environment (tools/setup.sh all builds them):
-#   kilted  the whole suite on the Kilted wheels (Python 3.11, torch/numpy of requirements/core.txt)
-#   jazzy   the ROS tests (-m ros: node, launch, reliability, package, conversions) on the Jazzy wheels (Python 3.12)
-#   jetson  the core tests (no ROS) on the Jetson stack of requirements/jetson.txt (Python 3.10, torch 2.3.1, numpy 1)
+#   kilted  the whole suite (test/) on the Kilted wheels (Python 3.11, torch/numpy of requirements/core.txt)
+#   jazzy   the ROS tests (test/ros: node, launch, reliability, package, conversions) on the Jazzy wheels (Python 3.12)
+#   jetson  the core tests (test/core, no ROS) on the Jetson stack of requirements/jetson.txt (Python 3.10, torch 2.3.1,
+#           numpy 1)
 # Every leg runs on this run's ROS_DOMAIN_ID (random unless set), DDS discovery kept on this machine. Extra
 # arguments go to pytest in every leg; TEST_LEGS="kilted jetson" runs only some. Fails if any leg fails or
 # cannot run (it says why); the end prints each leg's pytest summary, and how many tests that need launch_ros
@@ -15,11 +16,6 @@ legs=${TEST_LEGS:-kilted jazzy jetson}
 mkdir -p "$root/log"
 echo "[test] ROS_DOMAIN_ID=$ROS_DOMAIN_ID legs: $legs"
 
-# Core test modules: those not marked ROS as a whole (those import rclpy at collection).
-core_modules() {
-  grep -L '^pytestmark = pytest.mark.ros' test/test_*.py
-}
-
 run_leg() {
   local leg=$1
   shift
@@ -31,21 +27,19 @@ run_leg() {
         echo "cannot run: no $leg environment (.venv$suffix, install$suffix): run ROS_DISTRO=$leg make setup"
         return 1
       fi
-      local selection=(test)
-      [ "$leg" = jazzy ] && selection=(test -m ros)
+      local selection=test
+      [ "$leg" = jazzy ] && selection=test/ros
       ROS_DISTRO=$leg ROS_LOG_DIR=${ROS_LOG_DIR:-$root/log$suffix/ros} \
-        bash "$root/tools/with_env.sh" python -m pytest "${selection[@]}" "$@" ;;
+        bash "$root/tools/with_env.sh" python -m pytest "$selection" "$@" ;;
     jetson)
       if [ ! -x "$root/.venv-jetson/bin/python" ]; then
         echo "cannot run: no jetson environment (.venv-jetson): run bash tools/setup.sh jetson"
         return 1
       fi
       # The core from the source tree, nothing of ROS on the paths.
-      local modules
-      mapfile -t modules < <(core_modules)
       env -u AMENT_PREFIX_PATH -u CMAKE_PREFIX_PATH -u LD_LIBRARY_PATH -u ROS_DISTRO \
         PATH="$root/.venv-jetson/bin:/usr/local/bin:/usr/bin:/bin" VIRTUAL_ENV="$root/.venv-jetson" \
-        PYTHONPATH="$root" "$root/.venv-jetson/bin/python" -m pytest "${modules[@]}" -m 'not ros' "$@" ;;
+        PYTHONPATH="$root" "$root/.venv-jetson/bin/python" -m pytest test/core "$@" ;;
     *)
       echo "cannot run: unknown leg '$leg' (kilted, jazzy, jetson)"
       return 1 ;;

@@ -13,12 +13,13 @@ DEVICES = ('auto', 'cpu', 'cuda')
 MODEL_SCALES = ('full', 'tiny')
 METHODS = ('trident', 'trident_fast', 'proxy', 'maskclip', 'sclip', 'clearclip', 'naclip', 'cliptrase', 'scclip',
            'resclip', 'resclip_rcs')
-"""Segmentation methods, slowest and most accurate first (see :mod:`trident_ros.clip_attention`)."""
+"""Segmentation methods, slowest and most accurate first (see :mod:`trident_ros.stages.clip_attention`)."""
 CLIP_ONLY_METHODS = ('maskclip', 'sclip', 'clearclip', 'naclip')
 """Methods that change only CLIP's last block: no DINO, no SAM; windows ``clip_slide_crop/stride``."""
 CLIP_BLOCK_METHODS = ('cliptrase', 'scclip', 'resclip', 'resclip_rcs')
-"""CLIP-only methods that also read CLIP's intermediate blocks (:mod:`.cliptrase`, :mod:`.scclip`,
-:mod:`.resclip`): no DINO, no SAM; windows ``clip_slide_crop/stride`` or ``whole_image``."""
+"""CLIP-only methods that also read CLIP's intermediate blocks (:mod:`trident_ros.methods.cliptrase`,
+:mod:`trident_ros.methods.scclip`, :mod:`trident_ros.methods.resclip`): no DINO, no SAM; windows
+``clip_slide_crop/stride`` or ``whole_image``."""
 METHOD_MODELS: dict[str, tuple[str, ...]] = {
     'trident': ('clip', 'dino', 'sam'),
     'trident_fast': ('clip', 'dino', 'sam'),
@@ -52,7 +53,7 @@ class TridentConfig:
                 'CLIP only, reading intermediate blocks: cliptrase (clusters, vote), scclip, resclip (second pass '
                 'per vocabulary), resclip_rcs (its first pass). Only the models a method needs are loaded; refine '
                 'applies to trident only. From a YAML file or the CLI, a method brings its authors\' defaults '
-                '(trident_ros/presets.py) for the fields not given'})
+                '(trident_ros/methods/presets.py) for the fields not given'})
 
     # --- models and weights -------------------------------------------------------------------
     clip_model: str = field(default='ViT-B-16', metadata={
@@ -164,7 +165,7 @@ class TridentConfig:
         """Raise :class:`ConfigError` naming the first invalid field.
 
         Only values are checked, never files: weight files are looked up (and missing ones reported)
-        when the models are loaded (:mod:`trident_ros.weights`).
+        when the models are loaded (:mod:`trident_ros.models.weights`).
         """
         def fail(name: str, why: str) -> None:
             raise ConfigError(f'{name}={getattr(self, name)!r}: {why}')
@@ -228,7 +229,7 @@ class TridentConfig:
 
         The mapping's method brings its preset (:func:`.presets.with_presets`) for the fields it lacks.
         """
-        from .presets import with_presets
+        from trident_ros.methods.presets import with_presets
 
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))

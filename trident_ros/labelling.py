@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .visualization import class_colors, colorize, overlay
-from .vocabulary import Vocabulary
+from trident_ros.visualization import class_colors, colorize, overlay
+from trident_ros.vocabulary import Vocabulary
 
 NAME_CHUNK = 64
 """Names upsampled at once in :func:`class_probabilities` (memory: NAME_CHUNK x H x W floats)."""

@@ -13,7 +13,7 @@ the two without running any image encoder, so a new vocabulary relabels the last
 * ``proxy``: the DINO-guided windows spliced and projected on the window token grid, no SAM
   (ProxyCLIP's attention rule: mean(S) per window, as ProxyCLIP runs one window at a time).
 * ``maskclip``, ``sclip``, ``clearclip``, ``naclip``: one CLIP last-block rule per
-  ``clip_slide_crop`` window (:mod:`.clip_attention`), features projected and L2-normalised per
+  ``clip_slide_crop`` window (:mod:`trident_ros.stages.clip_attention`), features projected and L2-normalised per
   window, then spliced; no DINO, no SAM.
 """
 from __future__ import annotations
@@ -30,19 +30,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .aggregation import SamAggregation
-from .clip_attention import clip_only_features
-from .cliptrase import cliptrase_pass, cluster_map, cluster_vote
-from .config import CLIP_BLOCK_METHODS, CLIP_ONLY_METHODS, METHOD_MODELS, PATCH_SIZE, ConfigError, TridentConfig
-from .labelling import Segmentation, class_masks, class_probabilities, label_map
-from .models import SamImage, TridentModels, load_models
-from .pamr import pamr_affinity, pamr_refine
-from .refinement import RefinementParams, refine_with_sam
-from .resclip import ResclipParams, ResclipWindows, resclip_first_pass, resclip_second_pass
-from .scclip import scclip_features
-from .sliding_window import dino_guided_attention, resize_for_windows, window_boxes
-from .splice import splice_windows
-from .vocabulary import TextFeatureCache, Vocabulary, encode_vocabulary, parse_vocabulary
+from trident_ros.config import (
+    CLIP_BLOCK_METHODS,
+    CLIP_ONLY_METHODS,
+    METHOD_MODELS,
+    PATCH_SIZE,
+    ConfigError,
+    TridentConfig,
+)
+from trident_ros.labelling import Segmentation, class_masks, class_probabilities, label_map
+from trident_ros.methods.cliptrase import cliptrase_pass, cluster_map, cluster_vote
+from trident_ros.methods.resclip import ResclipParams, ResclipWindows, resclip_first_pass, resclip_second_pass
+from trident_ros.methods.scclip import scclip_features
+from trident_ros.models import SamImage, TridentModels, load_models
+from trident_ros.stages.clip_attention import clip_only_features
+from trident_ros.stages.pamr import pamr_affinity, pamr_refine
+from trident_ros.stages.sam_aggregation import SamAggregation
+from trident_ros.stages.sam_refinement import RefinementParams, refine_with_sam
+from trident_ros.stages.splice import splice_windows
+from trident_ros.stages.windows import dino_guided_attention, resize_for_windows, window_boxes
+from trident_ros.vocabulary import TextFeatureCache, Vocabulary, encode_vocabulary, parse_vocabulary
 
 logger = logging.getLogger(__name__)
 

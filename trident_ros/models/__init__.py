@@ -4,10 +4,10 @@
 method needs, device and dtype, tiny configurations, :func:`load_models`). These modules import
 neither the pipeline nor ROS.
 """
-from .build import TridentModels, encoder_dtype, load_models, resolve_device, tiny_sam
-from .clip import CLIP_MEAN, CLIP_STD, ClipDense, ClipLastBlock
-from .dino import IMAGENET_MEAN, IMAGENET_STD, DinoPatches, interpolate_pos_embed
-from .sam import (
+from trident_ros.models.build import TridentModels, encoder_dtype, load_models, resolve_device, tiny_sam
+from trident_ros.models.clip import CLIP_MEAN, CLIP_STD, ClipDense, ClipLastBlock
+from trident_ros.models.dino import IMAGENET_MEAN, IMAGENET_STD, DinoPatches, interpolate_pos_embed
+from trident_ros.models.sam import (
                   SAM_BLOCK_ELEMENTS,
                   SAM_BLOCK_ELEMENTS_CUDA,
                   SAM_ROUND,

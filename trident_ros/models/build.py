@@ -1,7 +1,7 @@
 """Which models a method needs, where and in which dtype they run, and building them.
 
 :func:`load_models` builds the encoders ``config.method`` needs (:data:`~trident_ros.config.METHOD_MODELS`)
-with their weights (found by :func:`trident_ros.weights.fetch_weights` before anything is built),
+with their weights (found by :func:`trident_ros.models.weights.fetch_weights` before anything is built),
 with random weights for smoke tests, or as tiny configurations of the same architectures (tests).
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import METHOD_MODELS, PATCH_SIZE, ConfigError, TridentConfig
-from ..weight_files import load_into
-from ..weights import SMOKE_HINT, WeightsError, fetch_weights, weights_dir
-from .clip import ClipDense
-from .dino import DinoPatches
-from .sam import SamEncoder
+from trident_ros.config import METHOD_MODELS, PATCH_SIZE, ConfigError, TridentConfig
+from trident_ros.models.clip import ClipDense
+from trident_ros.models.dino import DinoPatches
+from trident_ros.models.sam import SamEncoder
+from trident_ros.models.weight_files import load_into
+from trident_ros.models.weights import SMOKE_HINT, WeightsError, fetch_weights, weights_dir
 
 log = logging.getLogger(__package__)  # trident_ros.models
 
@@ -97,7 +97,7 @@ def load_models(config: TridentConfig) -> TridentModels:
     CLIP always; DINO and SAM where the method uses them (:data:`~trident_ros.config.METHOD_MODELS`).
     ``config.random_weights``: random weights (a fixed seed, so runs repeat), nothing is read or
     downloaded, and a loud warning says that labels are meaningless. Otherwise every weight file is
-    found before any model is built (:func:`trident_ros.weights.fetch_weights`); a missing one raises
+    found before any model is built (:func:`trident_ros.models.weights.fetch_weights`); a missing one raises
     ``WeightsError`` (never a silent fallback to random weights). ``config.model_scale == 'tiny'``:
     small configurations of the same architectures (tests and smoke runs). Encoders in fp16 on CUDA
     when ``config.fp16``, in bf16 on the CPU when ``config.bf16``, else fp32 (SAM's prompt encoder

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import PATCH_SIZE
+from trident_ros.config import PATCH_SIZE
 
 SAM_ROUND = PATCH_SIZE
 """The SAM branch sees the image with its sides rounded up to a multiple of this (as the reference)."""

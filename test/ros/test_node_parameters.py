@@ -1,0 +1,86 @@
+"""The node's parameter descriptors: every numeric parameter has a range, defaults lie inside it."""
+from __future__ import annotations
+
+# ros_helpers first: it checks the ROS 2 environment with a clear message
+import ros_helpers
+
+from trident_ros.ros.parameters import CHOICES, RANGES, config_from_values, descriptor, parameter_defaults
+
+
+def test_every_numeric_parameter_has_a_range_holding_its_default():
+    for name, (default, description) in parameter_defaults().items():
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            continue
+        assert name in RANGES, f'{name} has no range'
+        result = descriptor(name, description)
+        [limits] = result.integer_range if isinstance(default, int) else result.floating_point_range
+        assert limits.from_value <= default <= limits.to_value, name
+        assert not limits.step or (default - limits.from_value) % limits.step == 0, name
+
+
+def test_choices_are_stated_and_include_the_default():
+    defaults = parameter_defaults()
+    for name, choices in CHOICES.items():
+        assert defaults[name][0] in choices, name
+        assert descriptor(name, '').additional_constraints == f'one of: {", ".join(choices)}'
+
+
+def test_an_invalid_qos_override_fails_activate_cleanly():
+    """In-process node: ``reliability: bogus`` for an output makes activate FAIL, the node stays inactive."""
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from trident_ros.ros.node import TridentNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=ros_helpers.fresh_domain_id())
+    node = TridentNode(context=context, parameter_overrides=[
+        Parameter('random_weights', value=True), Parameter('model_scale', value='tiny'),
+        Parameter('qos_overrides./trident/labels.publisher.reliability', value='bogus')])
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.FAILURE
+        status = node.diagnostic_status()
+        assert 'activate failed' in status.message
+        assert {kv.key: kv.value for kv in status.values}['lifecycle_state'] == 'inactive'
+    finally:
+        assert node.stop_worker(5.0)
+        node.destroy_node()
+        context.try_shutdown()
+
+
+def test_an_out_of_range_start_value_is_kept_out_and_configure_says_why():
+    """``-p prob_thd:=2.0``: the process starts (default kept), configure FAILS naming the parameter."""
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from trident_ros.ros.node import TridentNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=ros_helpers.fresh_domain_id())
+    node = TridentNode(context=context, parameter_overrides=[
+        Parameter('random_weights', value=True), Parameter('model_scale', value='tiny'),
+        Parameter('prob_thd', value=2.0)])
+    try:
+        assert node.get_parameter('prob_thd').value == 0.2
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert 'prob_thd' in node.diagnostic_status().message
+        assert node.set_parameters([Parameter('prob_thd', value=0.3)])[0].successful  # set again: fine
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    finally:
+        assert node.stop_worker(5.0)
+        node.destroy_node()
+        context.try_shutdown()
+
+
+def test_a_method_preset_applies_to_the_fields_left_at_their_default_and_user_values_win():
+    values = {name: default for name, (default, _) in parameter_defaults().items()}
+    naclip = config_from_values({**values, 'method': 'naclip'})
+    assert (naclip.pamr, naclip.input_short_side, naclip.clip_slide_crop) == (True, 336, 224)  # NACLIP's own settings
+    mine = config_from_values({**values, 'method': 'naclip', 'input_short_side': 500})
+    assert (mine.pamr, mine.input_short_side) == (True, 500)
+    trident = config_from_values(values)
+    assert (trident.pamr, trident.input_short_side) == (False, 448)
+    assert 'naclip: True' in parameter_defaults()['pamr'][1]  # `ros2 param describe` says what presets do

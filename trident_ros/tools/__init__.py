@@ -1,0 +1,3 @@
+"""The command-line tools: ``trident-segment`` (images, videos, bags), ``trident-bench``, ``trident-weights``,
+the demo.
+"""

@@ -1,0 +1,116 @@
+"""Speed tiers: every segmentation method on the same frame, one row each.
+
+Each method runs in a fresh process (spawned), so its peak memory is its own: the process's peak
+RSS on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA (models included in both). Random
+weights: cost does not depend on weight values. A full frame is ``encode_image`` + ``label`` with a
+cached vocabulary (SAM refinement included for ``trident``), as ``trident-bench``'s
+``full_refine_on``.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import statistics
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from trident_ros.config import CLIP_ONLY_METHODS, METHODS, TridentConfig
+from trident_ros.models import resolve_device
+from trident_ros.pipeline import TridentPipeline
+from trident_ros.tools.measure import BENCH_NAMES, cpu_name, time_call
+
+
+def measure_method(method: str, image: np.ndarray, repeat: int, warmup: int, tiny: bool, device: str) -> dict:
+    """Time one method in this process (meant for a fresh one): ``warmup`` frames, then ``repeat``.
+
+    Returns the row :func:`benchmark_methods` documents, without ``ratio_to_trident``.
+    """
+    config = TridentConfig(random_weights=True, model_scale='tiny' if tiny else 'full', device=device, method=method)
+    torch_device = resolve_device(device)
+    cuda = torch_device.type == 'cuda'
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(torch_device)
+    pipeline = TridentPipeline(config)
+    vocabulary = pipeline.encode_vocabulary(', '.join(BENCH_NAMES))
+    samples = []
+    for rep in range(warmup + repeat):
+        seconds = time_call(lambda: pipeline.label(pipeline.encode_image(image), vocabulary), torch_device)
+        if rep >= warmup:
+            samples.append(seconds)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    crop, stride = ((config.clip_slide_crop, config.clip_slide_stride) if method in CLIP_ONLY_METHODS
+                    else (config.slide_crop, config.slide_stride))
+    return {
+        'method': method,
+        'models': list(pipeline.models.loaded),
+        'windows': f'{crop}/{stride}',
+        'sam_refinement': method == 'trident' and config.refine,
+        'full_frame_s': statistics.median(samples),
+        'full_frame_min_s': min(samples),
+        'peak_memory_bytes': torch.cuda.max_memory_allocated(torch_device) if cuda else peak_rss,
+        'memory_measure': 'CUDA max allocated' if cuda else 'peak RSS',
+        'peak_rss_bytes': peak_rss,
+        'device': str(torch_device),
+        'device_name': torch.cuda.get_device_name(torch_device) if cuda else cpu_name(),
+        'dtype': str(pipeline.models.dtype).replace('torch.', ''),
+        'model_scale': config.model_scale,
+        'image_size': [int(image.shape[1]), int(image.shape[0])],
+        'repeat': repeat,
+    }
+
+
+def benchmark_methods(image: np.ndarray, repeat: int = 3, warmup: int = 1, tiny: bool = False, device: str = 'auto',
+                      methods: Sequence[str] = METHODS) -> list[dict]:
+    """Full-frame time and peak memory of every method in ``methods``, each in a fresh process.
+
+    Args:
+        image: (H, W, 3) uint8 RGB frame.
+        repeat: measured frames per method.
+        warmup: unmeasured frames before them.
+        tiny: small test architectures instead of the paper's.
+        device: auto, cpu, cuda or cuda:N.
+        methods: which methods, in this order (default: all).
+
+    Returns:
+        One dict per method: ``method``, ``models`` (loaded), ``windows`` (crop/stride),
+        ``sam_refinement``, ``full_frame_s`` (median), ``full_frame_min_s``, ``ratio_to_trident``
+        (full_frame_s / trident's; None when ``trident`` is not among ``methods``),
+        ``peak_memory_bytes`` with ``memory_measure``, ``peak_rss_bytes``, ``device``,
+        ``device_name``, ``dtype``, ``model_scale``, ``image_size`` [W, H], ``repeat``.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f'unknown methods {unknown}: choose from {", ".join(METHODS)}')
+    if repeat < 1 or warmup < 0:
+        raise ValueError(f'repeat must be >= 1 and warmup >= 0, got {repeat}, {warmup}')
+    context = multiprocessing.get_context('spawn')
+    rows = []
+    with context.Pool(1, maxtasksperchild=1) as pool:  # a new process per method
+        for method in methods:
+            rows.append(pool.apply(measure_method, (method, image, repeat, warmup, tiny, device)))
+    trident = next((row['full_frame_s'] for row in rows if row['method'] == 'trident'), None)
+    for row in rows:
+        row['ratio_to_trident'] = row['full_frame_s'] / trident if trident else None
+    return rows
+
+
+def format_method_table(rows: list[dict]) -> str:
+    """A text table of :func:`benchmark_methods` rows, one line per method."""
+    if not rows:
+        return '(no methods)'
+    first = rows[0]
+    lines = [
+        f"device: {first['device']} ({first['device_name']}), dtype {first['dtype']}, models {first['model_scale']}, "
+        f"image {first['image_size'][0]}x{first['image_size'][1]}, repetitions {first['repeat']}, "
+        f"memory: {first['memory_measure']} (models included)",
+        '',
+        f"{'method':<14}{'models':<16}{'windows':<9}{'frame ms':>10}{'min ms':>10}{'x trident':>11}{'peak memory':>14}",
+    ]
+    for row in rows:
+        ratio = f"{row['ratio_to_trident']:.3f}" if row['ratio_to_trident'] is not None else '-'
+        lines.append(f"{row['method']:<14}{'+'.join(row['models']):<16}{row['windows']:<9}"
+                     f"{1000 * row['full_frame_s']:>10.1f}{1000 * row['full_frame_min_s']:>10.1f}{ratio:>11}"
+                     f"{row['peak_memory_bytes'] / 2**30:>10.2f} GiB")
+    return '\n'.join(lines)
