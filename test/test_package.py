@@ -16,7 +16,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ROS_ONLY_MODULES = {'node', 'node_main', 'ros_compat', 'node_health', 'node_parameters', 'frame_io',
-                    'vocabulary_topics', 'conversions', 'depth_io', 'fake_camera', 'demo'}
+                    'vocabulary_topics', 'conversions', 'depth_io', 'fake_camera', 'demo', 'node_starter'}
 ROS_PACKAGES = ('rclpy', 'rosidl_runtime_py', 'rosidl_parser', 'sensor_msgs', 'std_msgs', 'builtin_interfaces',
                 'diagnostic_msgs', 'lifecycle_msgs', 'cv_bridge', 'rosbags', 'launch', 'launch_ros', 'geometry_msgs',
                 'vision_msgs', 'message_filters', 'sensor_msgs_py')
