@@ -18,8 +18,8 @@ export CMAKE_PREFIX_PATH="${CMAKE_PREFIX_PATH:+$CMAKE_PREFIX_PATH:}$_trident_ven
 if [ -f "$_trident_root/install$_trident_suffix/setup.bash" ]; then
   # shellcheck disable=SC1091
   COLCON_CURRENT_PREFIX="$_trident_root/install$_trident_suffix" . "$_trident_root/install$_trident_suffix/setup.bash"
-  # no `ros2 run` without a ROS install: the package's executables (trident_node, trident_launch, ...) on PATH
-  export PATH="$_trident_root/install$_trident_suffix/trident_ros/lib/trident_ros:$PATH"
+  # no `ros2 run` without a ROS install: the package's executables (trident_node, trident_launch, ...) on PATH, last
+  export PATH="$PATH:$_trident_root/install$_trident_suffix/trident_ros/lib/trident_ros"
 fi
 export ROS_AUTOMATIC_DISCOVERY_RANGE=${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}
 # Fast DDS 3.x (Kilted) reads FASTDDS_..., 2.x (Jazzy, Humble) FASTRTPS_...: a profile set under either name is

@@ -105,8 +105,9 @@ def trident(env, client, outputs, cameras, tmp_path_factory):
 def active(trident, client, outputs):
     """The node active with tiny random-weight models and VOCABULARY (from the topic)."""
     if client.lifecycle_state(NODE) == 'unconfigured':
-        assert all(r.successful for r in client.set_parameters(
-            NODE, {'random_weights': True, 'model_scale': 'tiny', 'slide_crop': 336}, atomically=True))
+        results = client.set_parameters(NODE, {'random_weights': True, 'model_scale': 'tiny', 'slide_crop': 336},
+                                        atomically=True)
+        assert all(r.successful for r in results), ([r.reason for r in results], trident.output()[-3000:])
         assert client.change_state(NODE, Transition.TRANSITION_CONFIGURE), trident.output()
     if client.lifecycle_state(NODE) == 'inactive':
         assert client.change_state(NODE, Transition.TRANSITION_ACTIVATE), trident.output()
