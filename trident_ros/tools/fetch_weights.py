@@ -50,7 +50,8 @@ def build_config(args: argparse.Namespace) -> TridentConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format='[%(levelname)s] %(name)s: %(message)s')
+    logging.basicConfig(level=logging.WARNING, format='[%(levelname)s] %(name)s: %(message)s')
+    logging.getLogger('trident_ros').setLevel(logging.INFO)  # ours; the HTTP libraries' requests are not news
     args = parse_args(argv)
     try:
         config = build_config(args)
