@@ -231,9 +231,7 @@ def test_message_fields_come_from_the_msg_files_at_run_time(tmp_path):
 def test_an_install_finds_the_msg_files_in_its_share_folder(tmp_path):
     """Outside the source tree (a non-symlink install) the .msg files come from <prefix>/share/trident_ros/msg."""
     package = tmp_path / 'site' / 'trident_ros'
-    package.mkdir(parents=True)
-    for module in ('__init__.py', 'bag_messages.py'):
-        (package / module).write_text((ROOT / 'trident_ros' / module).read_text())
+    shutil.copytree(ROOT / 'trident_ros', package, ignore=shutil.ignore_patterns('__pycache__'))
     prefix = tmp_path / 'prefix'
     (prefix / 'share' / 'trident_ros').mkdir(parents=True)
     shutil.copytree(ROOT / 'msg', prefix / 'share' / 'trident_ros' / 'msg')
@@ -241,7 +239,8 @@ def test_an_install_finds_the_msg_files_in_its_share_folder(tmp_path):
     code = 'import trident_ros.tools.bag_messages as b; print(b.__file__); print(b.find_msg_dir())'
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(package / 'bag_messages.py'), str(prefix / 'share' / 'trident_ros' / 'msg')]
+    assert result.stdout.split() == [str(package / 'tools' / 'bag_messages.py'),
+                                     str(prefix / 'share' / 'trident_ros' / 'msg')]
 
 
 def test_sigterm_closes_the_output_with_the_frames_done(tmp_path):

@@ -85,7 +85,7 @@ def test_a_raw_image_over_the_limit_is_refused_before_its_data_is_read():
 
 
 def test_both_message_libraries_decode_alike():
-    """rclpy's shape of the same messages (``data`` an ``array.array('B')`` or bytes) decodes to the same pixels."""
+    """The same messages in rclpy's shape (``data`` an ``array.array('B')`` or bytes) decodes to the same pixels."""
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, (5, 7, 4), dtype=np.uint8)
     rows = np.zeros((5, 7 * 4 + 3), np.uint8)
