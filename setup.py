@@ -30,6 +30,8 @@ setup(
         'pillow>=9.0',
         'PyYAML>=6.0',
         'rosbags>=0.10',
+        'rosbags-image>=0.9',  # raw image messages of bags (image_decoding)
+        'huggingface_hub>=0.23',  # weight downloads (models/weight_files.py); timm and open_clip need it too
     ],
     extras_require={'test': ['pytest>=8,<9', 'psutil']},
     entry_points={

@@ -21,7 +21,7 @@ from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from trident_ros.tools.bag_messages import decode_image, make_typestore, new_message
+from trident_ros.tools.bag_messages import make_typestore, new_message
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPIC = '/camera/color/image_raw'
@@ -231,9 +231,7 @@ def test_message_fields_come_from_the_msg_files_at_run_time(tmp_path):
 def test_an_install_finds_the_msg_files_in_its_share_folder(tmp_path):
     """Outside the source tree (a non-symlink install) the .msg files come from <prefix>/share/trident_ros/msg."""
     package = tmp_path / 'site' / 'trident_ros'
-    package.mkdir(parents=True)
-    for module in ('__init__.py', 'bag_messages.py'):
-        (package / module).write_text((ROOT / 'trident_ros' / module).read_text())
+    shutil.copytree(ROOT / 'trident_ros', package, ignore=shutil.ignore_patterns('__pycache__'))
     prefix = tmp_path / 'prefix'
     (prefix / 'share' / 'trident_ros').mkdir(parents=True)
     shutil.copytree(ROOT / 'msg', prefix / 'share' / 'trident_ros' / 'msg')
@@ -241,7 +239,8 @@ def test_an_install_finds_the_msg_files_in_its_share_folder(tmp_path):
     code = 'import trident_ros.tools.bag_messages as b; print(b.__file__); print(b.find_msg_dir())'
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(package / 'bag_messages.py'), str(prefix / 'share' / 'trident_ros' / 'msg')]
+    assert result.stdout.split() == [str(package / 'tools' / 'bag_messages.py'),
+                                     str(prefix / 'share' / 'trident_ros' / 'msg')]
 
 
 def test_sigterm_closes_the_output_with_the_frames_done(tmp_path):
@@ -266,30 +265,3 @@ def test_sigterm_closes_the_output_with_the_frames_done(tmp_path):
     written = len(topics['/trident/labels'])
     assert 2 <= done <= written <= done + 1 < 30, (done, written)
     check_frames(topics, input_stamps(30)[:written], segmentation=False)
-
-
-def test_decode_image_honours_step_scales_16_bit_and_refuses_bad_images():
-    store = get_typestore(Stores.LATEST)
-    image_type, compressed_type = 'sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage'
-
-    def image(encoding: str, width: int, height: int, step: int, data: np.ndarray):
-        return new_message(store, image_type, encoding=encoding, width=width, height=height, step=step,
-                           data=np.ascontiguousarray(data).view(np.uint8).reshape(-1))
-
-    bgr = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    padded = np.zeros((2, 3 * 3 + 7), dtype=np.uint8)
-    padded[:, :9] = bgr.reshape(2, 9)
-    assert np.array_equal(decode_image(image('bgr8', 3, 2, 16, padded), image_type), bgr[..., ::-1])
-    mono16 = np.array([[0, 65535], [32768, 1000]], dtype='<u2')
-    assert decode_image(image('mono16', 2, 2, 4, mono16), image_type)[..., 0].tolist() == [[0, 255], [127, 3]]
-    with pytest.raises(ValueError, match="unsupported encoding '32FC1'"):
-        decode_image(image('32FC1', 1, 1, 4, np.zeros(1, np.float32)), image_type)
-    with pytest.raises(ValueError, match='step 2'):
-        decode_image(image('rgb8', 2, 1, 2, np.zeros(2, np.uint8)), image_type)
-    jpeg = np.frombuffer(cv2.imencode('.jpg', np.full((8, 8, 3), 200, np.uint8))[1].tobytes(), np.uint8)
-    decoded = decode_image(new_message(store, compressed_type, format='jpeg', data=jpeg), compressed_type)
-    assert decoded.shape == (8, 8, 3) and abs(int(decoded.mean()) - 200) <= 2
-    with pytest.raises(ValueError, match='cannot be decoded'):
-        decode_image(new_message(store, compressed_type, format='jpeg', data=jpeg[:20].copy()), compressed_type)
-    with pytest.raises(ValueError, match='no data'):
-        decode_image(new_message(store, compressed_type, format='jpeg', data=np.zeros(0, np.uint8)), compressed_type)

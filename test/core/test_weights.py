@@ -1,5 +1,5 @@
-"""Weight files: lookup order, verified downloads (file:// URLs, no network), loading, and errors that
-say which file to put where.
+"""Weight files: lookup order, checksums, loading, and errors that say which file to put where (downloads:
+test_fetch_weights).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from trident_ros.models.build import clip_weights_error, dino_weights_error
 from trident_ros.models.weight_files import (
     WeightFile,
     WeightsError,
-    download,
     load_into,
     load_state_dict,
     verify_sha256,
@@ -23,7 +22,6 @@ from trident_ros.models.weight_files import (
 from trident_ros.models.weights import (
     SAM_CHECKPOINTS,
     dino_checkpoint,
-    fetch_weight_file,
     resolve_sam_checkpoint,
     weights_dir,
 )
@@ -161,44 +159,6 @@ def test_checksum_stamp_is_invalidated_by_a_changed_file(saved_sam):
     path.write_bytes(path.read_bytes()[:-10])  # new size and mtime: must be hashed again
     with pytest.raises(WeightsError, match='corrupt'):
         verify_sha256(path, good)
-
-
-def test_download_verifies_and_renames_atomically(tmp_path, saved_sam):
-    _, source = saved_sam
-    dest = tmp_path / 'cache' / 'sam.pth'
-    assert download(source.as_uri(), dest, file_sha256(source)) == dest
-    assert dest.read_bytes() == source.read_bytes()
-    bad = tmp_path / 'cache' / 'bad.pth'
-    with pytest.raises(WeightsError, match='corrupt'):
-        download(source.as_uri(), bad, '0' * 64)
-    assert not bad.exists()
-    assert not list((tmp_path / 'cache').glob('*.part'))
-
-
-def test_fetch_downloads_a_missing_file_once(tmp_path, saved_sam):
-    _, source = saved_sam
-    spec = WeightFile('weights.pth', source.as_uri(), file_sha256(source))
-    path = fetch_weight_file(spec, tmp_path / 'cache', allow_download=True, what='SAM tiny')
-    assert path == tmp_path / 'cache' / 'weights.pth' and path.read_bytes() == source.read_bytes()
-    source.unlink()  # a second fetch finds the cached file and does not download
-    assert fetch_weight_file(spec, tmp_path / 'cache', allow_download=True, what='SAM tiny') == path
-
-
-def test_unreachable_url_gives_an_actionable_error(tmp_path):
-    url = (tmp_path / 'nowhere' / 'weights.pth').as_uri()
-    spec = WeightFile('weights.pth', url, None)
-    with pytest.raises(WeightsError) as error:
-        fetch_weight_file(spec, tmp_path / 'cache', allow_download=True, what='SAM vit_b')
-    message = str(error.value)
-    assert url in message and str(tmp_path / 'cache' / 'weights.pth') in message
-    assert '--random-weights' in message
-    assert not (tmp_path / 'cache' / 'weights.pth').exists()
-
-
-def test_unroutable_local_url_fails_fast(tmp_path):
-    spec = WeightFile('weights.pth', 'http://127.0.0.1:9/weights.pth', None)
-    with pytest.raises(WeightsError, match='127.0.0.1:9'):
-        fetch_weight_file(spec, tmp_path, allow_download=True, what='SAM vit_b')
 
 
 # --- resolve_sam_checkpoint -------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Weight files on disk: checksums, verified downloads, and reading state dicts safely.
 
+Downloads go through huggingface_hub, the library made for them: hub files by ``hf_hub_download``
+(``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, its cache, ETags, a dropped connection resumed), plain URLs (SAM's)
+by its ``http_get`` into a ``.part`` file that a later run resumes with an HTTP Range request.
 No knowledge of which model needs which file (that is :mod:`.weights`).
 """
 from __future__ import annotations
@@ -8,8 +11,6 @@ import hashlib
 import logging
 import os
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-_DOWNLOAD_TIMEOUT_S = 30.0
+_RANGE_NOT_SATISFIABLE = 416
 
 
 class WeightsError(RuntimeError):
@@ -82,13 +83,16 @@ def _write_stamp(path: Path, sha256: str) -> None:
 
 
 def download(url: str, dest: str | Path, sha256: str | None = None) -> Path:
-    """Download ``url`` to ``dest`` with a progress bar, checked, renamed into place.
+    """Download ``url`` to ``dest``, resumable, with a progress bar, checked, renamed into place.
 
-    The data goes to a temporary file in the same folder, is checked against ``sha256`` and is then
-    renamed to ``dest`` (so ``dest`` is never partial).
+    The bytes go to ``.<name>.part`` next to ``dest`` (huggingface_hub's ``http_get``: a connection
+    dropped mid-way is resumed with an HTTP Range request). A failed download keeps what it got there,
+    and the next call resumes from it (a server that ignores Range sends the whole file again; one that
+    refuses the range starts it anew). The complete file is checked against ``sha256`` and renamed to
+    ``dest``, so ``dest`` is never partial; a file of the wrong checksum is deleted.
 
     Args:
-        url: what to download (http(s) or file URL).
+        url: what to download (http or https).
         dest: the file to create.
         sha256: the expected hex SHA-256; None: not checked.
 
@@ -96,36 +100,78 @@ def download(url: str, dest: str | Path, sha256: str | None = None) -> Path:
         ``dest``.
 
     Raises:
-        WeightsError: the download failed or the checksum does not match (nothing is left at
-            ``dest``); ``OSError``/``urllib.error.URLError`` are wrapped.
+        WeightsError: the download failed (what arrived stays in the ``.part`` file for the next
+            call) or the checksum does not match (nothing is left).
     """
-    from tqdm import tqdm
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f'.{dest.name}.part')
+    try:
+        try:
+            _fetch_into(url, part, dest.name)
+        except Exception as error:
+            if getattr(getattr(error, 'response', None), 'status_code', None) != _RANGE_NOT_SATISFIABLE:
+                raise
+            log.warning('%s: the server refuses to resume at %d bytes; downloading it anew', url, part.stat().st_size)
+            part.unlink()
+            _fetch_into(url, part, dest.name)
+        actual = sha256_of(part) if sha256 is not None else None
+        if actual is not None and actual != sha256.lower():
+            part.unlink()
+            raise WeightsError(f'download of {url} is corrupt: SHA-256 {actual}, expected {sha256}')
+        os.replace(part, dest)
+    except WeightsError:
+        raise
+    except Exception as error:  # huggingface_hub raises its own, httpx's and OS errors
+        if part.is_file() and part.stat().st_size == 0:
+            part.unlink()
+        raise WeightsError(f'download of {url} failed: {error}') from error
+    if sha256 is not None:
+        _write_stamp(dest, sha256)  # just hashed: no second read at the next start
+    return dest
+
+
+def _fetch_into(url: str, part: Path, name: str) -> None:
+    """Append the rest of ``url`` to ``part`` (created when missing), from its current size on."""
+    from huggingface_hub.file_download import http_get
+
+    with open(part, 'ab') as stream:
+        resumed = stream.tell()
+        if resumed:
+            log.info('resuming the download of %s at %d bytes (%s)', url, resumed, part)
+        http_get(url, stream, resume_size=resumed, displayed_filename=name)
+
+
+def download_from_hub(repo: str, filename: str, dest: str | Path) -> Path:
+    """Download ``filename`` of the Hugging Face hub repository ``repo`` to ``dest`` by ``hf_hub_download``.
+
+    huggingface_hub honours ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``, copies a file its cache already
+    holds instead of downloading it, and resumes a connection dropped mid-way; the file arrives in a
+    temporary folder next to ``dest`` and is renamed into place (``dest`` is never partial).
+
+    Args:
+        repo: the repository (``timm/vit_base_patch16_224.dino``).
+        filename: the file in it (``model.safetensors``).
+        dest: the file to create.
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        WeightsError: the download failed (nothing is left at ``dest``).
+    """
+    from huggingface_hub import hf_hub_download, hf_hub_url
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # closed by the `with` below; its name is needed after that (rename, clean-up)
-    tmp = tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.part',  # noqa: SIM115
-                                      delete=False)
-    digest = hashlib.sha256()
+    url = hf_hub_url(repo, filename)
     try:
-        with tmp, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
-            total = int(response.headers.get('Content-Length') or 0) or None
-            with tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, desc=dest.name) as bar:
-                for block in iter(lambda: response.read(_CHUNK), b''):
-                    tmp.write(block)
-                    digest.update(block)
-                    bar.update(len(block))
-        if sha256 is not None and digest.hexdigest() != sha256.lower():
-            raise WeightsError(f'download of {url} is corrupt: SHA-256 {digest.hexdigest()}, expected {sha256}')
-        os.replace(tmp.name, dest)
-    except (OSError, ValueError, urllib.error.URLError) as error:
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f'.{dest.name}.') as staging:
+            os.replace(hf_hub_download(repo, filename, local_dir=staging), dest)
+    except Exception as error:  # huggingface_hub raises its own, httpx's and OS errors
         raise WeightsError(f'download of {url} failed: {error}') from error
-    finally:
-        if os.path.exists(tmp.name):
-            os.unlink(tmp.name)
-    if sha256 is not None:
-        _write_stamp(dest, sha256)  # hashed while downloading: no second read
     return dest
+
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict on the CPU.

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from trident_ros.config import METHOD_MODELS, TridentConfig
-from trident_ros.models.weight_files import WeightFile, WeightsError, download, verify_sha256
+from trident_ros.models.weight_files import WeightFile, WeightsError, download, download_from_hub, verify_sha256
 
 T = TypeVar('T')
 
@@ -122,8 +122,9 @@ def resolve_sam_checkpoint(config: TridentConfig) -> Path:
 
 def _hub_url(repo: str, filename: str) -> str:
     """The download URL of ``filename`` in the Hugging Face hub repository ``repo`` (``$HF_ENDPOINT`` honoured)."""
-    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
-    return f'{endpoint}/{repo}/resolve/main/{filename}'
+    from huggingface_hub import hf_hub_url
+
+    return hf_hub_url(repo, filename)
 
 
 def _hub_offline() -> bool:
@@ -261,8 +262,7 @@ def fetch_files(entries: Sequence[NeededWeight]) -> dict[Path, str]:
                 verify_sha256(entry.path, entry.file.sha256, entry.file.url)
                 done[entry.path] = 'present'
             else:
-                log.info('downloading %s weights %s to %s', entry.what, entry.file.url, entry.path)
-                download(entry.file.url, entry.path, entry.file.sha256)
+                _download(entry)
                 done[entry.path] = 'downloaded'
         except WeightsError as error:
             failed.append((entry, str(error)))
@@ -299,6 +299,14 @@ class WeightSources:
         return ', '.join(parts)
 
 
+def _download(entry: NeededWeight) -> Path:
+    """``entry``'s file downloaded to its path: a hub file through huggingface_hub's hub download, others resumably."""
+    log.info('downloading %s weights %s to %s', entry.what, entry.file.url, entry.path)
+    if entry.hub is not None:
+        return download_from_hub(entry.hub[0], entry.hub[1][0], entry.path)
+    return download(entry.file.url, entry.path, entry.file.sha256)
+
+
 def _in_hub_cache(entry: NeededWeight) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
@@ -329,7 +337,7 @@ def _find(entry: NeededWeight, allow_download: bool, problems: list[str],
         problems.append(f'{entry.what}: the Hugging Face hub is off (HF_HUB_OFFLINE is set)')
     else:
         try:
-            return download(entry.file.url, entry.path, entry.file.sha256)
+            return _download(entry)
         except WeightsError as error:
             problems.append(f'{entry.what}: {error}')
     missing.append(entry)

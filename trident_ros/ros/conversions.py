@@ -1,44 +1,24 @@
 """ROS messages <-> NumPy arrays for the trident node (no node, no pipeline here).
 
-Input images are decoded by ``cv_bridge`` where it is installed AND works (a ROS 2 install), else
-by ``rosbags-image`` (pure Python, duck-types rclpy messages). Both are only handed messages that
-were checked here first: a known encoding, a positive size within ``max_pixels``, ``step`` at
-least one row of pixels, and ``len(data) == height * step``. Row padding (``step`` larger than a
-row) is removed before decoding, because rosbags-image ignores ``step``.
-
-Accepted ``sensor_msgs/Image`` encodings (:data:`SUPPORTED_ENCODINGS`):
-
-* ``rgb8``, ``bgr8``, ``rgba8``, ``bgra8`` (alpha dropped), ``mono8`` (grey replicated to RGB);
-* ``rgb16``, ``bgr16``, ``rgba16``, ``bgra16``, ``mono16``: scaled linearly to 8 bits
-  (0..65535 -> 0..255, no auto-contrast, so a depth image in millimetres looks black);
-  big-endian data (``is_bigendian``) is byte-swapped.
-
-Refused with :class:`ImageConversionError`: every other encoding (Bayer, YUV, ``16SC1``,
-``32FC1`` and other float/depth images, made-up names). rosbags-image could convert Bayer and
-YUV 4:2:2 as well, but that path is not verified here, so the node does not claim it.
-Images larger than ``max_pixels`` are refused, never downscaled: outputs must keep the input's
-pixel grid (``~/labels`` pixel (u, v) is camera pixel (u, v)).
-
-``sensor_msgs/CompressedImage``: whatever OpenCV's ``imdecode`` reads (JPEG, PNG, ...; the content
-decides, the ``format`` field is not trusted), decoded to 8-bit; grey and alpha handled as above.
-The pixel size is read from the header first (Pillow, no decoding), so that a small file that
-would decode to gigabytes (a "decompression bomb") is refused before any pixel is allocated.
+Input images are decoded by :mod:`trident_ros.image_decoding` (checks, encodings, size limits, the
+decompression-bomb guard; the same code decodes bags), its raw rows by ``cv_bridge`` where it is
+installed AND works (a ROS 2 install), else by ``rosbags-image`` (:data:`IMAGE_BACKEND`).
 """
 from __future__ import annotations
 
-import io
 import sys
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from types import SimpleNamespace
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 from geometry_msgs.msg import Point, Vector3
-from sensor_msgs.msg import CompressedImage, Image, RegionOfInterest
+from sensor_msgs.msg import Image, RegionOfInterest
 from std_msgs.msg import Header
 
+from trident_ros import image_decoding
+from trident_ros.image_decoding import ImageConversionError as ImageConversionError  # the node's name for it
+from trident_ros.image_decoding import compressed_size as compressed_size
+from trident_ros.image_decoding import compressed_to_rgb as compressed_to_rgb
 from trident_ros.msg import ClassMask as ClassMaskMsg
 from trident_ros.msg import ClassMaskArray, VocabularyInfo
 
@@ -64,31 +44,8 @@ vision_msgs, VISION_MSGS_MISSING = _import_vision_msgs()
 and the warning the node gives at configure without it ('' with it)."""
 LabelInfo = vision_msgs.LabelInfo if vision_msgs is not None else None
 
-# encoding -> (channels, bytes per channel); the encodings the node accepts (see module docstring)
-SUPPORTED_ENCODINGS: dict[str, tuple[int, int]] = {
-    'rgb8': (3, 1), 'bgr8': (3, 1), 'rgba8': (4, 1), 'bgra8': (4, 1), 'mono8': (1, 1),
-    'rgb16': (3, 2), 'bgr16': (3, 2), 'rgba16': (4, 2), 'bgra16': (4, 2), 'mono16': (1, 2),
-}
-_GRAY_OR_COLOUR_TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
 
-
-class ImageConversionError(ValueError):
-    """An image message cannot be used; the message says why (for a warning, never a crash).
-
-    ``reason`` names the kind of problem (``encoding``, ``size``, ``too_large``, ``step``,
-    ``length``, ``decode``), so that a node can throttle its warnings per kind.
-    """
-
-    def __init__(self, message: str, reason: str = 'decode') -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-Decoder = Callable[[str, int, int, bool, np.ndarray], np.ndarray]
-"""``(encoding, height, width, is_bigendian, data (height * row bytes,) uint8) -> (H, W, 3) uint8 RGB``."""
-
-
-def _cv_bridge_decoder() -> Decoder | None:
+def _cv_bridge_decoder() -> image_decoding.RawDecoder | None:
     """``cv_bridge``'s ``imgmsg_to_cv2(msg, 'rgb8')`` if it imports and decodes a probe image."""
     try:
         from cv_bridge import CvBridge
@@ -110,115 +67,19 @@ def _cv_bridge_decoder() -> Decoder | None:
     return decode
 
 
-def _rosbags_decoder() -> Decoder:
-    from rosbags.image import image_to_cvimage
-
-    def decode(encoding: str, height: int, width: int, bigendian: bool, data: np.ndarray) -> np.ndarray:
-        msg = SimpleNamespace(height=height, width=width, encoding=encoding, is_bigendian=bigendian,
-                              step=len(data) // height, data=data)
-        return image_to_cvimage(msg, 'rgb8')
-
-    return decode
-
-
-def _select_decoder() -> tuple[str, Decoder]:
-    bridge = _cv_bridge_decoder()
-    return ('cv_bridge', bridge) if bridge is not None else ('rosbags-image', _rosbags_decoder())
-
-
-IMAGE_BACKEND, _DECODE = _select_decoder()
-"""Which library decodes ``sensor_msgs/Image`` in this process, and its decoder."""
-
-
-def check_size(height: int, width: int, max_pixels: int) -> None:
-    """Raise :class:`ImageConversionError` for an empty image or one over ``max_pixels``."""
-    if height <= 0 or width <= 0:
-        raise ImageConversionError(f'empty image ({width}x{height})', 'size')
-    if height * width > max_pixels:
-        raise ImageConversionError(
-            f'{width}x{height} = {height * width} pixels exceeds max_input_pixels={max_pixels}; '
-            'refused (outputs keep the input resolution): scale the image down before sending it', 'too_large')
+_BRIDGE = _cv_bridge_decoder()
+IMAGE_BACKEND = 'cv_bridge' if _BRIDGE is not None else 'rosbags-image'
+"""Which library decodes the rows of a ``sensor_msgs/Image`` in this process."""
+_DECODE = _BRIDGE or image_decoding.decode_with_rosbags
 
 
 def image_to_rgb(msg: Image, max_pixels: int) -> np.ndarray:
-    """Decode a ``sensor_msgs/Image`` into an ``(H, W, 3)`` uint8 RGB array (a new array).
+    """Decode a ``sensor_msgs/Image`` into a new ``(H, W, 3)`` uint8 RGB array, rows by :data:`IMAGE_BACKEND`.
 
     Raises:
-        ImageConversionError: unsupported encoding, bad size, ``step`` or ``data`` length.
+        ImageConversionError: see :func:`trident_ros.image_decoding.image_to_rgb`.
     """
-    encoding = msg.encoding.strip().lower()
-    if encoding not in SUPPORTED_ENCODINGS:
-        raise ImageConversionError(
-            f'unsupported encoding {msg.encoding[:32]!r}; supported: {", ".join(SUPPORTED_ENCODINGS)}', 'encoding')
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    check_size(height, width, max_pixels)
-    channels, depth = SUPPORTED_ENCODINGS[encoding]
-    row_bytes = width * channels * depth
-    if step < row_bytes:
-        raise ImageConversionError(
-            f'step {step} is smaller than one row of {width} {encoding} pixels ({row_bytes} bytes)', 'step')
-    if len(msg.data) != height * step:
-        raise ImageConversionError(f'data has {len(msg.data)} bytes, height*step is {height * step}', 'length')
-    data = np.frombuffer(msg.data, dtype=np.uint8)
-    if step != row_bytes:  # drop row padding: rosbags-image reads rows as contiguous
-        data = np.ascontiguousarray(data.reshape(height, step)[:, :row_bytes])
-    try:
-        rgb = _DECODE(encoding, height, width, bool(msg.is_bigendian), data)
-    except Exception as error:  # the libraries raise assorted types; report, never propagate
-        raise ImageConversionError(f'{encoding} image could not be decoded: {error}') from error
-    return _as_rgb8(rgb, f'{encoding} image')
-
-
-def compressed_to_rgb(msg: CompressedImage, max_pixels: int) -> np.ndarray:
-    """Decode a ``sensor_msgs/CompressedImage`` (JPEG, PNG, ...) into ``(H, W, 3)`` uint8 RGB.
-
-    Raises:
-        ImageConversionError: empty or undecodable data, or a decoded size over ``max_pixels``.
-    """
-    if len(msg.data) == 0:
-        raise ImageConversionError('compressed image has no data', 'size')
-    data = np.frombuffer(msg.data, dtype=np.uint8)
-    header_size = compressed_size(data)
-    if header_size is not None:
-        check_size(*header_size, max_pixels)
-    # OpenCV's imdecode, as rosbags-image and cv_bridge use; its result is checked here because
-    # rosbags-image only asserts it (an AssertionError, or None under python -O).
-    try:
-        decoded = cv2.imdecode(data, cv2.IMREAD_ANYCOLOR)
-    except cv2.error as error:  # e.g. over OpenCV's own pixel limit
-        raise ImageConversionError(f'compressed image could not be decoded: {str(error).strip()[:200]}') from error
-    if decoded is None:
-        raise ImageConversionError(
-            f'compressed image ({len(msg.data)} bytes, format {msg.format[:32]!r}) could not be decoded')
-    check_size(decoded.shape[0], decoded.shape[1], max_pixels)
-    channels = 1 if decoded.ndim == 2 else decoded.shape[2]
-    if channels not in _GRAY_OR_COLOUR_TO_RGB:
-        raise ImageConversionError(f'compressed image decoded to {channels} channels')
-    return _as_rgb8(cv2.cvtColor(decoded, _GRAY_OR_COLOUR_TO_RGB[channels]), 'compressed image')
-
-
-def compressed_size(data: np.ndarray) -> tuple[int, int] | None:
-    """``(height, width)`` from a compressed image's header (Pillow reads the header only), or
-    None when Pillow does not know the format (OpenCV may still decode it).
-    """
-    from PIL import Image as PilImage
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', PilImage.DecompressionBombWarning)
-            with PilImage.open(io.BytesIO(data.tobytes())) as image:
-                width, height = image.size
-    except PilImage.DecompressionBombError as error:  # more than twice Pillow's own pixel limit
-        raise ImageConversionError(f'compressed image is too large: {error}', 'too_large') from error
-    except Exception:  # unknown or broken header: let OpenCV decide
-        return None
-    return height, width
-
-
-def _as_rgb8(image: np.ndarray, what: str) -> np.ndarray:
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ImageConversionError(f'{what} decoded to {image.shape} {image.dtype}, not (H, W, 3) uint8')
-    return np.ascontiguousarray(image)
+    return image_decoding.image_to_rgb(msg, max_pixels, _DECODE)
 
 
 def array_to_image(array: np.ndarray, encoding: str, header: Header) -> Image:

@@ -1,4 +1,4 @@
-"""rosbags messages of this package without ROS: the typestore with our ``msg/*.msg``, message builders, image decoding.
+"""rosbags messages of this package without ROS: the typestore with our ``msg/*.msg``, message builders, images.
 
 ``rosbags`` is imported inside the functions: the core's other modules import without it.
 """
@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-import cv2
 import numpy as np
+
+from trident_ros.image_decoding import MAX_PIXELS, compressed_to_rgb, image_to_rgb
 
 if TYPE_CHECKING:
     from rosbags.typesys.store import Typestore
@@ -19,9 +19,6 @@ if TYPE_CHECKING:
 IMAGE_TYPES = ('sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage')
 MSG_PACKAGE = 'trident_ros'
 MSG_FILES = ('ClassMask', 'ClassMaskArray', 'VocabularyInfo')
-ENCODING_CHANNELS = {'rgb8': 3, 'bgr8': 3, 'rgba8': 4, 'bgra8': 4, 'mono8': 1,
-                     'rgb16': 3, 'bgr16': 3, 'rgba16': 4, 'bgra16': 4, 'mono16': 1}
-"""Raw encodings read, with their channels (as the node: 16-bit scaled to 8, alpha dropped)."""
 
 
 class BagError(RuntimeError):
@@ -98,34 +95,13 @@ def image_message(store: Typestore, array: np.ndarray, encoding: str, header: An
                        data=np.frombuffer(array.tobytes(), dtype=np.uint8))
 
 
-def decode_image(msg: Any, msgtype: str) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB of a rosbags Image/CompressedImage (rosbags-image, as the node's fallback).
+def decode_image(msg: Any, msgtype: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of a rosbags Image/CompressedImage, decoded as the node decodes (:mod:`.image_decoding`).
 
     Raises:
-        ValueError: unsupported encoding, inconsistent size, or undecodable data.
+        ImageConversionError: (a ``ValueError``) unsupported encoding, inconsistent size, over ``max_pixels``
+            (a compressed image by its header, before decoding), or undecodable data.
     """
-    from rosbags.image import compressed_image_to_cvimage, image_to_cvimage
-
     if msgtype.endswith('CompressedImage'):
-        if len(msg.data) == 0:
-            raise ValueError('compressed image has no data')
-        try:
-            rgb = compressed_image_to_cvimage(msg, 'rgb8')
-        except (AssertionError, cv2.error) as error:  # rosbags-image asserts imdecode's result
-            raise ValueError(f'compressed image ({len(msg.data)} bytes, format {msg.format[:32]!r}) '
-                             'cannot be decoded') from error
-    else:
-        encoding = msg.encoding.strip().lower()
-        if encoding not in ENCODING_CHANNELS:
-            raise ValueError(f'unsupported encoding {msg.encoding[:32]!r}; supported: {", ".join(ENCODING_CHANNELS)}')
-        row = msg.width * ENCODING_CHANNELS[encoding] * (2 if encoding.endswith('16') else 1)
-        if msg.height <= 0 or msg.width <= 0 or msg.step < row or len(msg.data) != msg.height * msg.step:
-            raise ValueError(f'{msg.width}x{msg.height} {encoding} image with step {msg.step} and '
-                             f'{len(msg.data)} bytes of data')
-        data = np.asarray(msg.data, dtype=np.uint8).reshape(msg.height, msg.step)[:, :row]
-        rows = SimpleNamespace(height=msg.height, width=msg.width, encoding=encoding,
-                               is_bigendian=msg.is_bigendian, data=np.ascontiguousarray(data))
-        rgb = image_to_cvimage(rows, 'rgb8')  # reads rows as contiguous: padding dropped above
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f'image decoded to {rgb.shape} {rgb.dtype}, not (H, W, 3) uint8')
-    return np.ascontiguousarray(rgb)
+        return compressed_to_rgb(msg, max_pixels)
+    return image_to_rgb(msg, max_pixels)

@@ -4,8 +4,11 @@
     trident-weights fetch --config config/trident.yaml --weights-dir /data/weights
     trident-weights fetch --print                          # list URLs, files, SHA-256s (to fetch elsewhere)
 
-Downloads the weight files of the configured models that are not in the weights folder yet (progress
-bar, SHA-256 checked where published, atomic rename) and verifies those already there. Afterwards
+Downloads the weight files of the configured models that are not in the weights folder yet and verifies
+those already there. Downloads go through huggingface_hub: hub files (CLIP, DINO) as ``hf_hub_download``
+fetches them (``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, its cache), SAM's file into ``.<name>.part``, which the
+next run resumes; a dropped connection is resumed at once; progress bar, SHA-256 checked where published,
+atomic rename. Afterwards
 ``trident-segment`` and the node find every file in that folder by its standard name: nothing else
 to set (``weights_dir`` in the config or as a node parameter when it is not the default folder).
 """
@@ -50,7 +53,8 @@ def build_config(args: argparse.Namespace) -> TridentConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format='[%(levelname)s] %(name)s: %(message)s')
+    logging.basicConfig(level=logging.WARNING, format='[%(levelname)s] %(name)s: %(message)s')
+    logging.getLogger('trident_ros').setLevel(logging.INFO)  # ours; the HTTP libraries' requests are not news
     args = parse_args(argv)
     try:
         config = build_config(args)
