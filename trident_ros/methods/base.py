@@ -104,6 +104,8 @@ class Method:
         models: the models it needs, of ``clip``, ``dino``, ``sam`` (only these are loaded).
         window_models: the models its windows are cut for: crops are multiples of each one's patch size.
         crop_field: the dotted config name of its window crop (validated against those patch sizes).
+        stride_field: the dotted config name of its window stride.
+        refines: whether it refines its labels with SAM (``refinement.*`` applies).
         section: the name of its parameters section (``config.section(name)``), or None.
         params: its parameters dataclass (frozen; defaults are the plain defaults), or None.
         preset: its authors' values, dotted config name -> value, for the names a user does not give.
@@ -114,6 +116,8 @@ class Method:
     models: tuple[str, ...] = ('clip',)
     window_models: tuple[str, ...] = ('clip',)
     crop_field: str = 'windows.clip_slide_crop'
+    stride_field: str = 'windows.clip_slide_stride'
+    refines: bool = False
     section: str | None = None
     params: type | None = None
     preset: Mapping[str, Any] = MappingProxyType({})

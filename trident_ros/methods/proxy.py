@@ -28,6 +28,7 @@ class ProxyMethod(Method):
     models = ('clip', 'dino')
     window_models = ('clip', 'dino')
     crop_field = 'windows.slide_crop'
+    stride_field = 'windows.slide_stride'
     section = 'proxy'
     params = ProxyParams
     preset = MappingProxyType({'models.dino_model': 'vit_base_patch8_224.dino', 'windows.slide_crop': 336,

@@ -103,6 +103,7 @@ class TridentMethod(Method):
     models = ('clip', 'dino', 'sam')
     window_models = ('clip', 'dino')
     crop_field = 'windows.slide_crop'
+    stride_field = 'windows.slide_stride'
     section = 'trident'
     params = TridentParams
 
