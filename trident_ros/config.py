@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 SAM_MODELS = ('vit_b', 'vit_l', 'vit_h')
 DEVICES = ('auto', 'cpu', 'cuda')
 MODEL_SCALES = ('full', 'tiny')
+DEFAULT_METHOD = 'trident'
 __all__ = ['ConfigError', 'FieldSpec', 'MODEL_FIELDS', 'TridentConfig']
 
 
@@ -156,7 +157,7 @@ class TridentConfig:
     dotted names a user gave.
     """
 
-    method: str = field(default='trident', metadata={'help': METHOD_HELP})
+    method: str = field(default=DEFAULT_METHOD, metadata={'help': METHOD_HELP})
     models: ModelsConfig = field(default_factory=ModelsConfig)
     windows: WindowsConfig = field(default_factory=WindowsConfig)
     labelling: LabellingConfig = field(default_factory=LabellingConfig)
@@ -204,7 +205,7 @@ class TridentConfig:
     @classmethod
     def field_specs(cls) -> dict[str, FieldSpec]:
         """Every dotted name -> its :class:`FieldSpec` (plain default, not a preset's), ``method`` first."""
-        specs = {'method': FieldSpec('method', '', 'trident', str, METHOD_HELP)}
+        specs = {'method': FieldSpec('method', '', DEFAULT_METHOD, str, METHOD_HELP)}
         for name, section in [*SECTIONS.items(), *methods.sections().items()]:
             for f in dataclasses.fields(section):
                 default = f.default
@@ -228,8 +229,7 @@ class TridentConfig:
             section, _, key = name.partition('.')
             raise ConfigError(f'{name}={getattr(self.section(section), key)!r}: {why}')
 
-        if self.method not in methods.names():
-            raise ConfigError(f'method={self.method!r}: must be one of {", ".join(methods.names())}')
+        _registered(self.method)
         models, windows, labelling, refinement = self.models, self.windows, self.labelling, self.refinement
         if models.sam_model not in SAM_MODELS:
             fail('models.sam_model', f'must be one of {", ".join(SAM_MODELS)}')
@@ -287,10 +287,8 @@ class TridentConfig:
             ConfigError: an unknown name, a value of the wrong type, an unknown method or an invalid value.
         """
         given = _typed(_flatten(values))
-        method = given.get('method', 'trident')
-        if method not in methods.names():
-            raise ConfigError(f'method={method!r}: must be one of {", ".join(methods.names())}')
-        preset = dict(methods.get(method).preset)
+        method = given.get('method', DEFAULT_METHOD)
+        preset = dict(_registered(method).preset)
         stray = sorted(set(preset) - set(cls.field_specs()))
         if stray:
             raise ConfigError(f'the preset of method {method!r} names unknown fields: {", ".join(stray)}')
@@ -322,14 +320,13 @@ class TridentConfig:
         typed = _typed(_flatten(changes))
         given = self.given | set(typed)
         values = self.flat()
-        new_method = typed.get('method', self.method)
-        if new_method != self.method:
-            if new_method not in methods.names():
-                raise ConfigError(f'method={new_method!r}: must be one of {", ".join(methods.names())}')
-            old, new, specs = methods.get(self.method).preset, methods.get(new_method).preset, self.field_specs()
-            for name in set(old) | set(new):
+        old = methods.get(self.method)
+        new = _registered(typed.get('method', self.method))
+        if new is not old:
+            specs = self.field_specs()
+            for name in set(old.preset) | set(new.preset):
                 if name not in given:
-                    values[name] = new[name] if name in new else specs[name].default
+                    values[name] = new.preset[name] if name in new.preset else specs[name].default
         return self._build({**values, **typed}, frozenset(given))
 
     @classmethod
@@ -339,8 +336,16 @@ class TridentConfig:
             prefix = f'{name}.'
             return section(**{key[len(prefix):]: value for key, value in values.items() if key.startswith(prefix)})
 
-        return cls(method=values.get('method', 'trident'), **{name: make(name, s) for name, s in SECTIONS.items()},
+        return cls(method=values.get('method', DEFAULT_METHOD), **{name: make(name, s) for name, s in SECTIONS.items()},
                    method_sections={name: make(name, s) for name, s in methods.sections().items()}, given=given)
+
+
+def _registered(name: str) -> methods.Method:
+    """The registered method ``name``; else :class:`ConfigError` listing the registered ones."""
+    try:
+        return methods.get(name)
+    except KeyError:
+        raise ConfigError(f'method={name!r}: must be one of {", ".join(methods.names())}') from None
 
 
 def _flatten(values: Mapping[str, Any]) -> dict[str, Any]:

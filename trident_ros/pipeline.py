@@ -99,7 +99,8 @@ class TridentPipeline:
         """Adopt every dotted name of ``config`` that needs no model reload, at once.
 
         Returns the changed dotted names that DO need a reload (:data:`~trident_ros.config.MODEL_FIELDS`; those
-        are not applied).
+        are not applied). When ``config`` names another method, only the names it was given apply: values its
+        method's preset brought wait for that method (the next pipeline).
 
         Raises:
             ConfigError: the new crop does not fit the loaded models' patch sizes (nothing is applied).
@@ -108,7 +109,9 @@ class TridentPipeline:
         old, new = self.config.flat(), config.flat()
         changed = [name for name in new if new[name] != old.get(name)]
         reload = [name for name in changed if name in MODEL_FIELDS]
-        live = {name: new[name] for name in changed if name not in MODEL_FIELDS}
+        other_method = 'method' in changed
+        live = {name: new[name] for name in changed
+                if name not in MODEL_FIELDS and (name in config.given or not other_method)}
         if live:
             adopted = self.config.replace(live)
             self._check_crop(adopted)

@@ -97,7 +97,7 @@ def test_print_lists_every_file_with_url_path_and_checksum(tmp_path):
 def test_offline_error_is_the_same_list(tmp_path, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))  # an empty hub cache
-    config = TridentConfig(weights_dir=str(tmp_path / 'weights'), download=False)
+    config = TridentConfig.from_mapping({'models.weights_dir': str(tmp_path / 'weights'), 'models.download': False})
     with pytest.raises(WeightsError) as error:
         fetch_weights(config)
     assert format_weights(needed_weights(config)) in str(error.value)
@@ -130,7 +130,7 @@ def test_all_three_files_are_found_in_weights_dir_by_standard_name(tmp_path, mon
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
     folder = tmp_path / 'weights'
     folder.mkdir()
-    config = TridentConfig(weights_dir=str(folder), download=False)
+    config = TridentConfig.from_mapping({'models.weights_dir': str(folder), 'models.download': False})
     for needed in needed_weights(config):
         needed.path.write_bytes(b'weights')
         if needed.file.sha256:  # SAM: a verified-file stamp (hash, size, mtime), as a verified download leaves
