@@ -83,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     pipeline.apply_label_config(config.replace({'refinement.refine': True}))
     segmentation = stage('label, refine on', lambda: pipeline.label(features, vocabulary))
 
+    chunk = config.section('trident').aggregation_chunk
     print(f'torch {torch.__version__}, threads {torch.get_num_threads()}, {args.size}, '
           f'{"tiny" if args.tiny else "full"} models, SAM blocks {"upstream" if args.sam_upstream else "chunked"}, '
-          f'aggregation chunk {config.section('trident').aggregation_chunk}, glibc release {"on" if args.release else "off"}, '
+          f'aggregation chunk {chunk}, glibc release {"on" if args.release else "off"}, '
           f'{"bf16" if args.bf16 else "fp32"}')
     print('parameters: ' + ', '.join(f'{name} {value / 2**20:.0f} MiB' for name, value in parameters.items()))
     print(f'\n{"stage":<42}{"seconds":>8}{"peak MiB":>10}{"after MiB":>10}')

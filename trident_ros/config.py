@@ -35,7 +35,8 @@ __all__ = ['ConfigError', 'FieldSpec', 'MODEL_FIELDS', 'TridentConfig']
 @dataclass(frozen=True)
 class ModelsConfig:
     """Section ``models``: which weights, where they run. Names are upstream architectures (open_clip, timm,
-    segment-anything's registry)."""
+    segment-anything's registry).
+    """
 
     clip_model: str = setting('ViT-B-16', 'open_clip architecture of the CLIP branch (QuickGELU is forced where '
                                           'its weights need it)')
@@ -135,7 +136,7 @@ RENAMED: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """One configuration field: its dotted ``name``, ``section`` ('' for ``method``), ``default``, ``type``, ``help``."""
+    """One configuration field: dotted ``name``, ``section`` ('' for ``method``), ``default``, ``type``, ``help``."""
 
     name: str
     section: str

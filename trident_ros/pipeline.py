@@ -58,7 +58,8 @@ class ImageFeatures:
 
 def crop_multiple(method: Method, models: TridentModels) -> int:
     """Pixels a crop of ``method`` must be a multiple of: the least common multiple of the patch sizes of its
-    window models (e.g. 16 for CLIP ViT-B/16 with DINO ViT-B/8, 14 for CLIP ViT-H/14 alone)."""
+    window models (e.g. 16 for CLIP ViT-B/16 with DINO ViT-B/8, 14 for CLIP ViT-H/14 alone).
+    """
     return math.lcm(*(getattr(models, name).patch_size for name in method.window_models))
 
 

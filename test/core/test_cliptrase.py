@@ -180,8 +180,8 @@ def test_cliptrase_pass_equals_the_direct_formulas():
 
 
 def test_pipeline_votes_within_clusters_on_one_whole_image_pass():
-    config = TridentConfig.from_mapping({'method': 'cliptrase', 'models': {'model_scale': 'tiny', 'random_weights': True,
-                                                                           'device': 'cpu'}})
+    tiny = {'model_scale': 'tiny', 'random_weights': True, 'device': 'cpu'}
+    config = TridentConfig.from_mapping({'method': 'cliptrase', 'models': tiny})
     assert config.windows.whole_image and config.windows.input_short_side == 336
     assert config.labelling.logit_scale == 100.0
     pipeline = TridentPipeline(config)

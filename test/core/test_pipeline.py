@@ -97,10 +97,10 @@ def test_unchanged_frames_reuse_the_image_side(image):
     pipeline.encode_image(shifted)  # over the threshold: encoded, and the new reference frame
     pipeline.encode_image(image[:, :-16].copy())  # another size
     assert (pipeline.image_encoder_calls, pipeline.image_side_reuses, sam_forwards[0]) == (3, 1, 3)
-    pipeline.apply_label_config(pipeline.config.replace({'windows.slide_stride': 112}))  # a config change: encoded again
+    pipeline.apply_label_config(pipeline.config.replace({'windows.slide_stride': 112}))  # a change: encoded again
     pipeline.encode_image(image[:, :-16].copy())
     assert (pipeline.image_encoder_calls, pipeline.image_side_reuses) == (4, 1)
-    pipeline.apply_label_config(pipeline.config.replace({'windows.reuse_threshold': 0.0}))  # off: every frame is encoded
+    pipeline.apply_label_config(pipeline.config.replace({'windows.reuse_threshold': 0.0}))  # off: all are encoded
     pipeline.encode_image(image)
     pipeline.encode_image(image)
     assert (pipeline.image_encoder_calls, pipeline.image_side_reuses) == (6, 1)
@@ -153,7 +153,8 @@ def test_cli_flags_map_to_the_config():
     from trident_ros.tools.segment import build_config, parse_args
 
     config = build_config(parse_args(['x.png', '-v', 'door', '--bf16', '--no-refine', '--method', 'proxy']))
-    assert (config.models.bf16, config.refinement.refine, config.method, config.models.fp16) == (True, False, 'proxy', True)
+    assert (config.models.bf16, config.refinement.refine, config.method, config.models.fp16) == (
+        True, False, 'proxy', True)
     assert not build_config(parse_args(['x.png', '-v', 'door'])).models.bf16
 
 

@@ -53,7 +53,8 @@ def run_segment(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 def test_the_cli_finds_the_method_through_the_environment(tmp_path):
     config = tmp_path / 'plugin.yaml'
     config.write_text(yaml.safe_dump({'trident': {'ros__parameters': {
-        'method': 'plugin_test', 'plugin_test': {'sign': -1.0}, 'models': TINY['models'], 'labelling': {'prob_thd': 0.0}}}}))
+        'method': 'plugin_test', 'plugin_test': {'sign': -1.0}, 'models': TINY['models'],
+        'labelling': {'prob_thd': 0.0}}}}))
     printed = run_segment(['--config', str(config), '--print-config'], tmp_path)
     assert printed.returncode == 0, printed.stderr
     flat = yaml.safe_load(printed.stdout)

@@ -27,7 +27,8 @@ def test_every_method_has_a_valid_preset_of_known_fields():
 def test_presets_apply_unless_the_user_gave_the_name():
     naclip = TridentConfig.from_mapping({'method': 'naclip'})
     assert naclip.labelling.pamr and naclip.windows.input_short_side == 336 and naclip.labelling.prob_thd == 0.0
-    mine = TridentConfig.from_mapping({'method': 'naclip', 'labelling': {'pamr': False}, 'windows.input_short_side': 400})
+    mine = TridentConfig.from_mapping({'method': 'naclip', 'labelling': {'pamr': False},
+                                       'windows.input_short_side': 400})
     assert not mine.labelling.pamr and mine.windows.input_short_side == 400 and mine.windows.clip_slide_stride == 112
     proxy = TridentConfig.from_mapping({'method': 'proxy'})
     assert (proxy.models.dino_model, proxy.windows.slide_crop, proxy.windows.slide_stride,
@@ -61,8 +62,8 @@ def test_a_method_change_reapplies_presets_to_the_names_not_given():
 def test_nested_dotted_and_old_flat_names(caplog):
     nested = TridentConfig.from_mapping({'labelling': {'prob_thd': 0.3}, 'resclip': {'sfr_tau': 3}})
     dotted = TridentConfig.from_mapping({'labelling.prob_thd': 0.3, 'resclip.sfr_tau': 3.0})
-    assert nested == dotted and nested.section('resclip').sfr_tau == 3.0 and isinstance(nested.flat()['resclip.sfr_tau'],
-                                                                                        float)
+    assert nested == dotted and nested.section('resclip').sfr_tau == 3.0
+    assert isinstance(nested.flat()['resclip.sfr_tau'], float)
     with caplog.at_level('WARNING'):
         old = TridentConfig.from_mapping({'prob_thd': 0.3, 'resclip_sfr_tau': 3.0})
     assert old == nested and 'labelling.prob_thd' in caplog.text and 'resclip.sfr_tau' in caplog.text

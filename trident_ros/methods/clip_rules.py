@@ -83,7 +83,8 @@ class ClipRuleMethod(ClipWindowMethod):
 
 
 CLIP_RULE_METHODS = (
-    ClipRuleMethod('maskclip', {'windows.input_short_side': 512, 'windows.whole_image': True, 'labelling.prob_thd': 0.0},
+    ClipRuleMethod('maskclip',
+                   {'windows.input_short_side': 512, 'windows.whole_image': True, 'labelling.prob_thd': 0.0},
                    'CLIP only, MaskCLIP: values through the last block (chongzhou96/MaskCLIP configs)'),
     ClipRuleMethod('sclip', WINDOWS_336, 'CLIP only, SCLIP: correlative self-attention (wangf3014/SCLIP configs)'),
     ClipRuleMethod('clearclip', {'windows.input_short_side': 448, 'windows.clip_slide_crop': 448,

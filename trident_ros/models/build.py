@@ -1,6 +1,7 @@
 """Which models a method needs, where and in which dtype they run, and building them.
 
-:func:`load_models` builds the encoders ``config.method`` needs (:attr:`~trident_ros.config.TridentConfig.method_models`)
+:func:`load_models` builds the encoders ``config.method`` needs
+(:attr:`~trident_ros.config.TridentConfig.method_models`)
 with their weights (found by :func:`trident_ros.models.weights.fetch_weights` before anything is built),
 with random weights for smoke tests, or as tiny configurations of the same architectures (tests).
 """
@@ -128,7 +129,8 @@ def load_models(config: ModelSettings) -> TridentModels:
             torch.manual_seed(_RANDOM_WEIGHTS_SEED)
             build = _build_tiny if config.models.model_scale == 'tiny' else _build_full_random
             clip, dino, sam = build(config, needed)
-        described = {'clip': config.models.clip_model, 'dino': config.models.dino_model, 'sam': f'SAM {config.models.sam_model}'}
+        settings = config.models
+        described = {'clip': settings.clip_model, 'dino': settings.dino_model, 'sam': f'SAM {settings.sam_model}'}
         weights = f'RANDOM ({config.models.model_scale} {" / ".join(described[n] for n in needed)})'
     else:
         clip, dino, sam, weights = _build_full_pretrained(config, device, dtype)
@@ -283,7 +285,7 @@ def dino_weights_error(config: ModelSettings, error: Exception) -> WeightsError:
     return WeightsError(
         f'timm could not load the pretrained weights of {config.models.dino_model} ({type(error).__name__}: {error}).\n'
         f'  Fetch ' + (' or '.join(sources) or 'the DINO weights') + ' on a machine with network access,\n'
-        f'  then set dino_checkpoint to the local file, or put DINO\'s file at {where}.\n  {SMOKE_HINT}')
+        f'  then set models.dino_checkpoint to the local file, or put DINO\'s file at {where}.\n  {SMOKE_HINT}')
 
 
 def clip_weights_error(config: ModelSettings, error: Exception) -> WeightsError:
@@ -299,11 +301,12 @@ def clip_weights_error(config: ModelSettings, error: Exception) -> WeightsError:
         repo, file_name = os.path.split(cfg['hf_hub'])
         source = f'https://huggingface.co/{repo}/resolve/main/{file_name or "open_clip_model.safetensors"}'
     else:
-        source = cfg.get('url') or f'the open_clip weights of {config.models.clip_model} ({config.models.clip_pretrained})'
+        source = cfg.get('url') or (f'the open_clip weights of {config.models.clip_model} '
+                                    f'({config.models.clip_pretrained})')
     local_name = source.rsplit('/', 1)[-1] if '/' in source else 'clip_weights.safetensors'
     return WeightsError(
         f'open_clip could not load CLIP weights {config.models.clip_pretrained!r} for {config.models.clip_model} '
         f'({type(error).__name__}: {error}).\n'
         f'  Fetch {source}\n'
-        f'  on a machine with network access, copy it here and set clip_pretrained to its path '
-        f'(e.g. clip_pretrained: {weights_dir(config) / local_name}).\n  {SMOKE_HINT}')
+        f'  on a machine with network access, copy it here and set models.clip_pretrained to its path '
+        f'(e.g. models.clip_pretrained: {weights_dir(config) / local_name}).\n  {SMOKE_HINT}')

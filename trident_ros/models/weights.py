@@ -23,7 +23,8 @@ T = TypeVar('T')
 
 class ModelSettings(Protocol):
     """What the model room reads of a :class:`trident_ros.config.TridentConfig` (which it does not import: the
-    configuration imports the methods, which import this room)."""
+    configuration imports the methods, which import this room).
+    """
 
     @property
     def models(self) -> Any:
@@ -91,7 +92,7 @@ def fetch_weight_file(spec: WeightFile, directory: Path, allow_download: bool, w
     path = directory / spec.name
     if not path.is_file():
         if not allow_download:
-            raise WeightsError(_missing_message(what, spec, path, 'downloads are disabled (download: false)',
+            raise WeightsError(_missing_message(what, spec, path, 'downloads are disabled (models.download: false)',
                                                 parameter))
         log.info('downloading %s weights %s to %s', what, spec.url, path)
         try:
@@ -124,7 +125,7 @@ def resolve_sam_checkpoint(config: ModelSettings) -> Path:
     if config.models.sam_checkpoint:
         path = Path(config.models.sam_checkpoint).expanduser()
         if not path.is_file():
-            raise WeightsError(f'sam_checkpoint {path} does not exist. The official {config.models.sam_model} file is '
+            raise WeightsError(f'models.sam_checkpoint {path} does not exist. The official {config.models.sam_model} file is '
                                f'{spec.url}.\n  {SMOKE_HINT}')
         if path.name == spec.name:
             verify_sha256(path, spec.sha256, spec.url)
@@ -227,13 +228,13 @@ def needed_weights(config: ModelSettings) -> list[NeededWeight]:
     if 'sam' in models and not config.models.sam_checkpoint:
         spec = SAM_CHECKPOINTS[config.models.sam_model]
         entries.append(NeededWeight('sam', f'SAM {config.models.sam_model}', spec, folder / spec.name, None,
-                                    'sam_checkpoint'))
+                                    'models.sam_checkpoint'))
     if 'dino' in models and not config.models.dino_checkpoint and (found := _dino_file(config)) is not None:
-        entries.append(NeededWeight('dino', f'DINO {config.models.dino_model}', found[0], folder / found[0].name, found[1],
-                                    'dino_checkpoint'))
+        entries.append(NeededWeight('dino', f'DINO {config.models.dino_model}', found[0], folder / found[0].name,
+                                    found[1], 'models.dino_checkpoint'))
     if not _is_local_file(config.models.clip_pretrained) and (found := _clip_file(config)) is not None:
-        entries.append(NeededWeight('clip', f'CLIP {config.models.clip_model} ({config.models.clip_pretrained})', found[0],
-                                    folder / found[0].name, found[1], 'clip_pretrained'))
+        clip = f'CLIP {config.models.clip_model} ({config.models.clip_pretrained})'
+        entries.append(NeededWeight('clip', clip, found[0], folder / found[0].name, found[1], 'models.clip_pretrained'))
     return entries
 
 
@@ -336,7 +337,7 @@ def _find(entry: NeededWeight, allow_download: bool, problems: list[str],
         return None
     if not allow_download:
         problems.append(f'{entry.what} weights {entry.file.name} are not at {entry.path.parent}, and downloads are '
-                        'disabled (download: false)')
+                        'disabled (models.download: false)')
     elif entry.hub is not None and _hub_offline():
         problems.append(f'{entry.what}: the Hugging Face hub is off (HF_HUB_OFFLINE is set)')
     else:

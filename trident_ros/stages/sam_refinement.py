@@ -40,7 +40,6 @@ import torch.nn.functional as F  # noqa: N812
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-
 logger = logging.getLogger(__name__)
 
 DOWN_RATIO = 2
@@ -77,7 +76,7 @@ class RefinementParams:
 
     @classmethod
     def from_config(cls, config: Any) -> RefinementParams:
-        """A :class:`~trident_ros.config.TridentConfig`'s section ``refinement`` (same names) and ``labelling.prob_thd``."""
+        """A :class:`~trident_ros.config.TridentConfig`'s section ``refinement`` and ``labelling.prob_thd``."""
         section = config.refinement
         return cls(coarse_thresh=section.coarse_thresh, minimal_area=section.minimal_area,
                    sam_mask_coff=section.sam_mask_coff, sam_iou_thresh=section.sam_iou_thresh,

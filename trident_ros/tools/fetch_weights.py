@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
     fetch = commands.add_parser('fetch', help='download the configured models\' weights into the weights folder')
-    fetch.add_argument('--config', type=Path, help='YAML of TridentConfig sections or dotted names (or a ROS params file)')
+    fetch.add_argument('--config', type=Path,
+                       help='YAML of TridentConfig sections or dotted names (or a ROS params file)')
     fetch.add_argument('--weights-dir', help='the weights folder (default: the config\'s, else ~/.cache/trident_ros)')
     fetch.add_argument('--method', help='fetch what this method needs (default: the config\'s)')
     fetch.add_argument('--print', action='store_true', dest='print_only',

@@ -28,8 +28,9 @@ def measure_method(method: str, image: np.ndarray, repeat: int, warmup: int, tin
 
     Returns the row :func:`benchmark_methods` documents, without ``ratio_to_trident``.
     """
-    config = TridentConfig(method=method, models=ModelsConfig(random_weights=True, model_scale='tiny' if tiny else 'full',
-                                                              device=device))  # plain defaults, no preset
+    scale = 'tiny' if tiny else 'full'
+    config = TridentConfig(method=method, models=ModelsConfig(random_weights=True, model_scale=scale, device=device))
+    # the plain defaults, no preset: each method's cost at the same settings
     torch_device = resolve_device(device)
     cuda = torch_device.type == 'cuda'
     if cuda:

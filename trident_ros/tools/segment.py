@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> TridentConfig:
     """The file's names, then the options (:meth:`TridentConfig.from_mapping`: the method's preset fills in what
-    neither gives, as for the node)."""
+    neither gives, as for the node).
+    """
     changes: dict[str, object] = {}
     if args.device:
         changes['models.device'] = args.device
