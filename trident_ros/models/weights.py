@@ -125,8 +125,8 @@ def resolve_sam_checkpoint(config: ModelSettings) -> Path:
     if config.models.sam_checkpoint:
         path = Path(config.models.sam_checkpoint).expanduser()
         if not path.is_file():
-            raise WeightsError(f'models.sam_checkpoint {path} does not exist. The official {config.models.sam_model} file is '
-                               f'{spec.url}.\n  {SMOKE_HINT}')
+            raise WeightsError(f'models.sam_checkpoint {path} does not exist. The official '
+                               f'{config.models.sam_model} file is {spec.url}.\n  {SMOKE_HINT}')
         if path.name == spec.name:
             verify_sha256(path, spec.sha256, spec.url)
         return path
