@@ -106,11 +106,12 @@ def test_offline_error_is_the_same_list(tmp_path, monkeypatch):
 
 def test_cli_fetches_into_weights_dir_then_everything_is_found_there(server, tmp_path):
     """`trident-weights fetch` against the hub files on a local server (HF_ENDPOINT), method proxy
-    (CLIP + DINO): both land in weights_dir under their standard names and are then found there.
+    (CLIP + DINO ViT-B/8, its preset's): both land in weights_dir under their standard names and are then found
+    there.
     """
     base, root = server
     clip, _ = serve(root, 'timm/vit_base_patch16_clip_224.openai/resolve/main/open_clip_model.safetensors', 5000, 3)
-    dino, _ = serve(root, 'timm/vit_base_patch16_224.dino/resolve/main/model.safetensors', 7000, 4)
+    dino, _ = serve(root, 'timm/vit_base_patch8_224.dino/resolve/main/model.safetensors', 7000, 4)
     folder = tmp_path / 'weights'
     env = dict(os.environ, HF_ENDPOINT=base, HF_HOME=str(tmp_path / 'hf'))
     command = [sys.executable, '-m', 'trident_ros.tools.fetch_weights',
@@ -119,7 +120,7 @@ def test_cli_fetches_into_weights_dir_then_everything_is_found_there(server, tmp
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert (folder / 'vit_base_patch16_clip_224.openai.safetensors').read_bytes() == clip
-    assert (folder / 'vit_base_patch16_224.dino.safetensors').read_bytes() == dino
+    assert (folder / 'vit_base_patch8_224.dino.safetensors').read_bytes() == dino
     assert 'downloaded' in result.stderr and 'all weights of method proxy are in place' in result.stderr
     again = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert again.returncode == 0 and 'present' in again.stderr and 'downloaded' not in again.stderr
