@@ -43,11 +43,11 @@ def test_a_registered_method_runs_through_the_pipeline_with_its_own_section(plug
         config.replace({'plugin_test.sign': 0.5})
 
 
-def run_segment(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def run_segment(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRIDENT_METHOD_MODULES='plugin_method',
                PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get('PYTHONPATH', '')]))
     return subprocess.run([sys.executable, '-m', 'trident_ros.tools.segment', *args], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=tmp_path)
+                          timeout=300, env=env)
 
 
 def test_the_cli_finds_the_method_through_the_environment(tmp_path):
@@ -55,12 +55,13 @@ def test_the_cli_finds_the_method_through_the_environment(tmp_path):
     config.write_text(yaml.safe_dump({'trident': {'ros__parameters': {
         'method': 'plugin_test', 'plugin_test': {'sign': -1.0}, 'models': TINY['models'],
         'labelling': {'prob_thd': 0.0}}}}))
-    printed = run_segment(['--config', str(config), '--print-config'], tmp_path)
+    printed = run_segment(['--config', str(config), '--print-config'])
     assert printed.returncode == 0, printed.stderr
     flat = yaml.safe_load(printed.stdout)
     assert flat['method'] == 'plugin_test' and flat['plugin_test.sign'] == -1.0 and flat['windows.whole_image']
     cv2.imwrite(str(tmp_path / 'scene.png'), cv2.cvtColor(synthetic_image(96, 64), cv2.COLOR_RGB2BGR))
-    result = run_segment(['scene.png', '-v', 'door, chair', '-o', 'out', '--config', str(config)], tmp_path)
+    result = run_segment([str(tmp_path / 'scene.png'), '-v', 'door, chair', '-o', str(tmp_path / 'out'),
+                          '--config', str(config)])
     assert result.returncode == 0, result.stderr
     labels = cv2.imread(str(tmp_path / 'out' / 'scene_labels.png'), cv2.IMREAD_UNCHANGED)
     assert labels.shape == (64, 96) and set(np.unique(labels)) <= {1, 2}
