@@ -63,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.release and not release_freed_memory():
         parser.error('--release needs glibc')
 
-    config = TridentConfig(random_weights=True, device='cpu', model_scale='tiny' if args.tiny else 'full',
-                           bf16=args.bf16)
+    config = TridentConfig.from_mapping({'models.random_weights': True, 'models.device': 'cpu',
+                                         'models.model_scale': 'tiny' if args.tiny else 'full',
+                                         'models.bf16': args.bf16})
     if args.aggregation_chunk is not None:
-        config = config.replace(aggregation_chunk=args.aggregation_chunk)
+        config = config.replace({'trident.aggregation_chunk': args.aggregation_chunk})
     pipeline = stage('load models', lambda: TridentPipeline(config))
     if args.sam_upstream:
         undo_chunked_blocks(pipeline)
@@ -77,14 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     image = synthetic_image(*parse_size(args.size))
     stage('SAM encoder alone', lambda: pipeline.models.sam.encode(image))
     features = stage('encode_image', lambda: pipeline.encode_image(image))
-    pipeline.apply_label_config(config.replace(refine=False))
+    pipeline.apply_label_config(config.replace({'refinement.refine': False}))
     stage('label, refine off', lambda: pipeline.label(features, vocabulary))
-    pipeline.apply_label_config(config.replace(refine=True))
+    pipeline.apply_label_config(config.replace({'refinement.refine': True}))
     segmentation = stage('label, refine on', lambda: pipeline.label(features, vocabulary))
 
+    chunk = config.section('trident').aggregation_chunk
     print(f'torch {torch.__version__}, threads {torch.get_num_threads()}, {args.size}, '
           f'{"tiny" if args.tiny else "full"} models, SAM blocks {"upstream" if args.sam_upstream else "chunked"}, '
-          f'aggregation chunk {config.aggregation_chunk}, glibc release {"on" if args.release else "off"}, '
+          f'aggregation chunk {chunk}, glibc release {"on" if args.release else "off"}, '
           f'{"bf16" if args.bf16 else "fp32"}')
     print('parameters: ' + ', '.join(f'{name} {value / 2**20:.0f} MiB' for name, value in parameters.items()))
     print(f'\n{"stage":<42}{"seconds":>8}{"peak MiB":>10}{"after MiB":>10}')

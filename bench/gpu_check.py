@@ -163,8 +163,9 @@ def check(args: argparse.Namespace) -> Report:
     scale = 'tiny' if args.tiny else 'full'
     width, height = args.size
     image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    base = TridentConfig(random_weights=True, model_scale=scale, device=str(device), fp16=False, bf16=False)
-    low = base.replace(fp16=device.type == 'cuda', bf16=device.type == 'cpu')
+    base = TridentConfig.from_mapping({'models.random_weights': True, 'models.model_scale': scale,
+                                       'models.device': str(device), 'models.fp16': False, 'models.bf16': False})
+    low = base.replace({'models.fp16': device.type == 'cuda', 'models.bf16': device.type == 'cpu'})
     full_run, full = run_precision(base, image, args.frames)
     low_run, reduced = run_precision(low, image, args.frames)
     dense_cosine = torch.nn.functional.cosine_similarity(reduced['dense'], full['dense'], dim=0)

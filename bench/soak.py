@@ -60,8 +60,8 @@ RELIABLE_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 GOOD_VOCABULARIES = ('floor, wall, door', 'sofa; couch, table, chair, lamp', 'tür 🚪, 椅子, café',
                      'sky, road, car')
 BAD_VOCABULARIES = ('', ', ; ,', '   ', 'x' * 100_000)
-PARAMETER_CHANGES = (('prob_thd', 0.3), ('prob_thd', -1.0), ('slide_stride', 1000), ('device', 'tpu'),
-                     ('prob_thd', 0.2), ('max_input_pixels', 0))
+PARAMETER_CHANGES = (('labelling.prob_thd', 0.3), ('labelling.prob_thd', -1.0), ('windows.slide_stride', 1000),
+                     ('models.device', 'tpu'), ('labelling.prob_thd', 0.2), ('max_input_pixels', 0))
 
 
 @dataclass

@@ -92,7 +92,7 @@ def allowed(module: str, entries: set[str]) -> bool:
 def test_the_walk_sees_relative_absolute_and_function_local_imports():
     assert 'config' in internal_imports('pipeline') and 'models' in internal_imports('pipeline')
     assert {'models.clip', 'models.dino', 'models.sam', 'models.build'} <= internal_imports('models')
-    assert 'config' in internal_imports('models.build') and 'models.weights' in internal_imports('models.build')
+    assert 'errors' in internal_imports('models.build') and 'models.weights' in internal_imports('models.build')
     assert 'rclpy' in {module for module, _ in imports('ros.main')}
 
 

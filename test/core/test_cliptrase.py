@@ -180,17 +180,19 @@ def test_cliptrase_pass_equals_the_direct_formulas():
 
 
 def test_pipeline_votes_within_clusters_on_one_whole_image_pass():
-    config = TridentConfig.from_dict({'method': 'cliptrase', 'model_scale': 'tiny', 'random_weights': True,
-                                      'device': 'cpu'})
-    assert config.whole_image and config.input_short_side == 336 and config.logit_scale == 100.0
+    tiny = {'model_scale': 'tiny', 'random_weights': True, 'device': 'cpu'}
+    config = TridentConfig.from_mapping({'method': 'cliptrase', 'models': tiny})
+    assert config.windows.whole_image and config.windows.input_short_side == 336
+    assert config.labelling.logit_scale == 100.0
     pipeline = TridentPipeline(config)
     image = synthetic_image(160, 120, seed=3)
     features = pipeline.encode_image(image)
-    assert features.clusters is not None and features.clusters.shape == (120, 160)
-    windowed = TridentPipeline(config.replace(whole_image=False), models=pipeline.models).encode_image(image)
+    assert features.method.clusters is not None and features.method.clusters.shape == (120, 160)
+    windowed = TridentPipeline(config.replace({'windows.whole_image': False}),
+                               models=pipeline.models).encode_image(image)
     torch.testing.assert_close(windowed.dense, features.dense)  # cliptrase ignores the windows
-    assert len(features.clusters.unique()) > 1
+    assert len(features.method.clusters.unique()) > 1
     seg = pipeline.label(features, pipeline.encode_vocabulary('door, sofa, table, window'))
-    clusters = features.clusters.numpy()
+    clusters = features.method.clusters.numpy()
     for cluster in np.unique(clusters):
         assert len(np.unique(seg.labels[clusters == cluster])) == 1  # one label per cluster

@@ -165,7 +165,7 @@ def test_print_lists_every_file_with_url_path_and_checksum(tmp_path):
 def test_offline_error_is_the_same_list(tmp_path, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))  # an empty hub cache
-    config = TridentConfig(weights_dir=str(tmp_path / 'weights'), download=False)
+    config = TridentConfig.from_mapping({'models.weights_dir': str(tmp_path / 'weights'), 'models.download': False})
     with pytest.raises(WeightsError) as error:
         fetch_weights(config)
     assert format_weights(needed_weights(config)) in str(error.value)
@@ -174,11 +174,11 @@ def test_offline_error_is_the_same_list(tmp_path, monkeypatch):
 
 def test_cli_fetches_hub_files_through_huggingface_hub_into_weights_dir(server, tmp_path):
     """`trident-weights fetch` against the hub files on a local server (HF_ENDPOINT), method proxy
-    (CLIP + DINO): huggingface_hub's HEAD then GET per file, a connection cut mid-way resumed with a
-    Range request, both files in weights_dir under their standard names, then found there.
+    (CLIP + DINO ViT-B/8, its preset's): huggingface_hub's HEAD then GET per file, a connection cut mid-way
+    resumed with a Range request, both files in weights_dir under their standard names, then found there.
     """
     clip_path = '/timm/vit_base_patch16_clip_224.openai/resolve/main/open_clip_model.safetensors'
-    dino_path = '/timm/vit_base_patch16_224.dino/resolve/main/model.safetensors'
+    dino_path = '/timm/vit_base_patch8_224.dino/resolve/main/model.safetensors'
     chunk = constants.DOWNLOAD_CHUNK_SIZE  # what huggingface_hub writes at once: a cut resumes at a multiple
     clip, _ = serve(server.root, clip_path.lstrip('/'), 5000, 3)
     dino, _ = serve(server.root, dino_path.lstrip('/'), chunk + 70_000, 4)
@@ -190,8 +190,8 @@ def test_cli_fetches_hub_files_through_huggingface_hub_into_weights_dir(server, 
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert (folder / 'vit_base_patch16_clip_224.openai.safetensors').read_bytes() == clip
-    assert (folder / 'vit_base_patch16_224.dino.safetensors').read_bytes() == dino
-    assert sorted(p.name for p in folder.iterdir()) == ['vit_base_patch16_224.dino.safetensors',
+    assert (folder / 'vit_base_patch8_224.dino.safetensors').read_bytes() == dino
+    assert sorted(p.name for p in folder.iterdir()) == ['vit_base_patch8_224.dino.safetensors',
                                                         'vit_base_patch16_clip_224.openai.safetensors']
     assert [(method, range_) for method, path, range_, _ in server.requests if path == clip_path] == [
         ('HEAD', None), ('GET', None)]
@@ -283,7 +283,7 @@ def test_all_three_files_are_found_in_weights_dir_by_standard_name(tmp_path, mon
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
     folder = tmp_path / 'weights'
     folder.mkdir()
-    config = TridentConfig(weights_dir=str(folder), download=False)
+    config = TridentConfig.from_mapping({'models.weights_dir': str(folder), 'models.download': False})
     for needed in needed_weights(config):
         needed.path.write_bytes(b'weights')
         if needed.file.sha256:  # SAM: a verified-file stamp (hash, size, mtime), as a verified download leaves

@@ -3,16 +3,22 @@ the small configurations (random weights), model loading per method, and the met
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from trident_ros.config import CLIP_BLOCK_METHODS, CLIP_ONLY_METHODS, METHODS, ConfigError, TridentConfig
+from trident_ros.config import ConfigError, ModelsConfig, TridentConfig
+from trident_ros.methods import names
+from trident_ros.methods.base import Frame
+from trident_ros.methods.clip_rules import CLIP_RULE_METHODS
+from trident_ros.methods.trident import spliced_windows
 from trident_ros.models import load_models
 from trident_ros.models.weights import WeightsError, fetch_weights
-from trident_ros.pipeline import MODEL_FIELDS, TridentPipeline, normalise
+from trident_ros.pipeline import MODEL_FIELDS, TridentPipeline
 from trident_ros.stages.clip_attention import (
     RULES,
     LastBlockRule,
@@ -24,11 +30,28 @@ from trident_ros.stages.clip_attention import (
     sclip_weights,
 )
 from trident_ros.stages.splice import splice_windows
-from trident_ros.stages.windows import dino_guided_attention, short_side_size, window_input_size
+from trident_ros.stages.windows import (
+    cut_windows,
+    dino_guided_attention,
+    normalise,
+    short_side_size,
+    window_input_size,
+)
 from trident_ros.tools.measure import synthetic_image
 from trident_ros.tools.method_bench import benchmark_methods, format_method_table
 
-TINY = TridentConfig(model_scale='tiny', random_weights=True, device='cpu')
+TINY = TridentConfig(models=ModelsConfig(model_scale='tiny', random_weights=True, device='cpu'))
+METHODS = names()
+CLIP_ONLY_METHODS = tuple(method.name for method in CLIP_RULE_METHODS)
+
+
+def dict_of(section: object) -> dict:
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
+def tiny(method: str, changes: dict | None = None) -> TridentConfig:
+    """The tiny configuration with ``method`` and the plain defaults (no preset), dotted ``changes`` applied."""
+    return TridentConfig(method=method, models=TINY.models).replace(changes or {})
 EXPECTED_MODELS = {'trident': ('clip', 'dino', 'sam'), 'trident_fast': ('clip', 'dino', 'sam'),
                    'proxy': ('clip', 'dino'), 'maskclip': ('clip',), 'sclip': ('clip',), 'clearclip': ('clip',),
                    'naclip': ('clip',), 'cliptrase': ('clip',), 'scclip': ('clip',), 'resclip': ('clip',),
@@ -42,7 +65,7 @@ def image() -> np.ndarray:
 
 @pytest.fixture(scope='module')
 def clip_models():
-    return load_models(TINY.replace(method='maskclip'))
+    return load_models(tiny('maskclip'))
 
 
 # --- the attention rules, against direct per-element formulas --------------------------------------
@@ -216,7 +239,7 @@ def count_forwards(module: torch.nn.Module) -> list[int]:
 
 @pytest.mark.parametrize('method', METHODS)
 def test_method_end_to_end(image, method):
-    pipeline = TridentPipeline(TINY.replace(method=method, prob_thd=0.0))
+    pipeline = TridentPipeline(tiny(method, {'labelling.prob_thd': 0.0}))
     models = pipeline.models
     assert models.loaded == EXPECTED_MODELS[method]
     assert (models.dino is None) == ('dino' not in EXPECTED_MODELS[method])
@@ -230,18 +253,18 @@ def test_method_end_to_end(image, method):
 
     features = pipeline.encode_image(image)
     assert [c[0] for c in calls] == [1] * len(encoders)  # each loaded image encoder ran once
-    height, width = short_side_size(120, 160, TINY.input_short_side, TINY.max_long_side)
+    height, width = short_side_size(120, 160, TINY.windows.input_short_side, TINY.windows.max_long_side)
     if method in ('trident', 'trident_fast'):
         grid = features.dense.shape[1:]  # the SAM token grid: 256 px input, longest side 256
         assert tuple(grid) == (12, 16)
     else:
-        crop = TINY.clip_slide_crop if method in CLIP_ONLY_METHODS + CLIP_BLOCK_METHODS else TINY.slide_crop
+        crop = TINY.flat()[pipeline.method.crop_field]
         window_h, window_w = window_input_size(height, width, 16 if method == 'cliptrase' else crop)
         assert tuple(features.dense.shape[1:]) == (window_h // 16, window_w // 16)
     assert features.dense.shape[0] == models.clip.embed_dim and features.dense.dtype == torch.float32
     norms = features.dense.norm(dim=0)
     assert bool((norms <= 1 + 1e-5).all()) and bool((norms > 0.1).all())
-    assert (features.sam_image is not None) == (method == 'trident')
+    assert (getattr(features.method, 'sam_image', None) is not None) == (method == 'trident')
 
     vocabulary = pipeline.encode_vocabulary('door, sofa; couch, table')
     seg = pipeline.label(features, vocabulary)
@@ -262,12 +285,13 @@ def test_clip_only_dense_is_the_average_of_per_window_unit_features(image):
     """Where windows overlap, the dense map is the mean of the windows' L2-normalised features, so
     logits are the mean of per-window logits, as the references average them.
     """
-    config = TINY.replace(method='sclip', clip_slide_crop=64, clip_slide_stride=32, input_short_side=80)
+    config = tiny('sclip', {'windows.clip_slide_crop': 64, 'windows.clip_slide_stride': 32,
+                            'windows.input_short_side': 80})
     pipeline = TridentPipeline(config)
     dense = pipeline.encode_image(image).dense
-    window_h, window_w = window_input_size(*short_side_size(120, 160, 80, config.max_long_side), 64)
+    window_h, window_w = window_input_size(*short_side_size(120, 160, 80, config.windows.max_long_side), 64)
     assert tuple(dense.shape[1:]) == (window_h // 16, window_w // 16)
-    resized, boxes, crops = pipeline.windows(image, 64, 32)
+    resized, boxes, crops = cut_windows(image, 80, config.windows.max_long_side, 64, 32, 16, torch.device('cpu'))
     assert tuple(resized.shape[1:]) == (window_h, window_w) and len(boxes) > 2
     clip = pipeline.models.clip
     features, _ = clip_only_features(clip, normalise(crops, clip.mean, clip.std, torch.float32), 'sclip')
@@ -284,11 +308,15 @@ def test_clip_only_dense_is_the_average_of_per_window_unit_features(image):
 
 def test_proxy_takes_the_dino_similarity_mean_per_window(image):
     """ProxyCLIP runs one window at a time, so mean(S) is per window (Trident: one mean per frame)."""
-    config = TINY.replace(method='proxy', slide_crop=64, slide_stride=32, input_short_side=80)
+    config = tiny('proxy', {'windows.slide_crop': 64, 'windows.slide_stride': 32, 'windows.input_short_side': 80})
     pipeline = TridentPipeline(config)
     models = pipeline.models
-    spliced = pipeline._spliced_windows(image, {})
-    resized, boxes, crops = pipeline.windows(image, 64, 32)
+    params = config.section('proxy')
+    frame = Frame(image=image, config=config, models=models, stage=lambda name: contextlib.nullcontext(), patch=16,
+                  timings={})
+    with torch.inference_mode():
+        spliced = spliced_windows(frame, params.beta, params.gamma, mean_per_crop=True)
+    resized, boxes, crops = cut_windows(image, 80, config.windows.max_long_side, 64, 32, 16, torch.device('cpu'))
     assert len(boxes) > 2
     dino = models.dino.patch_features(normalise(crops, models.dino.mean, models.dino.std, torch.float32))
     values, clip_grid = models.clip.last_block_values(normalise(crops, models.clip.mean, models.clip.std,
@@ -301,41 +329,45 @@ def test_proxy_takes_the_dino_similarity_mean_per_window(image):
         return splice_windows(tokens, boxes, (resized.shape[1] // patch, resized.shape[2] // patch), patch)
 
     one_at_a_time = torch.cat([dino_guided_attention(dino[i:i + 1], values[i:i + 1], clip_grid, dino_grid,
-                                                     config.beta, config.gamma) for i in range(len(boxes))])
+                                                     params.beta, params.gamma) for i in range(len(boxes))])
     torch.testing.assert_close(spliced, spliced_with(one_at_a_time), atol=1e-5, rtol=1e-5)
-    per_frame = dino_guided_attention(dino, values, clip_grid, dino_grid, config.beta, config.gamma)
+    per_frame = dino_guided_attention(dino, values, clip_grid, dino_grid, params.beta, params.gamma)
     assert not torch.allclose(spliced, spliced_with(per_frame), atol=1e-4, rtol=1e-4)
 
 
 def test_trident_fast_is_trident_without_refinement(image):
-    fast = TridentPipeline(TINY.replace(method='trident_fast')).segment(image, 'door, chair')
-    unrefined = TridentPipeline(TINY.replace(refine=False)).segment(image, 'door, chair')
+    fast = TridentPipeline(tiny('trident_fast')).segment(image, 'door, chair')
+    unrefined = TridentPipeline(TINY.replace({'refinement.refine': False})).segment(image, 'door, chair')
     assert np.array_equal(fast.labels, unrefined.labels)
     np.testing.assert_array_equal(fast.confidence, unrefined.confidence)
 
 
 def test_method_needs_a_reload_and_windows_apply_live():
-    pipeline = TridentPipeline(TINY.replace(method='maskclip'))
+    pipeline = TridentPipeline(TridentConfig.from_mapping({'method': 'maskclip', 'models': dict_of(TINY.models)}))
     assert 'method' in MODEL_FIELDS
-    assert pipeline.apply_label_config(pipeline.config.replace(method='sclip', clip_slide_stride=64)) == ['method']
-    assert pipeline.config.method == 'maskclip' and pipeline.config.clip_slide_stride == 64
+    changed = pipeline.config.replace({'method': 'sclip', 'windows.clip_slide_stride': 64})
+    assert changed.windows.input_short_side == 336  # sclip's preset, for the next configure
+    assert pipeline.apply_label_config(changed) == ['method']
+    assert pipeline.config.method == 'maskclip' and pipeline.config.windows.clip_slide_stride == 64
+    assert pipeline.config.windows.input_short_side == 512  # the new method's preset is not applied live
 
 
 def test_pipeline_refuses_models_its_method_lacks(clip_models):
     with pytest.raises(ConfigError, match="method='proxy' needs dino"):
-        TridentPipeline(TINY.replace(method='proxy'), models=clip_models)
+        TridentPipeline(tiny('proxy'), models=clip_models)
 
 
-def test_config_validates_the_method_and_clip_windows():
+def test_config_validates_the_method_and_clip_windows(clip_models):
     with pytest.raises(ConfigError) as error:
         TridentConfig(method='bogus')
     assert 'method' in str(error.value) and all(m in str(error.value) for m in METHODS)
-    with pytest.raises(ConfigError, match='clip_slide_stride'):
-        TridentConfig(clip_slide_crop=224, clip_slide_stride=240)
-    with pytest.raises(ConfigError, match='clip_slide_crop'):
-        TridentConfig(clip_slide_crop=200, clip_slide_stride=100)
+    with pytest.raises(ConfigError, match='windows.clip_slide_stride'):
+        TridentConfig.from_mapping({'windows': {'clip_slide_crop': 224, 'clip_slide_stride': 240}})
+    with pytest.raises(ConfigError, match=r'windows.clip_slide_crop=200: must be a multiple of 16.*clip /16'):
+        TridentPipeline(tiny('sclip', {'windows.clip_slide_crop': 200, 'windows.clip_slide_stride': 100}),
+                        models=clip_models)  # the crop is checked against the loaded CLIP's patch size
     assert TridentConfig().method == 'trident'
-    assert TridentConfig.from_dict({'method': 'naclip'}).method == 'naclip'
+    assert TridentConfig.from_mapping({'method': 'naclip'}).method == 'naclip'
 
 
 def test_fetch_weights_asks_only_for_the_method_s_files(tmp_path, monkeypatch):
@@ -344,7 +376,8 @@ def test_fetch_weights_asks_only_for_the_method_s_files(tmp_path, monkeypatch):
     for method, named, not_named in (('maskclip', [clip], [dino, sam]), ('proxy', [clip, dino], [sam]),
                                       ('trident', [clip, dino, sam], [])):
         with pytest.raises(WeightsError) as error:
-            fetch_weights(TridentConfig(method=method, weights_dir=str(tmp_path / 'weights'), download=False))
+            fetch_weights(TridentConfig(method=method, models=ModelsConfig(weights_dir=str(tmp_path / 'weights'),
+                                                                           download=False)))
         text = str(error.value)
         assert all(word in text for word in named), (method, text)
         assert not any(word in text for word in not_named), (method, text)

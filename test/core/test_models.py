@@ -30,7 +30,7 @@ from trident_ros.models import (
     use_chunked_blocks,
 )
 
-TINY = TridentConfig(model_scale='tiny', random_weights=True, device='cpu')
+TINY = TridentConfig.from_mapping({'models.model_scale': 'tiny', 'models.random_weights': True, 'models.device': 'cpu'})
 
 
 @pytest.fixture(scope='module')
@@ -503,6 +503,9 @@ def test_quick_gelu_follows_the_weights_openai_yes_laion_no():
     from trident_ros.models.build import clip_quick_gelu
 
     assert clip_quick_gelu(TridentConfig())  # ViT-B-16 openai
-    assert clip_quick_gelu(TridentConfig(clip_pretrained='/weights/open_clip_model.safetensors'))  # OpenAI's arch
-    assert not clip_quick_gelu(TridentConfig(clip_model='ViT-H-14', clip_pretrained='laion2b_s32b_b79k'))
-    assert not clip_quick_gelu(TridentConfig(clip_model='ViT-H-14', clip_pretrained='/weights/open_clip_model.bin'))
+    local = TridentConfig.from_mapping({'models.clip_pretrained': '/weights/open_clip_model.safetensors'})
+    assert clip_quick_gelu(local)  # OpenAI's arch
+    laion = TridentConfig.from_mapping({'models.clip_model': 'ViT-H-14', 'models.clip_pretrained': 'laion2b_s32b_b79k'})
+    assert not clip_quick_gelu(laion)
+    assert not clip_quick_gelu(TridentConfig.from_mapping({'models.clip_model': 'ViT-H-14',
+                                                       'models.clip_pretrained': '/weights/open_clip_model.bin'}))

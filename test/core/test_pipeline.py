@@ -14,7 +14,7 @@ from trident_ros.config import TridentConfig
 from trident_ros.pipeline import TridentPipeline
 from trident_ros.tools.measure import synthetic_image
 
-TINY = TridentConfig(model_scale='tiny', random_weights=True, device='cpu')
+TINY = TridentConfig.from_mapping({'models.model_scale': 'tiny', 'models.random_weights': True, 'models.device': 'cpu'})
 
 
 @pytest.fixture(scope='module')
@@ -35,7 +35,7 @@ def count_forwards(module: torch.nn.Module) -> list[int]:
 
 @pytest.mark.parametrize('refine', [False, True])
 def test_segmentation_shapes_dtypes_and_labels_from_vocabulary(pipeline, image, refine):
-    pipeline.apply_label_config(TINY.replace(refine=refine, prob_thd=0.0))
+    pipeline.apply_label_config(TINY.replace({'refinement.refine': refine, 'labelling.prob_thd': 0.0}))
     vocabulary = pipeline.encode_vocabulary('door, sofa; couch, table')
     seg = pipeline.label(pipeline.encode_image(image), vocabulary)
     assert seg.labels.shape == image.shape[:2] and seg.labels.dtype == np.uint8
@@ -78,14 +78,14 @@ def test_relabel_runs_no_image_encoder_and_reuses_cached_names(pipeline, image):
 
 
 def test_chunk_size_does_not_change_result(image):
-    small = TridentPipeline(TINY.replace(aggregation_chunk=7)).segment(image, 'door, chair')
-    large = TridentPipeline(TINY.replace(aggregation_chunk=100000)).segment(image, 'door, chair')
+    small = TridentPipeline(TINY.replace({'trident.aggregation_chunk': 7})).segment(image, 'door, chair')
+    large = TridentPipeline(TINY.replace({'trident.aggregation_chunk': 100000})).segment(image, 'door, chair')
     assert np.array_equal(small.labels, large.labels)
     np.testing.assert_allclose(small.confidence, large.confidence, atol=1e-5)
 
 
 def test_unchanged_frames_reuse_the_image_side(image):
-    pipeline = TridentPipeline(TINY.replace(reuse_threshold=2.0))
+    pipeline = TridentPipeline(TINY.replace({'windows.reuse_threshold': 2.0}))
     sam_forwards = count_forwards(pipeline.models.sam.model.image_encoder)
     noise = np.random.default_rng(0).integers(-2, 3, image.shape)  # mean |noise| 1.2 grey levels
     noisy = np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8)
@@ -97,10 +97,10 @@ def test_unchanged_frames_reuse_the_image_side(image):
     pipeline.encode_image(shifted)  # over the threshold: encoded, and the new reference frame
     pipeline.encode_image(image[:, :-16].copy())  # another size
     assert (pipeline.image_encoder_calls, pipeline.image_side_reuses, sam_forwards[0]) == (3, 1, 3)
-    pipeline.apply_label_config(pipeline.config.replace(slide_stride=112))  # a config change: encoded again
+    pipeline.apply_label_config(pipeline.config.replace({'windows.slide_stride': 112}))  # a change: encoded again
     pipeline.encode_image(image[:, :-16].copy())
     assert (pipeline.image_encoder_calls, pipeline.image_side_reuses) == (4, 1)
-    pipeline.apply_label_config(pipeline.config.replace(reuse_threshold=0.0))  # off: every frame is encoded
+    pipeline.apply_label_config(pipeline.config.replace({'windows.reuse_threshold': 0.0}))  # off: all are encoded
     pipeline.encode_image(image)
     pipeline.encode_image(image)
     assert (pipeline.image_encoder_calls, pipeline.image_side_reuses) == (6, 1)
@@ -108,14 +108,14 @@ def test_unchanged_frames_reuse_the_image_side(image):
 
 @pytest.mark.parametrize('method', ['trident', 'proxy', 'naclip'])
 def test_bf16_on_the_cpu_is_close_to_fp32(pipeline, image, method):
-    fp32 = pipeline if method == 'trident' else TridentPipeline(TINY.replace(method=method))
-    bf16 = TridentPipeline(fp32.config.replace(bf16=True, refine=True))
+    fp32 = pipeline if method == 'trident' else TridentPipeline(TINY.replace({'method': method}))
+    bf16 = TridentPipeline(fp32.config.replace({'models.bf16': True, 'refinement.refine': True}))
     models = bf16.models
     assert models.dtype == torch.bfloat16 and models.clip.dtype == torch.bfloat16
     if method == 'trident':
         assert models.dino.dtype == models.sam.dtype == torch.bfloat16
         assert models.sam.model.mask_decoder.iou_token.weight.dtype == torch.float32  # prompts stay fp32
-    fp32.apply_label_config(fp32.config.replace(refine=True))
+    fp32.apply_label_config(fp32.config.replace({'refinement.refine': True}))
     ours, reference = bf16.encode_image(image), fp32.encode_image(image)
     assert ours.dense.dtype == torch.float32
     cosine = torch.nn.functional.cosine_similarity(ours.dense, reference.dense, dim=0)
@@ -153,8 +153,9 @@ def test_cli_flags_map_to_the_config():
     from trident_ros.tools.segment import build_config, parse_args
 
     config = build_config(parse_args(['x.png', '-v', 'door', '--bf16', '--no-refine', '--method', 'proxy']))
-    assert (config.bf16, config.refine, config.method, config.fp16) == (True, False, 'proxy', True)
-    assert not build_config(parse_args(['x.png', '-v', 'door'])).bf16
+    assert (config.models.bf16, config.refinement.refine, config.method, config.models.fp16) == (
+        True, False, 'proxy', True)
+    assert not build_config(parse_args(['x.png', '-v', 'door'])).models.bf16
 
 
 def test_cli_without_weights_names_the_missing_file_and_the_smoke_mode(tmp_path):

@@ -370,17 +370,18 @@ def test_fp16_probabilities_keep_dtype(sam: Sam, embedding: torch.Tensor) -> Non
 
 
 def test_params_from_config() -> None:
-    config = TridentConfig(coarse_thresh=0.1, minimal_area=9, sam_mask_coff=0.01, sam_iou_thresh=-2.5, prob_thd=0.3)
+    config = TridentConfig.from_mapping({'refinement': {'coarse_thresh': 0.1, 'minimal_area': 9, 'sam_mask_coff': 0.01,
+                                                        'sam_iou_thresh': -2.5}, 'labelling.prob_thd': 0.3})
     assert RefinementParams.from_config(config) == RefinementParams(0.1, 9, 0.01, -2.5, 0.3)
     assert RefinementParams.from_config(TridentConfig()) == RefinementParams(prob_thd=0.2)
 
 
 @pytest.mark.parametrize('value', [-2.5, 0.0, 1.5, 100.0])
 def test_any_finite_iou_threshold_is_accepted(value: float) -> None:
-    assert TridentConfig(sam_iou_thresh=value).sam_iou_thresh == value
+    assert TridentConfig.from_mapping({'refinement.sam_iou_thresh': value}).refinement.sam_iou_thresh == value
 
 
 @pytest.mark.parametrize('value', [float('nan'), float('inf'), float('-inf')])
 def test_non_finite_iou_threshold_is_refused_with_what_it_does(value: float) -> None:
     with pytest.raises(ConfigError, match=r'sam_iou_thresh=.*finite.*predicted IoU exceeds it are kept'):
-        TridentConfig(sam_iou_thresh=value)
+        TridentConfig.from_mapping({'refinement.sam_iou_thresh': value})

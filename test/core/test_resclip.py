@@ -190,14 +190,14 @@ def count_forwards(module: torch.nn.Module) -> list[int]:
 
 def test_relabel_reruns_only_the_vocabulary_side():
     image = synthetic_image(160, 120, seed=3)
-    base = {'model_scale': 'tiny', 'random_weights': True, 'device': 'cpu'}
+    base = {'models.model_scale': 'tiny', 'models.random_weights': True, 'models.device': 'cpu'}
     for method in ('resclip', 'resclip_rcs'):
-        pipeline = TridentPipeline(TridentConfig.from_dict({**base, 'method': method}))
+        pipeline = TridentPipeline(TridentConfig.from_mapping({**base, 'method': method}))
         calls = count_forwards(pipeline.models.clip.visual.conv1)
         blocks = [count_forwards(block) for block in pipeline.models.clip.visual.transformer.resblocks[:-1]]
         features = pipeline.encode_image(image)
         assert calls[0] == 1 and all(c[0] == 1 for c in blocks)
-        assert (features.resclip is not None) == (method == 'resclip')
+        assert (getattr(features.method, 'windows', None) is not None) == (method == 'resclip')
         first = pipeline.label(features, pipeline.encode_vocabulary('door, sofa, table'))
         second = pipeline.label(features, pipeline.encode_vocabulary('window, chair'))
         assert calls[0] == 1 and all(c[0] == 1 for c in blocks)  # no block of the image encoder ran again
@@ -211,9 +211,9 @@ def test_pamr_at_labelling_refines_the_full_size_logits_from_the_cached_frame():
     from trident_ros.labelling import class_probabilities
 
     image = synthetic_image(160, 120, seed=3)
-    config = TridentConfig.from_dict({'method': 'naclip', 'model_scale': 'tiny', 'random_weights': True,
-                                      'device': 'cpu'})
-    assert config.pamr  # NACLIP's default
+    config = TridentConfig.from_mapping({'method': 'naclip', 'models': {'model_scale': 'tiny', 'random_weights': True,
+                                                                        'device': 'cpu'}})
+    assert config.labelling.pamr  # NACLIP's default
     pipeline = TridentPipeline(config)
     calls = count_forwards(pipeline.models.clip.visual.conv1)
     features = pipeline.encode_image(image)
@@ -221,8 +221,8 @@ def test_pamr_at_labelling_refines_the_full_size_logits_from_the_cached_frame():
     seg = pipeline.label(features, vocabulary)
     assert calls[0] == 1 and 'pamr_affinity' in seg.timings
     affinity = pamr_affinity(torch.from_numpy(image).permute(2, 0, 1)[None].float())
-    probs = class_probabilities(features.dense, vocabulary, (120, 160), config.logit_scale,
+    probs = class_probabilities(features.dense, vocabulary, (120, 160), config.labelling.logit_scale,
                                 lambda logits: pamr_refine(logits[None], affinity)[0])
     np.testing.assert_allclose(seg.confidence, probs.max(0).values.numpy(), atol=1e-5)
-    plain = class_probabilities(features.dense, vocabulary, (120, 160), config.logit_scale)
+    plain = class_probabilities(features.dense, vocabulary, (120, 160), config.labelling.logit_scale)
     assert not np.allclose(seg.confidence, plain.max(0).values.numpy(), atol=1e-3)

@@ -24,7 +24,8 @@ from trident_ros.vocabulary import (
 @pytest.fixture(scope='module')
 def models() -> TridentModels:
     """Tiny real open_clip CLIP (random weights) and the ViT-B-16 tokenizer."""
-    return load_models(TridentConfig(model_scale='tiny', random_weights=True, device='cpu'))
+    return load_models(TridentConfig.from_mapping({'models': {'model_scale': 'tiny', 'random_weights': True,
+                                                              'device': 'cpu'}}))
 
 
 @pytest.fixture(scope='module')

@@ -50,7 +50,7 @@ def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_weights_dir_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv('TRIDENT_WEIGHTS_DIR', str(tmp_path / 'env'))
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
-    assert weights_dir(TridentConfig(weights_dir=str(tmp_path / 'cfg'))) == tmp_path / 'cfg'
+    assert weights_dir(TridentConfig.from_mapping({'models.weights_dir': str(tmp_path / 'cfg')})) == tmp_path / 'cfg'
     assert weights_dir(TridentConfig()) == tmp_path / 'env'
     monkeypatch.delenv('TRIDENT_WEIGHTS_DIR')
     assert weights_dir(TridentConfig()) == tmp_path / 'xdg' / 'trident_ros'
@@ -164,7 +164,7 @@ def test_checksum_stamp_is_invalidated_by_a_changed_file(saved_sam):
 # --- resolve_sam_checkpoint -------------------------------------------------------------------------
 
 def test_missing_sam_with_downloads_off_names_url_and_path(tmp_path):
-    config = TridentConfig(weights_dir=str(tmp_path), download=False)
+    config = TridentConfig.from_mapping({'models.weights_dir': str(tmp_path), 'models.download': False})
     with pytest.raises(WeightsError) as error:
         resolve_sam_checkpoint(config)
     message = str(error.value)
@@ -175,14 +175,16 @@ def test_missing_sam_with_downloads_off_names_url_and_path(tmp_path):
 
 def test_explicit_sam_checkpoint_wins(tmp_path, saved_sam):
     _, path = saved_sam
-    config = TridentConfig(weights_dir=str(tmp_path / 'empty'), download=False, sam_checkpoint=str(path))
+    config = TridentConfig.from_mapping({'models': {'weights_dir': str(tmp_path / 'empty'), 'download': False,
+                                                    'sam_checkpoint': str(path)}})
     assert resolve_sam_checkpoint(config) == path
 
 
 def test_corrupt_official_file_in_cache_is_named(tmp_path):
     bogus = tmp_path / 'sam_vit_l_0b3195.pth'
     bogus.write_bytes(b'not a checkpoint')
-    config = TridentConfig(weights_dir=str(tmp_path), download=False, sam_model='vit_l')
+    config = TridentConfig.from_mapping({'models': {'weights_dir': str(tmp_path), 'download': False,
+                                                    'sam_model': 'vit_l'}})
     with pytest.raises(WeightsError, match='corrupt or truncated') as error:
         resolve_sam_checkpoint(config)
     assert str(bogus) in str(error.value) and SAM_CHECKPOINTS['vit_l'].url in str(error.value)
@@ -199,30 +201,34 @@ def test_clip_error_says_which_file_and_how_to_pass_it():
 
 
 def test_dino_error_says_which_file_and_where(tmp_path):
-    message = str(dino_weights_error(TridentConfig(weights_dir=str(tmp_path)), OSError('offline')))
+    config = TridentConfig.from_mapping({'models.weights_dir': str(tmp_path)})
+    message = str(dino_weights_error(config, OSError('offline')))
     assert 'https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth' in message
     assert 'dino_checkpoint' in message and str(tmp_path / 'dino_vitbase16_pretrain.pth') in message
 
 
 def test_dino_file_lookup(tmp_path):
-    assert dino_checkpoint(TridentConfig(weights_dir=str(tmp_path))) is None  # timm's own cache then
+    config = TridentConfig.from_mapping({'models.weights_dir': str(tmp_path)})
+    assert dino_checkpoint(config) is None  # timm's own cache then
     official = tmp_path / 'dino_vitbase16_pretrain.pth'
     official.write_bytes(b'x')
-    assert dino_checkpoint(TridentConfig(weights_dir=str(tmp_path))) == official
+    assert dino_checkpoint(TridentConfig.from_mapping({'models.weights_dir': str(tmp_path)})) == official
     explicit = tmp_path / 'mine.pth'
     explicit.write_bytes(b'x')
-    config = TridentConfig(weights_dir=str(tmp_path), dino_checkpoint=str(explicit))
+    config = TridentConfig.from_mapping({'models.weights_dir': str(tmp_path), 'models.dino_checkpoint': str(explicit)})
     assert dino_checkpoint(config) == explicit
 
 
 def test_real_mode_never_falls_back_to_random_weights(tmp_path):
     with pytest.raises(WeightsError, match='sam_vit_b_01ec64.pth'):
-        load_models(TridentConfig(weights_dir=str(tmp_path), download=False, device='cpu'))
+        load_models(TridentConfig.from_mapping({'models': {'weights_dir': str(tmp_path), 'download': False,
+                                                           'device': 'cpu'}}))
 
 
 def test_missing_local_clip_file_fails_before_building(tmp_path, saved_sam):
     _, sam_path = saved_sam
-    config = TridentConfig(weights_dir=str(tmp_path), download=False, device='cpu', sam_checkpoint=str(sam_path),
-                           clip_pretrained=str(tmp_path / 'missing.safetensors'))
+    config = TridentConfig.from_mapping({'models': {
+        'weights_dir': str(tmp_path), 'download': False, 'device': 'cpu', 'sam_checkpoint': str(sam_path),
+        'clip_pretrained': str(tmp_path / 'missing.safetensors')}})
     with pytest.raises(WeightsError, match='missing.safetensors'):
         load_models(config)

@@ -46,7 +46,8 @@ def test_the_worker_survives_a_failing_frame():
 
 @pytest.fixture(scope='module')
 def pipeline() -> TridentPipeline:
-    return TridentPipeline(TridentConfig(model_scale='tiny', random_weights=True, device='cpu', method='maskclip'))
+    return TridentPipeline(TridentConfig.from_mapping({'models.model_scale': 'tiny', 'models.random_weights': True,
+                                                            'models.device': 'cpu', 'method': 'maskclip'}))
 
 
 def test_a_newer_vocabulary_supersedes_one_being_encoded(pipeline):

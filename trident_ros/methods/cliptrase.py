@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 (the PyTorch idiom)
 
+from trident_ros.methods.base import Frame, Labelling, MethodFeatures, ParamError, setting
+from trident_ros.methods.clip_rules import Box, ClipWindowMethod
 from trident_ros.models import ClipDense
 from trident_ros.stages.clip_blocks import (
     block_heads,
@@ -248,3 +252,61 @@ def cliptrase_pass(clip: ClipDense, image: torch.Tensor, eps: float = 0.0, min_s
     clusters = dbscan(recalibrated, eps or default_eps, min_samples or default_min)
     return CliptraseResult(features=unit_features(clip, out[0, 1:]), grid=last.grid, recalibrated=recalibrated,
                            clusters=clusters)
+
+
+@dataclass(frozen=True)
+class CliptraseParams:
+    """Section ``cliptrase``."""
+
+    eps: float = setting(0.0, "DBSCAN radius; 0: 0.7 * sqrt(patches / 196) (the authors' 0.7 at 224 px, 1.1 at 336)")
+    min_samples: int = setting(0, "DBSCAN core count; 0: round(3 * patches / 196) (the authors' 3 at 224 px, 7 at "
+                                  '336)')
+
+    def validate(self) -> None:
+        """Raise :class:`~trident_ros.methods.base.ParamError` for the first invalid field."""
+        for name in ('eps', 'min_samples'):
+            if getattr(self, name) < 0:
+                raise ParamError(name, 'must be >= 0 (0: auto)')
+
+
+@dataclass
+class CliptraseFeatures(MethodFeatures):
+    """CLIPtrase's image side: ``dense`` on the token grid of the resized image.
+
+    Attributes:
+        clusters: ``(H, W)`` int16 cluster of every pixel, or None (no cluster found).
+    """
+
+    clusters: torch.Tensor | None = None
+
+
+class CliptraseMethod(ClipWindowMethod):
+    name = 'cliptrase'
+    section = 'cliptrase'
+    params = CliptraseParams
+    preset = MappingProxyType({'windows.input_short_side': 336, 'windows.whole_image': True,
+                               'labelling.logit_scale': 100.0, 'labelling.prob_thd': 0.0})
+    """leaves162/CLIPtrase ``clip_self_correlation.py``: one whole-image pass, short side 336, logit scale 100."""
+    summary = 'CLIP only, CLIPtrase: self-correlation recalibration, patch clusters, a vote per cluster'
+    features_type = CliptraseFeatures
+
+    def whole_image(self, config: Any) -> bool:
+        """Always: the clusters are of one whole-image pass."""
+        return True
+
+    def window_features(self, frame: Frame, crops: torch.Tensor, normalised: torch.Tensor, boxes: list[Box],
+                        token_grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any]]:
+        params: CliptraseParams = frame.config.section(self.section)
+        result = cliptrase_pass(frame.models.clip, normalised, params.eps, params.min_samples)
+        clusters = cluster_map(result.recalibrated, result.clusters, result.grid, frame.image.shape[:2])
+        return result.features[None], result.grid, {'clusters': clusters}
+
+    def label(self, probs: torch.Tensor, features: CliptraseFeatures, refined: torch.Tensor | None,
+              labelling: Labelling) -> tuple[np.ndarray, np.ndarray]:
+        """Every pixel of a cluster takes the cluster's most frequent label (:func:`cluster_vote`)."""
+        if features.clusters is None:
+            return super().label(probs, features, refined, labelling)
+        return cluster_vote(probs, features.clusters, labelling.config.labelling.prob_thd)
+
+
+CLIPTRASE = CliptraseMethod()

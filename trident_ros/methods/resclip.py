@@ -24,14 +24,19 @@ and an unsure patch (-1) is not confused with the first name (upstream: 0).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (the PyTorch idiom)
 
+from trident_ros.methods.base import Frame, Labelling, MethodFeatures, ParamError, setting
+from trident_ros.methods.clip_rules import WINDOWS_336, Box, ClipWindowMethod
 from trident_ros.models import ClipDense
 from trident_ros.stages.clip_attention import NACLIP_GAUSSIAN_STD, neighbourhood_prior
 from trident_ros.stages.clip_blocks import block_heads, merge_heads, paper_block, trace_blocks, unit_features
 from trident_ros.stages.pamr import pamr_affinity, pamr_refine
+from trident_ros.stages.splice import splice_unit_features
 from trident_ros.vocabulary import Vocabulary
 
 RCS_BLOCKS = range(6, 10)
@@ -43,12 +48,20 @@ SFR_BLUR_STD = 5.0
 
 @dataclass(frozen=True)
 class ResclipParams:
-    """ResCLIP's weights: ``rcs_lambda`` (l_r), ``sfr_tau`` (t_s), ``sfr_lambda`` (l_s), ``temp_thd``."""
+    """Section ``resclip`` (methods resclip and resclip_rcs): ResCLIP's weights; defaults: its ADE20K setting."""
 
-    rcs_lambda: float
-    sfr_tau: float
-    sfr_lambda: float
-    temp_thd: float
+    rcs_lambda: float = setting(0.3, 'weight of the cross-correlation of blocks 6-9 in the last block (l_r)')
+    sfr_tau: float = setting(2.1, 'resclip: SFR temperature (t_s)')
+    sfr_lambda: float = setting(0.7, 'resclip: SFR weight (l_s)')
+    temp_thd: float = setting(0.25, 'resclip: first-pass pixels less probable than this are unsure in SFR')
+
+    def validate(self) -> None:
+        """Raise :class:`~trident_ros.methods.base.ParamError` for the first invalid field."""
+        if not self.sfr_tau > 0:
+            raise ParamError('sfr_tau', 'must be > 0')
+        for name in ('rcs_lambda', 'sfr_lambda', 'temp_thd'):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ParamError(name, 'must be in [0, 1]')
 
 
 def rcs_attention(qk: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
@@ -252,3 +265,56 @@ def resclip_second_pass(clip: ClipDense, windows: ResclipWindows, vocabulary: Vo
         outputs.append(_output(clip, weights[None], windows.v[index:index + 1])[0])
     return torch.stack(outputs)
 
+
+
+@dataclass
+class ResclipFeatures(MethodFeatures):
+    """ResCLIP's image side: ``dense`` (the first pass) on the token grid of the resized image.
+
+    Attributes:
+        windows: what the second pass needs, per window (None for ``resclip_rcs``).
+        boxes: the windows' boxes in pixels of the resized image.
+        token_grid: ``(Hg, Wg)`` of the spliced map.
+    """
+
+    windows: ResclipWindows | None = None
+    boxes: list[Box] | None = None
+    token_grid: tuple[int, int] | None = None
+
+
+class ResclipMethod(ClipWindowMethod):
+    """ResCLIP with its second pass at labelling (``sfr``), or its first pass only."""
+
+    section = 'resclip'
+    params = ResclipParams
+    preset = MappingProxyType({**WINDOWS_336, 'resclip.rcs_lambda': 0.3, 'resclip.sfr_tau': 2.1,
+                               'resclip.sfr_lambda': 0.7, 'resclip.temp_thd': 0.25})
+    """yvhangyang/ResCLIP ``test_all.sh``: short side 336, windows 224/112, logit scale 40, ADE20K SFR weights."""
+    features_type = ResclipFeatures
+
+    def __init__(self, name: str, sfr: bool, summary: str) -> None:
+        self.name = name
+        self.sfr = sfr
+        self.summary = summary
+
+    def window_features(self, frame: Frame, crops: torch.Tensor, normalised: torch.Tensor, boxes: list[Box],
+                        token_grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any]]:
+        windows = resclip_first_pass(frame.models.clip, normalised, frame.config.section(self.section),
+                                     with_sfr=self.sfr, pixels=crops)
+        extra = {'windows': windows, 'boxes': boxes, 'token_grid': token_grid} if self.sfr else {}
+        return windows.first, windows.grid, extra
+
+    def class_scores(self, features: ResclipFeatures, vocabulary: Vocabulary, labelling: Labelling) -> torch.Tensor:
+        """``resclip``: SFR and the second pass per window (stage ``resclip_sfr``), spliced, then labelled."""
+        if features.windows is None:
+            return super().class_scores(features, vocabulary, labelling)
+        clip = labelling.models.clip
+        with labelling.stage('resclip_sfr'):
+            second = resclip_second_pass(clip, features.windows, vocabulary, labelling.config.section(self.section))
+            dense = splice_unit_features(second, features.windows.grid, features.boxes, features.token_grid,
+                                         clip.patch_size)
+        return labelling.probabilities(dense)
+
+
+RESCLIP = ResclipMethod('resclip', sfr=True, summary='CLIP only, ResCLIP: RCS, then SFR per vocabulary')
+RESCLIP_RCS = ResclipMethod('resclip_rcs', sfr=False, summary='CLIP only, ResCLIP without SFR (its first pass)')

@@ -20,9 +20,13 @@ Stage by stage after its authors' code (SuleBai/SC-CLIP 0417ba9, ``clip/model.py
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F  # noqa: N812 (the PyTorch idiom)
 
+from trident_ros.methods.base import Frame
+from trident_ros.methods.clip_rules import WINDOWS_336, Box, ClipWindowMethod
 from trident_ros.models import ClipDense
 from trident_ros.stages.clip_blocks import (
     block_heads,
@@ -170,3 +174,17 @@ def scclip_features(clip: ClipDense, crops: torch.Tensor) -> tuple[torch.Tensor,
     fused = sum(trace.after(paper_block(depth, block)) for block in FUSION_BLOCKS)
     z = z + attend(fused[:, 1:], fused[:, :1])
     return unit_features(clip, z), grid
+
+
+class ScclipMethod(ClipWindowMethod):
+    name = 'scclip'
+    preset = WINDOWS_336
+    """SuleBai/SC-CLIP ``configs/base_config.py``: short side 336, windows 224/112, logit scale 40."""
+    summary = 'CLIP only, SC-CLIP: anomaly repair, similarity-guided aggregation, multi-level fusion'
+
+    def window_features(self, frame: Frame, crops: torch.Tensor, normalised: torch.Tensor, boxes: list[Box],
+                        token_grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any]]:
+        return (*scclip_features(frame.models.clip, normalised), {})
+
+
+SCCLIP = ScclipMethod()

@@ -15,9 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trident_ros.config import PATCH_SIZE
-
-SAM_ROUND = PATCH_SIZE
+SAM_ROUND = 16
 """The SAM branch sees the image with its sides rounded up to a multiple of this (as the reference)."""
 
 

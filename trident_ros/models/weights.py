@@ -14,12 +14,25 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
-from trident_ros.config import METHOD_MODELS, TridentConfig
 from trident_ros.models.weight_files import WeightFile, WeightsError, download, download_from_hub, verify_sha256
 
 T = TypeVar('T')
+
+
+class ModelSettings(Protocol):
+    """What the model room reads of a :class:`trident_ros.config.TridentConfig` (which it does not import: the
+    configuration imports the methods, which import this room).
+    """
+
+    @property
+    def models(self) -> Any:
+        """The section ``models`` (architectures, weight files, device, precision)."""
+
+    @property
+    def method_models(self) -> tuple[str, ...]:
+        """The models the configured method needs, of ``clip``, ``dino``, ``sam``."""
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +55,14 @@ SAM_CHECKPOINTS: dict[str, WeightFile] = {
 }
 
 
-def weights_dir(config: TridentConfig) -> Path:
+def weights_dir(config: ModelSettings) -> Path:
     """The weights folder.
 
-    ``config.weights_dir``, else ``$TRIDENT_WEIGHTS_DIR``, else ``$XDG_CACHE_HOME/trident_ros`` or
+    ``config.models.weights_dir``, else ``$TRIDENT_WEIGHTS_DIR``, else ``$XDG_CACHE_HOME/trident_ros`` or
     ``~/.cache/trident_ros``.
     """
-    if config.weights_dir:
-        return Path(config.weights_dir).expanduser()
+    if config.models.weights_dir:
+        return Path(config.models.weights_dir).expanduser()
     if os.environ.get('TRIDENT_WEIGHTS_DIR'):
         return Path(os.environ['TRIDENT_WEIGHTS_DIR']).expanduser()
     cache = os.environ.get('XDG_CACHE_HOME') or '~/.cache'
@@ -79,7 +92,7 @@ def fetch_weight_file(spec: WeightFile, directory: Path, allow_download: bool, w
     path = directory / spec.name
     if not path.is_file():
         if not allow_download:
-            raise WeightsError(_missing_message(what, spec, path, 'downloads are disabled (download: false)',
+            raise WeightsError(_missing_message(what, spec, path, 'downloads are disabled (models.download: false)',
                                                 parameter))
         log.info('downloading %s weights %s to %s', what, spec.url, path)
         try:
@@ -98,26 +111,26 @@ def _missing_message(what: str, spec: WeightFile, path: Path, reason: str, param
             f'at the folder holding it).\n  {SMOKE_HINT}')
 
 
-def resolve_sam_checkpoint(config: TridentConfig) -> Path:
-    """The SAM checkpoint file for ``config.sam_model``.
+def resolve_sam_checkpoint(config: ModelSettings) -> Path:
+    """The SAM checkpoint file for ``config.models.sam_model``.
 
-    ``config.sam_checkpoint`` wins (checked against the official SHA-256 when it carries the official
+    ``config.models.sam_checkpoint`` wins (checked against the official SHA-256 when it carries the official
     file name); else the official file in :func:`weights_dir`; else it is downloaded there when
-    ``config.download``.
+    ``config.models.download``.
 
     Raises:
         WeightsError: missing (with the URL and the path to put it at) or corrupt.
     """
-    spec = SAM_CHECKPOINTS[config.sam_model]
-    if config.sam_checkpoint:
-        path = Path(config.sam_checkpoint).expanduser()
+    spec = SAM_CHECKPOINTS[config.models.sam_model]
+    if config.models.sam_checkpoint:
+        path = Path(config.models.sam_checkpoint).expanduser()
         if not path.is_file():
-            raise WeightsError(f'sam_checkpoint {path} does not exist. The official {config.sam_model} file is '
-                               f'{spec.url}.\n  {SMOKE_HINT}')
+            raise WeightsError(f'models.sam_checkpoint {path} does not exist. The official '
+                               f'{config.models.sam_model} file is {spec.url}.\n  {SMOKE_HINT}')
         if path.name == spec.name:
             verify_sha256(path, spec.sha256, spec.url)
         return path
-    return fetch_weight_file(spec, weights_dir(config), config.download, f'SAM {config.sam_model}',
+    return fetch_weight_file(spec, weights_dir(config), config.models.download, f'SAM {config.models.sam_model}',
                              'sam_checkpoint')
 
 def _hub_url(repo: str, filename: str) -> str:
@@ -160,11 +173,11 @@ class NeededWeight:
     parameter: str
 
 
-def _dino_file(config: TridentConfig) -> tuple[WeightFile, tuple[str, tuple[str, ...]] | None] | None:
-    """Timm's file for ``config.dino_model``: its hub file, named after the repository."""
+def _dino_file(config: ModelSettings) -> tuple[WeightFile, tuple[str, tuple[str, ...]] | None] | None:
+    """Timm's file for ``config.models.dino_model``: its hub file, named after the repository."""
     from timm.models import get_pretrained_cfg
 
-    cfg = get_pretrained_cfg(config.dino_model)
+    cfg = get_pretrained_cfg(config.models.dino_model)
     if cfg is None:
         return None
     if cfg.hf_hub_id:
@@ -176,14 +189,14 @@ def _dino_file(config: TridentConfig) -> tuple[WeightFile, tuple[str, tuple[str,
     return None
 
 
-def _clip_file(config: TridentConfig) -> tuple[WeightFile, tuple[str, tuple[str, ...]] | None] | None:
-    """open_clip's file for ``config.clip_model`` / ``config.clip_pretrained``: its hub file, named
+def _clip_file(config: ModelSettings) -> tuple[WeightFile, tuple[str, tuple[str, ...]] | None] | None:
+    """open_clip's file for ``config.models.clip_model`` / ``config.models.clip_pretrained``: its hub file, named
     after the repository (OpenAI's own ``.pt`` is a TorchScript archive, which ``weights_only``
     loading refuses).
     """
     import open_clip
 
-    cfg = open_clip.get_pretrained_cfg(config.clip_model, config.clip_pretrained) or {}
+    cfg = open_clip.get_pretrained_cfg(config.models.clip_model, config.models.clip_pretrained) or {}
     if cfg.get('hf_hub'):
         parts = cfg['hf_hub'].strip('/').split('/')
         repo, filename = '/'.join(parts[:2]), '/'.join(parts[2:]) or 'open_clip_model.safetensors'
@@ -198,7 +211,7 @@ def _is_local_file(value: str) -> bool:
     return Path(value).suffix in _WEIGHT_SUFFIXES or '/' in value or value.startswith('~')
 
 
-def needed_weights(config: TridentConfig) -> list[NeededWeight]:
+def needed_weights(config: ModelSettings) -> list[NeededWeight]:
     """The standard weight files of the models ``config.method`` needs, in :func:`weights_dir`.
 
     A model given a local file (``sam_checkpoint``, ``dino_checkpoint``, a ``clip_pretrained``
@@ -211,18 +224,18 @@ def needed_weights(config: TridentConfig) -> list[NeededWeight]:
         One entry per file, in the order SAM, DINO, CLIP.
     """
     folder = weights_dir(config)
-    models = METHOD_MODELS[config.method]
+    models = config.method_models
     entries = []
-    if 'sam' in models and not config.sam_checkpoint:
-        spec = SAM_CHECKPOINTS[config.sam_model]
-        entries.append(NeededWeight('sam', f'SAM {config.sam_model}', spec, folder / spec.name, None,
-                                    'sam_checkpoint'))
-    if 'dino' in models and not config.dino_checkpoint and (found := _dino_file(config)) is not None:
-        entries.append(NeededWeight('dino', f'DINO {config.dino_model}', found[0], folder / found[0].name, found[1],
-                                    'dino_checkpoint'))
-    if not _is_local_file(config.clip_pretrained) and (found := _clip_file(config)) is not None:
-        entries.append(NeededWeight('clip', f'CLIP {config.clip_model} ({config.clip_pretrained})', found[0],
-                                    folder / found[0].name, found[1], 'clip_pretrained'))
+    if 'sam' in models and not config.models.sam_checkpoint:
+        spec = SAM_CHECKPOINTS[config.models.sam_model]
+        entries.append(NeededWeight('sam', f'SAM {config.models.sam_model}', spec, folder / spec.name, None,
+                                    'models.sam_checkpoint'))
+    if 'dino' in models and not config.models.dino_checkpoint and (found := _dino_file(config)) is not None:
+        entries.append(NeededWeight('dino', f'DINO {config.models.dino_model}', found[0], folder / found[0].name,
+                                    found[1], 'models.dino_checkpoint'))
+    if not _is_local_file(config.models.clip_pretrained) and (found := _clip_file(config)) is not None:
+        clip = f'CLIP {config.models.clip_model} ({config.models.clip_pretrained})'
+        entries.append(NeededWeight('clip', clip, found[0], folder / found[0].name, found[1], 'models.clip_pretrained'))
     return entries
 
 
@@ -290,12 +303,12 @@ class WeightSources:
     dino: Path | None
     clip: str
 
-    def describe(self, config: TridentConfig) -> str:
-        parts = [f'CLIP {config.clip_model} ({self.clip})']
+    def describe(self, config: ModelSettings) -> str:
+        parts = [f'CLIP {config.models.clip_model} ({self.clip})']
         if 'dino' in self.models:
-            parts.append(f'DINO {config.dino_model} ({self.dino or "timm hub cache"})')
+            parts.append(f'DINO {config.models.dino_model} ({self.dino or "timm hub cache"})')
         if 'sam' in self.models:
-            parts.append(f'SAM {config.sam_model} ({self.sam})')
+            parts.append(f'SAM {config.models.sam_model} ({self.sam})')
         return ', '.join(parts)
 
 
@@ -332,7 +345,7 @@ def _find(entry: NeededWeight, allow_download: bool, problems: list[str],
         return None
     if not allow_download:
         problems.append(f'{entry.what} weights {entry.file.name} are not at {entry.path.parent}, and downloads are '
-                        'disabled (download: false)')
+                        'disabled (models.download: false)')
     elif entry.hub is not None and _hub_offline():
         problems.append(f'{entry.what}: the Hugging Face hub is off (HF_HUB_OFFLINE is set)')
     else:
@@ -352,14 +365,14 @@ def _attempt(load: Callable[[], T], problems: list[str]) -> T | None:
         return None
 
 
-def fetch_weights(config: TridentConfig) -> WeightSources:
+def fetch_weights(config: ModelSettings) -> WeightSources:
     """Find (or download, where allowed) every weight file the models of ``config.method`` need, no others.
 
     Per model: the file the config names (``sam_checkpoint``, ``dino_checkpoint``, a
     ``clip_pretrained`` path), else its standard file in :func:`weights_dir` (:func:`needed_weights`;
     DINO's official ``.pth`` there too), else (CLIP, DINO) the file in the Hugging Face hub cache
     that open_clip/timm load themselves, else a verified download into :func:`weights_dir` when
-    ``config.download``. Nothing is built here.
+    ``config.models.download``. Nothing is built here.
 
     Args:
         config: the configuration.
@@ -374,21 +387,21 @@ def fetch_weights(config: TridentConfig) -> WeightSources:
     """
     problems: list[str] = []
     missing: list[NeededWeight] = []
-    models = METHOD_MODELS[config.method]
+    models = config.method_models
     standard = {entry.model: entry for entry in needed_weights(config)}
     sam_path = dino_path = None
     if 'sam' in models:
         if 'sam' in standard:
-            sam_path = _find(standard['sam'], config.download, problems, missing)
+            sam_path = _find(standard['sam'], config.models.download, problems, missing)
         else:
             sam_path = _attempt(lambda: resolve_sam_checkpoint(config), problems)
     if 'dino' in models:
         dino_path = _attempt(lambda: dino_checkpoint(config), problems)
         if dino_path is None and 'dino' in standard:
-            dino_path = _find(standard['dino'], config.download, problems, missing)
-    clip_source = config.clip_pretrained
+            dino_path = _find(standard['dino'], config.models.download, problems, missing)
+    clip_source = config.models.clip_pretrained
     if 'clip' in standard:
-        found = _find(standard['clip'], config.download, problems, missing)
+        found = _find(standard['clip'], config.models.download, problems, missing)
         clip_source = str(found) if found is not None else clip_source
     elif _is_local_file(clip_source):
         clip_file = Path(clip_source).expanduser()
@@ -407,22 +420,22 @@ def fetch_weights(config: TridentConfig) -> WeightSources:
     return WeightSources(models=models, sam=sam_path, dino=dino_path, clip=clip_source)
 
 
-def dino_checkpoint(config: TridentConfig) -> Path | None:
+def dino_checkpoint(config: ModelSettings) -> Path | None:
     """A local DINO weight file given by the config or found in the weights folder.
 
-    ``config.dino_checkpoint``, else DINO's official file for ``config.dino_model`` (e.g.
+    ``config.models.dino_checkpoint``, else DINO's official file for ``config.models.dino_model`` (e.g.
     ``dino_vitbase16_pretrain.pth``) if it is in :func:`weights_dir`; None: look for the standard
     hub file (:func:`needed_weights`).
 
     Raises:
-        WeightsError: ``config.dino_checkpoint`` names a file that does not exist.
+        WeightsError: ``config.models.dino_checkpoint`` names a file that does not exist.
     """
-    if config.dino_checkpoint:
-        path = Path(config.dino_checkpoint).expanduser()
+    if config.models.dino_checkpoint:
+        path = Path(config.models.dino_checkpoint).expanduser()
         if not path.is_file():
             raise WeightsError(f'dino_checkpoint {path} does not exist.\n  {SMOKE_HINT}')
         return path
-    url = _timm_weights_url(config.dino_model)
+    url = _timm_weights_url(config.models.dino_model)
     if url:
         candidate = weights_dir(config) / url.rsplit('/', 1)[-1]
         if candidate.is_file():

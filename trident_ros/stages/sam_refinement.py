@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -38,8 +39,6 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
-
-from trident_ros.config import TridentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +75,12 @@ class RefinementParams:
     prob_thd: float = 0.0
 
     @classmethod
-    def from_config(cls, config: TridentConfig) -> RefinementParams:
-        """The refinement fields of a :class:`~trident_ros.config.TridentConfig` (same names)."""
-        return cls(coarse_thresh=config.coarse_thresh, minimal_area=config.minimal_area,
-                   sam_mask_coff=config.sam_mask_coff, sam_iou_thresh=config.sam_iou_thresh,
-                   prob_thd=config.prob_thd)
+    def from_config(cls, config: Any) -> RefinementParams:
+        """A :class:`~trident_ros.config.TridentConfig`'s section ``refinement`` and ``labelling.prob_thd``."""
+        section = config.refinement
+        return cls(coarse_thresh=section.coarse_thresh, minimal_area=section.minimal_area,
+                   sam_mask_coff=section.sam_mask_coff, sam_iou_thresh=section.sam_iou_thresh,
+                   prob_thd=config.labelling.prob_thd)
 
 
 @dataclass

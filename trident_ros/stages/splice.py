@@ -5,11 +5,11 @@ from collections.abc import Sequence
 
 import torch
 
-from trident_ros.config import PATCH_SIZE
+from trident_ros.stages.windows import REFERENCE_PATCH
 
 
 def splice_windows(tokens: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], out_size: tuple[int, int],
-                   patch: int = PATCH_SIZE) -> torch.Tensor:
+                   patch: int = REFERENCE_PATCH) -> torch.Tensor:
     """Place every crop's token map at its patch coordinates, averaging where crops overlap.
 
     Args:
@@ -39,3 +39,9 @@ def splice_windows(tokens: torch.Tensor, boxes: Sequence[tuple[int, int, int, in
     total = flat.new_zeros(dim, out_h * out_w).index_add_(1, index, flat)
     hits = torch.bincount(index, minlength=out_h * out_w).clamp_(min=1)
     return (total / hits).to(tokens.dtype).reshape(dim, out_h, out_w)
+
+
+def splice_unit_features(features: torch.Tensor, grid: tuple[int, int], boxes: Sequence[tuple[int, int, int, int]],
+                         token_grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """Per-window patch features ``(B, gh*gw, E)`` spliced into ``(E, Hg, Wg)`` (averaged where windows overlap)."""
+    return splice_windows(features.transpose(1, 2).reshape(len(boxes), -1, *grid), boxes, token_grid, patch)

@@ -8,12 +8,16 @@ floats) so both sides are multiples of the patch size and at least the crop size
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from trident_ros.config import PATCH_SIZE as PATCH
+REFERENCE_PATCH = 16
+"""The reference's patch size (ViT-B/16), the default where a caller names none; the pipeline passes the loaded
+models' own."""
 
 
 def _bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -31,7 +35,7 @@ def short_side_size(height: int, width: int, short_side: int, max_long_side: int
     return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
 
 
-def window_input_size(height: int, width: int, crop: int, patch: int = PATCH) -> tuple[int, int]:
+def window_input_size(height: int, width: int, crop: int, patch: int = REFERENCE_PATCH) -> tuple[int, int]:
     """(h, w) the windows are cut from (the reference's ``preprocess_image``).
 
     The long side rounded up to a multiple of ``patch``, the other side scaled alike (truncated)
@@ -69,7 +73,7 @@ def rescale_uint8(image: np.ndarray, short_side: int, max_long_side: int) -> np.
 
 
 def resize_for_windows(image: torch.Tensor, short_side: int, max_long_side: int, crop: int,
-                       device: torch.device | str | None = None) -> torch.Tensor:
+                       device: torch.device | str | None = None, patch: int = REFERENCE_PATCH) -> torch.Tensor:
     """Resize an image to the size the sliding windows are cut from (the reference's two resizes).
 
     Args:
@@ -78,9 +82,10 @@ def resize_for_windows(image: torch.Tensor, short_side: int, max_long_side: int,
         max_long_side: cap on the long side of the first rescale.
         crop: window size; the result is at least this on both sides.
         device: where the result (and the second resize) lives; default: the image's device.
+        patch: the result's sides are multiples of it.
 
     Returns:
-        (3, H', W') floating (float32 for uint8 input), values 0..255, H' and W' multiples of 16 and
+        (3, H', W') floating (float32 for uint8 input), values 0..255, H' and W' multiples of ``patch`` and
         >= ``crop``. E.g. 480x640 -> 448x597 -> 464x608.
 
     A uint8 image gets the first rescale from :func:`rescale_uint8` on the CPU (bit-identical to
@@ -101,7 +106,7 @@ def resize_for_windows(image: torch.Tensor, short_side: int, max_long_side: int,
             size = short_side_size(out.shape[1], out.shape[2], short_side, max_long_side)
             if size != tuple(out.shape[1:]):
                 out = _bilinear(out, size)
-    size = window_input_size(out.shape[1], out.shape[2], crop)
+    size = window_input_size(out.shape[1], out.shape[2], crop, patch)
     if size != tuple(out.shape[1:]):
         out = _bilinear(out, size)
     return out
@@ -119,6 +124,40 @@ def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[
         return [(max(end - crop, 0), end) for end in ends]
 
     return [(y0, x0, y1, x1) for y0, y1 in spans(height) for x0, x1 in spans(width)]
+
+
+def cut_windows(image: np.ndarray, short_side: int, max_long_side: int, crop: int | None, stride: int, patch: int,
+                device: torch.device) -> tuple[torch.Tensor, list[tuple[int, int, int, int]], torch.Tensor]:
+    """Cut the sliding windows of a frame, as every method's image side does.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        short_side: short side of the first rescale (0: the original size).
+        max_long_side: cap on its long side.
+        crop: window side in pixels; None: one window, the whole resized image.
+        stride: window step in pixels.
+        patch: the resized image's sides (and so the boxes) are multiples of it.
+        device: where the crops live.
+
+    Returns:
+        The resized image (3, H', W'), its window boxes ``(y0, x0, y1, x1)`` and the crops (B, 3, h, w) float32 in
+        [0, 1], on ``device``.
+    """
+    rgb = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # on the CPU: cv2 rescales it
+    resized = resize_for_windows(rgb, short_side, max_long_side, patch if crop is None else crop, device, patch)
+    if crop is None:
+        boxes = [(0, 0, resized.shape[1], resized.shape[2])]
+    else:
+        boxes = window_boxes(resized.shape[1], resized.shape[2], crop, stride)
+    crops = torch.stack([resized[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes]).float().div_(255)
+    return resized, boxes, crops
+
+
+def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+    """Normalise crops for an encoder: (B, 3, H, W) in [0, 1] -> ``(x - mean) / std`` in ``dtype``."""
+    mean_t = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return ((images - mean_t) / std_t).to(dtype)
 
 
 def dino_guided_attention(dino: torch.Tensor, values: torch.Tensor, clip_grid: tuple[int, int],

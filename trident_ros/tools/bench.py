@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from trident_ros.config import TridentConfig
-from trident_ros.pipeline import TridentPipeline, normalise
+from trident_ros.pipeline import TridentPipeline
 from trident_ros.stages.sam_aggregation import SamAggregation, aggregation_chunk_bytes
+from trident_ros.stages.windows import cut_windows, normalise
 from trident_ros.tools.measure import (
     BENCH_NAMES,
     CLOCKS,
@@ -52,9 +53,10 @@ def encoders_only(pipeline: TridentPipeline, image: np.ndarray) -> Callable[[], 
     """The encoder forwards a frame needs, without any other stage: SAM's image encoder on the
     prepared input, DINO and CLIP over the same crops (CLIP up to its last block's values).
     """
-    cfg, models = pipeline.config, pipeline.models
+    windows, models = pipeline.config.windows, pipeline.models
     sam_input = models.sam.prepare(image)
-    _, _, crops = pipeline.windows(image, cfg.slide_crop, cfg.slide_stride)
+    _, _, crops = cut_windows(image, windows.input_short_side, windows.max_long_side, windows.slide_crop,
+                              windows.slide_stride, pipeline.crop_multiple, models.device)
     dino_in = normalise(crops, models.dino.mean, models.dino.std, models.dtype)
     clip_in = normalise(crops, models.clip.mean, models.clip.std, models.dtype)
 
@@ -72,7 +74,7 @@ def reused_frame_time(pipeline: TridentPipeline, config: TridentConfig, image: n
     """Seconds for a frame equal to the last encoded one with ``reuse_threshold`` on: the
     comparison, the reused image side and labelling with ``config`` (one frame is encoded first).
     """
-    pipeline.apply_label_config(config.replace(reuse_threshold=1.0))
+    pipeline.apply_label_config(config.replace({'windows.reuse_threshold': 1.0}))
     pipeline.encode_image(image)
     reuses = pipeline.image_side_reuses
     seconds = time_call(lambda: pipeline.label(pipeline.encode_image(image), vocabulary), pipeline.models.device, clock)
@@ -105,7 +107,7 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
     device = pipeline.models.device
     vocabulary = pipeline.encode_vocabulary(', '.join(BENCH_NAMES))
     relabel_vocabulary = pipeline.encode_vocabulary(', '.join(reversed(BENCH_NAMES)))
-    refine_on, refine_off = config.replace(refine=True), config.replace(refine=False)
+    refine_on, refine_off = config.replace({'refinement.refine': True}), config.replace({'refinement.refine': False})
     encoders = encoders_only(pipeline, image)
     stages: dict[str, Timing] = {}
     results = {name: Timing() for name in ('encoders_only', 'image_side', 'full_refine_off', 'full_refine_on',
@@ -130,7 +132,7 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
                 stages.setdefault(name, Timing()).samples.append(seconds)
         if rep == 0:
             frame_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    reused = reused_frame_time(pipeline, config.replace(refine=False), image, vocabulary, tick)
+    reused = reused_frame_time(pipeline, config.replace({'refinement.refine': False}), image, vocabulary, tick)
     pipeline.apply_label_config(config)
 
     text_ours, text_standard = text_timings(pipeline, NEW_NAMES, tick)
@@ -143,7 +145,7 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
         'threads': torch.get_num_threads(),
         'clock': clock,
         'torch': torch.__version__,
-        'model_scale': config.model_scale,
+        'model_scale': config.models.model_scale,
         'image_size': [int(image.shape[1]), int(image.shape[0])],
         'repeat': repeat,
         'stages_s': {name: {'median': t.median, 'min': t.min} for name, t in stages.items()},
@@ -163,7 +165,7 @@ def run_benchmark(config: TridentConfig, image: np.ndarray, repeat: int, warmup:
         'text_open_clip_standard_s': text_standard,
         'text_ratio': text_ours / text_standard,
         'aggregation_s': aggregation.seconds,
-        'aggregation_chunk': config.aggregation_chunk,
+        'aggregation_chunk': config.section('trident').aggregation_chunk,
         'aggregation_tokens': list(aggregation.tokens),
         'aggregation_peak_extra_bytes': aggregation.peak_extra_bytes,
         'aggregation_chunk_blocks_bytes': aggregation.chunk_blocks_bytes,
@@ -235,7 +237,7 @@ def aggregation_memory(pipeline: TridentPipeline, image: np.ndarray) -> Aggregat
     calls inside SAM's encoder. On the CPU this calls :func:`release_freed_memory` (so run it
     last: later allocations are slower).
     """
-    models, cfg = pipeline.models, pipeline.config
+    models, cfg = pipeline.models, pipeline.config.section('trident')
     sam, device = models.sam, models.device
     side = min(image.shape[:2])
     valid = sam.token_grid(side, side)
@@ -317,10 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--json', action='store_true', help='print the report as JSON')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='[%(levelname)s] %(name)s: %(message)s')
-    config = TridentConfig(random_weights=True, model_scale='tiny' if args.tiny else 'full', device=args.device,
-                           fp16=not args.fp32, bf16=args.bf16)
+    config = TridentConfig.from_mapping({
+        'models.random_weights': True, 'models.model_scale': 'tiny' if args.tiny else 'full',
+        'models.device': args.device, 'models.fp16': not args.fp32, 'models.bf16': args.bf16})
     if args.aggregation_chunk is not None:
-        config = config.replace(aggregation_chunk=args.aggregation_chunk)
+        config = config.replace({'trident.aggregation_chunk': args.aggregation_chunk})
     if args.image:
         import cv2
 

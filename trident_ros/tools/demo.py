@@ -85,7 +85,7 @@ def check_weights(args: argparse.Namespace) -> str | None:
     if args.random_weights:
         return None
     try:
-        fetch_weights(TridentConfig(**({'device': args.device} if args.device else {})))
+        fetch_weights(TridentConfig.from_mapping({'models.device': args.device} if args.device else {}))
     except WeightsError as error:
         return (f'{error}\n\nThe demo needs the weights above. Put them where the message says and run '
                 f'`make demo` again, or try the plumbing now with the smoke test (labels are meaningless):\n'

@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from trident_ros.config import METHODS, ConfigError, TridentConfig
+from trident_ros.config import ConfigError, TridentConfig
 from trident_ros.models.weights import (
     WeightsError,
     fetch_files,
@@ -37,9 +37,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
     fetch = commands.add_parser('fetch', help='download the configured models\' weights into the weights folder')
-    fetch.add_argument('--config', type=Path, help='YAML of TridentConfig fields (or a ROS params file)')
+    fetch.add_argument('--config', type=Path,
+                       help='YAML of TridentConfig sections or dotted names (or a ROS params file)')
     fetch.add_argument('--weights-dir', help='the weights folder (default: the config\'s, else ~/.cache/trident_ros)')
-    fetch.add_argument('--method', choices=METHODS, help='fetch what this method needs (default: the config\'s)')
+    fetch.add_argument('--method', help='fetch what this method needs (default: the config\'s)')
     fetch.add_argument('--print', action='store_true', dest='print_only',
                        help='only print the URLs, file names, paths and SHA-256s; download nothing')
     return parser.parse_args(argv)
@@ -47,9 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> TridentConfig:
     """The configuration whose weights are fetched: ``--config`` (or the defaults) with the options applied."""
-    config = TridentConfig.from_yaml(args.config) if args.config else TridentConfig()
-    options = {'weights_dir': args.weights_dir, 'method': args.method}
-    return config.replace(**{name: value for name, value in options.items() if value})
+    config = TridentConfig.from_yaml(args.config) if args.config else TridentConfig.from_mapping({})
+    options = {'models.weights_dir': args.weights_dir, 'method': args.method}
+    return config.replace({name: value for name, value in options.items() if value})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for path, state in fetch_files(entries).items():
             logger.info('%s: %s', state, path)
-        sources = fetch_weights(config.replace(download=False))
+        sources = fetch_weights(config.replace({'models.download': False}))
     except WeightsError as error:
         logger.error('%s', error)
         return 1

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from trident_ros.config import CLIP_ONLY_METHODS, METHODS, TridentConfig
+from trident_ros.config import ModelsConfig, TridentConfig
+from trident_ros.methods import names as method_names
 from trident_ros.models import resolve_device
 from trident_ros.pipeline import TridentPipeline
 from trident_ros.tools.measure import BENCH_NAMES, cpu_name, time_call
@@ -27,7 +28,9 @@ def measure_method(method: str, image: np.ndarray, repeat: int, warmup: int, tin
 
     Returns the row :func:`benchmark_methods` documents, without ``ratio_to_trident``.
     """
-    config = TridentConfig(random_weights=True, model_scale='tiny' if tiny else 'full', device=device, method=method)
+    scale = 'tiny' if tiny else 'full'
+    config = TridentConfig(method=method, models=ModelsConfig(random_weights=True, model_scale=scale, device=device))
+    # the plain defaults, no preset: each method's cost at the same settings
     torch_device = resolve_device(device)
     cuda = torch_device.type == 'cuda'
     if cuda:
@@ -40,13 +43,13 @@ def measure_method(method: str, image: np.ndarray, repeat: int, warmup: int, tin
         if rep >= warmup:
             samples.append(seconds)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    crop, stride = ((config.clip_slide_crop, config.clip_slide_stride) if method in CLIP_ONLY_METHODS
-                    else (config.slide_crop, config.slide_stride))
+    values = config.flat()
+    crop, stride = values[pipeline.method.crop_field], values[pipeline.method.stride_field]
     return {
         'method': method,
         'models': list(pipeline.models.loaded),
         'windows': f'{crop}/{stride}',
-        'sam_refinement': method == 'trident' and config.refine,
+        'sam_refinement': pipeline.method.refines and config.refinement.refine,
         'full_frame_s': statistics.median(samples),
         'full_frame_min_s': min(samples),
         'peak_memory_bytes': torch.cuda.max_memory_allocated(torch_device) if cuda else peak_rss,
@@ -55,14 +58,14 @@ def measure_method(method: str, image: np.ndarray, repeat: int, warmup: int, tin
         'device': str(torch_device),
         'device_name': torch.cuda.get_device_name(torch_device) if cuda else cpu_name(),
         'dtype': str(pipeline.models.dtype).replace('torch.', ''),
-        'model_scale': config.model_scale,
+        'model_scale': config.models.model_scale,
         'image_size': [int(image.shape[1]), int(image.shape[0])],
         'repeat': repeat,
     }
 
 
 def benchmark_methods(image: np.ndarray, repeat: int = 3, warmup: int = 1, tiny: bool = False, device: str = 'auto',
-                      methods: Sequence[str] = METHODS) -> list[dict]:
+                      methods: Sequence[str] | None = None) -> list[dict]:
     """Full-frame time and peak memory of every method in ``methods``, each in a fresh process.
 
     Args:
@@ -71,7 +74,7 @@ def benchmark_methods(image: np.ndarray, repeat: int = 3, warmup: int = 1, tiny:
         warmup: unmeasured frames before them.
         tiny: small test architectures instead of the paper's.
         device: auto, cpu, cuda or cuda:N.
-        methods: which methods, in this order (default: all).
+        methods: which methods, in this order (default: every registered one).
 
     Returns:
         One dict per method: ``method``, ``models`` (loaded), ``windows`` (crop/stride),
@@ -80,9 +83,10 @@ def benchmark_methods(image: np.ndarray, repeat: int = 3, warmup: int = 1, tiny:
         ``peak_memory_bytes`` with ``memory_measure``, ``peak_rss_bytes``, ``device``,
         ``device_name``, ``dtype``, ``model_scale``, ``image_size`` [W, H], ``repeat``.
     """
-    unknown = [m for m in methods if m not in METHODS]
+    methods = method_names() if methods is None else methods
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
-        raise ValueError(f'unknown methods {unknown}: choose from {", ".join(METHODS)}')
+        raise ValueError(f'unknown methods {unknown}: choose from {", ".join(method_names())}')
     if repeat < 1 or warmup < 0:
         raise ValueError(f'repeat must be >= 1 and warmup >= 0, got {repeat}, {warmup}')
     context = multiprocessing.get_context('spawn')

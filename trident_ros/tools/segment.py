@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from trident_ros.config import METHODS, ConfigError, TridentConfig
+from trident_ros.config import ConfigError, TridentConfig
 from trident_ros.labelling import Segmentation
 from trident_ros.models.weights import RANDOM_WEIGHTS_BANNER, WeightsError
 from trident_ros.vocabulary import VocabularyError
@@ -37,15 +37,19 @@ VIDEO_SUFFIXES = {'.mp4', '.avi', '.mov', '.mkv', '.webm'}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='trident-segment', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('inputs', nargs='+', type=Path, help='image files, folders of images, or video files')
-    parser.add_argument('-v', '--vocabulary', required=True,
+    parser.add_argument('inputs', nargs='*', type=Path, help='image files, folders of images, or video files')
+    parser.add_argument('-v', '--vocabulary',
                         help="classes separated by ',', synonyms of a class by ';' (e.g. 'sofa; couch, door')")
     parser.add_argument('-o', '--output', type=Path,
                         help='output folder (default trident_out; for a bag: <bag>_labeled, a new bag)')
-    parser.add_argument('--config', type=Path, help='YAML of TridentConfig fields (or a ROS params file)')
+    parser.add_argument('--config', type=Path,
+                        help='YAML of TridentConfig sections or dotted names (or a ROS params file)')
+    parser.add_argument('--print-config', action='store_true',
+                        help='print the configuration that would run (every dotted name, as YAML) and exit')
     parser.add_argument('--device', help='auto, cpu, cuda or cuda:N (overrides the config)')
-    parser.add_argument('--method', choices=METHODS,
-                        help='trident (default, most accurate) ... maskclip (fastest, CLIP only): see the README')
+    parser.add_argument('--method',
+                        help='a registered method: trident (default, most accurate) ... maskclip (fastest, CLIP only); '
+                             'docs/methods.md. Modules named in TRIDENT_METHOD_MODULES may register more')
     parser.add_argument('--no-refine', action='store_true', help='skip SAM refinement')
     parser.add_argument('--bf16', action='store_true',
                         help='bfloat16 encoders on the CPU (about 2x faster with AVX512-BF16/AMX; close to fp32)')
@@ -67,27 +71,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='SMOKE TEST: random weights, no files needed; labels are meaningless')
     parser.add_argument('--tiny', action='store_true',
                         help='with --random-weights: small test architectures (seconds on a CPU)')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.print_config and not (args.inputs and args.vocabulary):
+        parser.error('the inputs and -v/--vocabulary are required (unless --print-config)')
+    return args
 
 
 def build_config(args: argparse.Namespace) -> TridentConfig:
-    """The file's fields, then the options; the method's preset fills in what neither gives."""
-    changes = {}
+    """The file's names, then the options (:meth:`TridentConfig.from_mapping`: the method's preset fills in what
+    neither gives, as for the node).
+    """
+    changes: dict[str, object] = {}
     if args.device:
-        changes['device'] = args.device
+        changes['models.device'] = args.device
     if args.method:
         changes['method'] = args.method
     if args.no_refine:
-        changes['refine'] = False
+        changes['refinement.refine'] = False
     if args.bf16:
-        changes['bf16'] = True
+        changes['models.bf16'] = True
     if args.random_weights:
-        changes['random_weights'] = True
+        changes['models.random_weights'] = True
     if args.tiny:
         if not args.random_weights:
             raise ConfigError('--tiny needs --random-weights (tiny architectures have no trained weights)')
-        changes['model_scale'] = 'tiny'
-    return TridentConfig.from_yaml(args.config, changes) if args.config else TridentConfig.from_dict(changes)
+        changes['models.model_scale'] = 'tiny'
+    return TridentConfig.from_yaml(args.config, changes) if args.config else TridentConfig.from_mapping(changes)
 
 
 def iter_frames(inputs: list[Path], video_stride: int) -> Iterator[tuple[str, np.ndarray]]:
@@ -201,9 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format='[%(levelname)s] %(name)s: %(message)s')
     args = parse_args(argv)
     try:
-        bag = bag_to_label(args)
         config = build_config(args)
-        if config.random_weights:
+        if args.print_config:
+            import yaml
+
+            sys.stdout.write(yaml.safe_dump(config.flat(), sort_keys=False))
+            return 0
+        bag = bag_to_label(args)
+        if config.models.random_weights:
             logger.warning(RANDOM_WEIGHTS_BANNER)
         from trident_ros.pipeline import TridentPipeline
 
@@ -230,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error('no readable image or video frame in %s', ', '.join(map(str, args.inputs)))
         return 1
     logger.info('wrote %d frame(s) to %s', frames, args.output)
-    if config.random_weights:
+    if config.models.random_weights:
         logger.warning(RANDOM_WEIGHTS_BANNER)
     return 0
 
