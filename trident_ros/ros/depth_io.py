@@ -50,13 +50,13 @@ DEPTH_ENCODINGS = {'16uc1': np.dtype('<u2'), 'mono16': np.dtype('<u2'), '32fc1':
 """Accepted depth encodings and their little-endian element types (big-endian data is swapped)."""
 RECENT_DEPTHS = 10  # depth/camera_info pairs kept for matching, and messages per topic waiting for a partner
 POINT_FIELD_TYPES = {np.dtype('<f4'): PointField.FLOAT32, np.dtype('<u2'): PointField.UINT16}
-DEPTH_FIELDS = frozenset({'use_depth', 'sync_slop', 'exact_sync'})
-"""Parameters that change the depth subscriptions (they are made again when one changes)."""
+DEPTH_FIELDS = frozenset({'use_depth', 'depth_scale', 'min_depth', 'max_depth', 'sync_slop', 'exact_sync'})
+"""The depth parameters: the depth subscriptions are made again when one changes (nothing is relabelled)."""
 
 
 @dataclass
 class DepthCounts:
-    """Frames by what their depth gave, for /diagnostics."""
+    """Frames by what their depth gave, for /diagnostics (counted by the frame worker only)."""
 
     with_3d: int = 0
     no_matching_depth: int = 0
@@ -153,8 +153,8 @@ class DepthIO:
 
     Args:
         node: the node.
-        parameters: the node's parameter values as applied: ``sync_slop`` and ``exact_sync`` are read
-            here, ``depth_scale``, ``min_depth`` and ``max_depth`` for each frame.
+        parameters: the node's depth parameter values (:data:`DEPTH_FIELDS`; the node makes a new DepthIO
+            when one changes).
         qos: QoS of the depth and camera_info subscriptions.
         output_qos: QoS of ``~/points`` and ``~/detections_3d``.
         counts: where the frames are counted (kept by the node across activations).
