@@ -183,8 +183,8 @@ def test_plan_without_autostart_leaves_the_node_unconfigured_with_typed_override
         client.wait_for_node('/robot1/trident', timeout=60)
         time.sleep(1.0)
         assert client.lifecycle_state('/robot1/trident') == 'unconfigured'
-        values = client.get_parameters('/robot1/trident', ['vocabulary', 'random_weights', 'model_scale'])
-        assert values == {'vocabulary': '7', 'random_weights': True, 'model_scale': 'tiny'}
+        values = client.get_parameters('/robot1/trident', ['vocabulary', 'models.random_weights', 'models.model_scale'])
+        assert values == {'vocabulary': '7', 'models.random_weights': True, 'models.model_scale': 'tiny'}
     finally:
         codes = node_starter.stop(processes)
     assert codes == [0], (tmp_path / 'nodes.log').read_text()

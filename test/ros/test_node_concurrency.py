@@ -33,8 +33,8 @@ SMALL = ROOM[::4, ::4]
 @pytest.fixture(scope='module')
 def trident(env, client, outputs, cameras, tmp_path_factory):
     """The node, unconfigured, with the slow-frame hook armed."""
-    process = RosProcess([executable('trident_node'), '--ros-args', '-p', 'random_weights:=true',
-                          '-p', 'model_scale:=tiny', '-p', f'vocabulary:={VOCABULARY}'],
+    process = RosProcess([executable('trident_node'), '--ros-args', '-p', 'models.random_weights:=true',
+                          '-p', 'models.model_scale:=tiny', '-p', f'vocabulary:={VOCABULARY}'],
                          {**env, SLOW_FRAME_ID_ENV: SLOW}, tmp_path_factory.mktemp('node') / 'node.log')
     try:
         client.wait_for_node(NODE, process)
@@ -73,15 +73,15 @@ def wait_for_count(process: RosProcess, text: str, count: int, timeout: float) -
 
 def test_set_parameters_answers_during_a_slow_frame(active, client, outputs, cameras):
     send_until_outputs(cameras['reliable'], image_msg(SMALL), outputs, ('labels',))
-    client.get_parameters(NODE, ['prob_thd'])  # the clients exist before the clock runs
-    client.set_parameters(NODE, {'prob_thd': 0.2})
+    client.get_parameters(NODE, ['labelling.prob_thd'])  # the clients exist before the clock runs
+    client.set_parameters(NODE, {'labelling.prob_thd': 0.2})
     try:
         results, seconds, _ = during_a_slow_frame(active, cameras['reliable'], outputs,
-                                                  lambda: client.set_parameters(NODE, {'prob_thd': 0.3}))
+                                                  lambda: client.set_parameters(NODE, {'labelling.prob_thd': 0.3}))
         assert results[0].successful and seconds < ANSWER_S, seconds
-        assert client.get_parameters(NODE, ['prob_thd']) == {'prob_thd': 0.3}
+        assert client.get_parameters(NODE, ['labelling.prob_thd']) == {'labelling.prob_thd': 0.3}
     finally:
-        assert client.set_parameters(NODE, {'prob_thd': 0.2})[0].successful
+        assert client.set_parameters(NODE, {'labelling.prob_thd': 0.2})[0].successful
 
 
 def test_get_state_answers_during_a_slow_frame(active, client, outputs, cameras):
@@ -131,7 +131,8 @@ def test_sigterm_while_a_frame_ends_ends_it_quietly(client, env, tmp_path, run):
     """
     namespace = f'/quiet{run}'
     process = RosProcess([executable('trident_node'), '--ros-args', '-r', f'__ns:={namespace}',
-                          '-p', 'random_weights:=true', '-p', 'model_scale:=tiny', '-p', f'vocabulary:={VOCABULARY}'],
+                          '-p', 'models.random_weights:=true', '-p', 'models.model_scale:=tiny',
+                          '-p', f'vocabulary:={VOCABULARY}'],
                          {**env, SLOW_FRAME_ID_ENV: SLOW}, tmp_path / 'node.log')
     try:
         labels = client.subscribe(Image, f'{namespace}/trident/labels')

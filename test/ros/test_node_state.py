@@ -71,7 +71,7 @@ def make_node():
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=ros_helpers.fresh_domain_id())
     node = TridentNode(context=context, parameter_overrides=[
-        Parameter('random_weights', value=True), Parameter('model_scale', value='tiny'),
+        Parameter('models.random_weights', value=True), Parameter('models.model_scale', value='tiny'),
         Parameter('vocabulary', value='floor, wall')])
     return node, context
 

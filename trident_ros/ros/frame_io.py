@@ -32,9 +32,10 @@ from trident_ros.msg import ClassMaskArray
 from trident_ros.pipeline import ImageFeatures, TridentPipeline
 from trident_ros.ros import conversions
 from trident_ros.ros.conversions import ImageConversionError
-from trident_ros.ros.depth_io import DEPTH_FIELDS, DepthCounts, DepthIO, Frame3D
+from trident_ros.ros.depth_io import DepthCounts, DepthIO, Frame3D
 from trident_ros.ros.frame_worker import Frame, FrameWorker
 from trident_ros.ros.health import NodeHealth
+from trident_ros.ros.parameters import DEPTH_FIELDS
 from trident_ros.vocabulary import Vocabulary
 
 IMAGE_QOS_PROFILES = {
@@ -159,7 +160,7 @@ class FramePath:
         self._outputs: dict[str, Publisher] = {}
         self._image_sub: Subscription | None = None
         self._image_group = MutuallyExclusiveCallbackGroup()
-        self.depth: DepthIO | None = None  # with use_depth, while active
+        self.depth: DepthIO | None = None  # with depth.use, while active
         self.depth_counts = DepthCounts()
         self._depth_group = MutuallyExclusiveCallbackGroup()
         self._last: tuple[LastFrame, TridentPipeline] | None = None  # the worker's: its last frame, its models
@@ -167,7 +168,7 @@ class FramePath:
 
     # ------------------------------------------------------------------ I/O (control callbacks)
     def open(self) -> None:
-        """Activate: the outputs, the camera subscription and (``use_depth``) the depth I/O."""
+        """Activate: the outputs, the camera subscription and (``depth.use``) the depth I/O."""
         with self._io_lock:
             self._outputs = create_outputs(self._node)
             self._create_image_input()
@@ -212,7 +213,7 @@ class FramePath:
             self.depth.destroy()
             self.depth = None
         values = self._snapshot().values
-        if values['use_depth']:
+        if values['depth.use']:
             qos = QoSProfile(depth=5, reliability=IMAGE_QOS_PROFILES[values['image_qos']].reliability)
             self.depth = DepthIO(self._node, {name: values[name] for name in DEPTH_FIELDS}, qos, OUTPUT_QOS,
                                  self.depth_counts, self._health.warn, self._depth_group)

@@ -7,8 +7,9 @@
 * a vocabulary (topic or parameter): receive → parse (cheap; refused with a reason) → parameter
   ``vocabulary`` → the vocabulary thread (:mod:`.vocabulary_worker`; a newer one supersedes it)
   → in use → the last frame relabelled from its cached image features → published;
-* parameters: :mod:`.parameters`, callbacks per distro :mod:`.compat`; labelling fields apply at
-  once (one relabel per batch), model fields (``pipeline.MODEL_FIELDS``) at the next configure;
+* parameters (dotted names): :mod:`.parameters`, callbacks per distro :mod:`.compat`; fields that need
+  no reload apply at once (one relabel per batch), ``config.MODEL_FIELDS`` at the next configure, where
+  the method's preset fills in the names not given and the node writes what runs into its parameters;
 * nothing received can take the node down (docs/reliability.md): bad input is refused with a
   throttled warning and the last good state stays; :mod:`.health` counts it for /diagnostics.
 """
@@ -28,16 +29,15 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from rclpy.parameter import Parameter
 from std_msgs.msg import Header, String
 
-from trident_ros.config import ConfigError
+from trident_ros.config import MODEL_FIELDS, ConfigError, TridentConfig
 from trident_ros.models.weights import WeightsError
-from trident_ros.pipeline import MODEL_FIELDS, TridentPipeline
+from trident_ros.pipeline import TridentPipeline
 from trident_ros.ros import conversions
 from trident_ros.ros.compat import PRE_POST_SET_CALLBACKS, add_parameter_callbacks
-from trident_ros.ros.depth_io import DEPTH_FIELDS
 from trident_ros.ros.frame_io import FramePath, Snapshot
 from trident_ros.ros.health import NodeHealth, depth_values, idle_reason, message_kind, pipeline_values
 from trident_ros.ros.parameters import (
-    CONFIG_FIELDS,
+    CONFIG_SPECS,
     check_changes,
     coerce_parameters,
     config_from_values,
@@ -59,7 +59,9 @@ class TridentNode(LifecycleNode):
 
     def __init__(self, pre_post_set_callbacks: bool = PRE_POST_SET_CALLBACKS, **kwargs: Any) -> None:
         super().__init__('trident', **kwargs)
-        self._bad_overrides = declare_parameters(self)  # parameter -> why its start value is unusable
+        # parameter -> why its start value is unusable; the config names given (at start, or set by a user since)
+        self._bad_overrides, self._given = declare_parameters(self)
+        self._writing_back = False  # the node itself writes the values that run into the parameters
         # as applied; read from here, not get_parameter: on Humble they are applied before rclpy stores them
         self._now = Snapshot(MappingProxyType({name: self.get_parameter(name).value for name in parameter_defaults()}))
         self._health = NodeHealth(self.get_logger())
@@ -78,6 +80,15 @@ class TridentNode(LifecycleNode):
         self._encoder = VocabularyEncoder(self._hand_back, self._hand_back)
         self.get_logger().info(f'ready (unconfigured); image decoding: {conversions.IMAGE_BACKEND}')
 
+    @property
+    def running_config(self) -> TridentConfig | None:
+        """The configuration frames run (None: unconfigured); the parameters show its values.
+
+        At configure it is the new pipeline's ``config``; changes that apply at once replace it here and the
+        frame worker hands it to the pipeline at its next job.
+        """
+        return self._now.config
+
     def _update(self, **changes: Any) -> None:
         """Swap in a new snapshot with ``changes`` (control callbacks only)."""
         self._now = dataclasses.replace(self._now, **changes)
@@ -85,12 +96,12 @@ class TridentNode(LifecycleNode):
     # ------------------------------------------------------------------ parameters
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         """Refuse invalid values with a reason (cheap checks only); the old values stay."""
-        values = self._now.values
-        changes = {p.name: p.value for p in parameters if p.name in values}
-        if not changes:
+        now = self._now
+        changes = {p.name: p.value for p in parameters if p.name in now.values}
+        if not changes or self._writing_back:
             return SetParametersResult(successful=True)
         try:
-            check_changes(values, changes)
+            check_changes(now.values, self._given, now.config, now.pipeline, changes)
         except (ConfigError, VocabularyError, ValueError) as error:
             if 'vocabulary' in changes:
                 self._health.counters.add('vocabularies_refused')
@@ -99,7 +110,11 @@ class TridentNode(LifecycleNode):
         return SetParametersResult(successful=True)
 
     def _apply_parameters(self, parameters: list[Parameter]) -> None:
-        """Act on the values that changed (a value set to what it was changes nothing, silently)."""
+        """Act on the values that changed (a value set to what it was changes nothing, silently).
+
+        A config name set by a user becomes given (kept at the next configure, whatever the method); the
+        node's own write-back of the values that run changes the parameters only.
+        """
         values, changed = dict(self._now.values), set()
         for param in parameters:
             if param.name in self._bad_overrides:
@@ -109,13 +124,16 @@ class TridentNode(LifecycleNode):
                 values[param.name] = param.value
                 changed.add(param.name)
         self._update(values=MappingProxyType(values))
-        live = sorted(name for name in changed & set(CONFIG_FIELDS) if name not in MODEL_FIELDS | DEPTH_FIELDS)
+        if self._writing_back:
+            return
+        self._given |= {param.name for param in parameters if param.name in CONFIG_SPECS}
+        live = sorted(name for name in changed & CONFIG_SPECS.keys() if name not in MODEL_FIELDS)
         reload = sorted(name for name in changed if name in MODEL_FIELDS)
         if live and self._now.config is not None:  # the running configuration: no reload field, no preset
-            self._update(config=self._now.config.replace(**{name: values[name] for name in live}))
+            self._update(config=self._now.config.replace({name: values[name] for name in live}))
         if live:
             self.get_logger().info(f'applied at once: {", ".join(live)}')
-            if 'prob_thd' in live:
+            if 'labelling.prob_thd' in live:
                 self._publish_vocabulary_info()  # LabelInfo.threshold
             self._frames.worker.request_relabel()
         if reload:
@@ -132,7 +150,7 @@ class TridentNode(LifecycleNode):
         if text == values['vocabulary']:
             return  # a latched publisher reaches both subscriptions; the same text changes nothing
         try:
-            parse_vocabulary(text, max_classes=values['max_classes'])
+            parse_vocabulary(text, max_classes=values['labelling.max_classes'])
         except VocabularyError as error:
             self._health.counters.add('vocabularies_refused')
             self._health.warn(f'vocabulary:{message_kind(error)}',
@@ -192,14 +210,14 @@ class TridentNode(LifecycleNode):
     def _publish_vocabulary_info(self) -> None:
         now = self._now
         if self._vocabulary_topics is not None and now.vocabulary is not None:
-            self._vocabulary_topics.publish(now.vocabulary, now.values['prob_thd'])
+            self._vocabulary_topics.publish(now.vocabulary, now.values['labelling.prob_thd'])
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             if self._bad_overrides:
                 raise ConfigError('; '.join(self._bad_overrides.values()))
-            config = config_from_values(self._now.values)
+            config = config_from_values(self._now.values, self._given)
             self.get_logger().info('loading models ...')
             pipeline = TridentPipeline(config)
         except (ConfigError, WeightsError) as error:
@@ -207,6 +225,7 @@ class TridentNode(LifecycleNode):
         except Exception as error:  # anything else the model libraries raise: still a clean FAILURE
             return self._fail_configure(f'{type(error).__name__}: {error}')
         self._update(pipeline=pipeline, config=pipeline.config)
+        self._write_back(pipeline.config)
         self._health.clear_error()
         self.get_logger().info(pipeline.describe())
         if conversions.VISION_MSGS_MISSING:  # no ~/label_info (here) and no ~/detections_3d (DepthIO)
@@ -221,6 +240,21 @@ class TridentNode(LifecycleNode):
                                   f'vocabulary {text[:80]!r} refused: {error}; send one on ~/vocabulary')
         self._state = 'inactive'
         return TransitionCallbackReturn.SUCCESS
+
+    def _write_back(self, config: TridentConfig) -> None:
+        """Make the parameters show what runs (the preset's values of names not given): not given by this."""
+        values = self._now.values
+        differ = [Parameter(name, value=value) for name, value in config.flat().items() if values[name] != value]
+        if not differ:
+            return
+        self._writing_back = True
+        try:
+            refused = [f'{p.name}: {r.reason}' for p, r in zip(differ, self.set_parameters(differ), strict=True)
+                       if not r.successful]
+        finally:
+            self._writing_back = False
+        if refused:
+            self.get_logger().warning(f'parameters that do not show what runs: {"; ".join(refused)}')
 
     def _fail_configure(self, reason: str) -> TransitionCallbackReturn:
         self._health.error(f'configure failed: {reason}', log=False)
