@@ -262,9 +262,10 @@ def test_without_vision_msgs_the_node_is_told_why_label_info_and_detections_3d_a
     assert text.startswith('vision_msgs cannot be imported (') and 'import of vision_msgs halted' in text
     assert '~/label_info' in text and '~/detections_3d' in text and 'not published' in text
     assert conversions.VISION_MSGS_MISSING == ''  # here it imports: the node says nothing
-    importers = [path.name for path in (ros_helpers.ROOT / 'trident_ros').glob('*.py')
+    package = ros_helpers.ROOT / 'trident_ros'
+    importers = [str(path.relative_to(package)) for path in package.rglob('*.py')
                  if 'vision_msgs import' in path.read_text(encoding='utf-8')]
-    assert importers == ['conversions.py']  # the one place
+    assert importers == ['ros/conversions.py']  # the one place
 
 
 def test_array_to_image_round_trip():

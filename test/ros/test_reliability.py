@@ -78,6 +78,11 @@ def trident(env, client, outputs, cameras, tmp_path_factory):
 
 
 # ------------------------------------------------------------------ helpers
+def models(**values) -> dict:
+    """Values of the ``models.`` section by their dotted parameter names."""
+    return {f'models.{name}': value for name, value in values.items()}
+
+
 def raw(array: np.ndarray, encoding: str = 'rgb8', frame_id: str = 'test_camera', bigendian: bool = False,
         stamp: Time | None = None) -> Image:
     """``array`` as an Image message, its bytes as they are in memory (byte order: ``bigendian``)."""
@@ -346,7 +351,7 @@ def test_invalid_runtime_parameters_are_refused_and_the_old_values_stay(active, 
     # atomically: one bad value refuses the whole change
     result = client.set_parameters(NODE, {'labelling.prob_thd': 0.5, 'windows.slide_stride': 999}, atomically=True)[0]
     assert not result.successful and client.get_parameters(NODE, ['labelling.prob_thd']) == {'labelling.prob_thd': 0.2}
-    assert 'parameter change refused: device=' in active.output()
+    assert 'parameter change refused: models.device=' in active.output()
     send_until_outputs(cameras['reliable'], raw(SMALL), outputs, ('labels',))  # still segmenting, old values
 
 
@@ -385,28 +390,29 @@ def test_weight_file_problems_fail_configure_naming_the_file(active, client, tmp
         (dict(sam_checkpoint=str(corrupt), **other_weights), f'cannot read weights file {corrupt}'),
         (dict(sam_checkpoint=str(wrong), **other_weights), f'{wrong} is not a SAM vit_b checkpoint'),
         (dict(sam_checkpoint=str(evil), **other_weights), f'cannot read weights file {evil}'),
-        (dict(sam_checkpoint=str(gone), **other_weights), f'sam_checkpoint {gone} does not exist'),
+        (dict(sam_checkpoint=str(gone), **other_weights), f'models.sam_checkpoint {gone} does not exist'),
     ]
-    default_files = dict(weights_dir='', sam_checkpoint='', dino_checkpoint='', clip_pretrained='openai')
+    default_files = models(weights_dir='', sam_checkpoint='', dino_checkpoint='', clip_pretrained='openai')
     assert client.change_state(NODE, Transition.TRANSITION_DEACTIVATE)
     assert client.change_state(NODE, Transition.TRANSITION_CLEANUP)
     try:
         for values, expected in cases:
-            real_weights = dict(random_weights=False, model_scale='full', download=False, **values)
+            real_weights = models(random_weights=False, model_scale='full', download=False, **values)
             assert all(r.successful for r in client.set_parameters(NODE, real_weights, atomically=True)), values
-            if 'models.sam_checkpoint' in values and values['models.sam_checkpoint'] == str(gone):
+            if values.get('sam_checkpoint') == str(gone):
                 gone.unlink()  # set while it existed, gone by configure time: weights.py says so
             assert not client.change_state(NODE, Transition.TRANSITION_CONFIGURE)
             assert active.wait_for_output(f'configure failed: {expected}', 20), (expected, active.output()[-3000:])
             assert client.lifecycle_state(NODE) == 'unconfigured' and active.alive()
             # a gone file blocks no other change
             assert client.set_parameters(NODE, {'labelling.prob_thd': 0.25})[0].successful
-            assert client.set_parameters(NODE, dict(prob_thd=0.2, **default_files), atomically=True)[0].successful
+            restored = {'labelling.prob_thd': 0.2, **default_files}
+            assert client.set_parameters(NODE, restored, atomically=True)[0].successful
         assert f'path    {empty / "sam_vit_b_01ec64.pth"}' in active.output()  # the missing file's listed path
         assert not marker.exists()  # torch.load(weights_only=True) never ran the payload
         assert 'Traceback' not in active.output()
     finally:
-        random_weights = dict(random_weights=True, model_scale='tiny', download=True, **default_files)
+        random_weights = {**models(random_weights=True, model_scale='tiny', download=True), **default_files}
         assert client.set_parameters(NODE, random_weights, atomically=True)[0].successful
         assert client.change_state(NODE, Transition.TRANSITION_CONFIGURE), active.output()[-3000:]
         assert client.change_state(NODE, Transition.TRANSITION_ACTIVATE)
