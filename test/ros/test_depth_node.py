@@ -74,8 +74,8 @@ def topics(client) -> dict:
 def node(env, client, topics, tmp_path_factory):
     """The node, configured and active, tiny random models, depth on."""
     log = tmp_path_factory.mktemp('node') / 'trident.log'
-    process = RosProcess([executable('trident_node'), '--ros-args', '-p', 'random_weights:=true',
-                          '-p', 'model_scale:=tiny', '-p', 'device:=cpu', '-p', 'use_depth:=true',
+    process = RosProcess([executable('trident_node'), '--ros-args', '-p', 'models.random_weights:=true',
+                          '-p', 'models.model_scale:=tiny', '-p', 'models.device:=cpu', '-p', 'depth.use:=true',
                           '-p', f'vocabulary:={VOCABULARY}'], env, log)
     try:
         client.wait_for_node(NODE, process)
@@ -382,7 +382,7 @@ def test_depth_within_the_slop_matches_and_exact_sync_needs_equal_stamps(node, c
                     depth_offset_ns=offset_ns)
 
     assert frame(20_000_000)[1]['masks'].frame_3d == 'camera'  # 20 ms apart: within sync_slop (0.1 s)
-    request = SetParameters.Request(parameters=[Parameter('exact_sync', value=True).to_parameter_msg()])
+    request = SetParameters.Request(parameters=[Parameter('depth.exact_sync', value=True).to_parameter_msg()])
     assert client.call(SetParameters, f'{NODE}/set_parameters', request).results[0].successful
     assert node.wait_for_output('(exact stamps)', 10.0)  # the depth subscriptions were made again
     assert frame(20_000_000)[1]['masks'].frame_3d == ''
@@ -406,7 +406,7 @@ def test_more_than_255_classes_warn_that_nav2_needs_mono8_and_prob_thd_updates_l
     publisher.publish(String(data=VOCABULARY))
     assert info.wait_for(lambda m: [c.class_name for c in m.class_map][1:] == FIRST_NAMES, 30.0, after=since)
     since = time.monotonic()
-    request = SetParameters.Request(parameters=[Parameter('prob_thd', value=0.35).to_parameter_msg()])
+    request = SetParameters.Request(parameters=[Parameter('labelling.prob_thd', value=0.35).to_parameter_msg()])
     assert client.call(SetParameters, f'{NODE}/set_parameters', request).results[0].successful
     assert info.wait_for(lambda m: abs(m.threshold - 0.35) < 1e-6, 10.0, after=since), 'threshold not updated'
     client.node.destroy_publisher(publisher)
@@ -420,7 +420,8 @@ def test_the_frame_in_progress_keeps_its_depth_while_newer_depth_arrives(tmp_pat
     """
     client = TestNode(fresh_domain_id(), 'depth_io_test')
     try:
-        parameters = {'sync_slop': 0.1, 'exact_sync': False, 'depth_scale': 0.001, 'min_depth': 0.0, 'max_depth': 20.0}
+        parameters = {'depth.sync_slop': 0.1, 'depth.exact_sync': False, 'depth.scale': 0.001, 'depth.min': 0.0,
+                      'depth.max': 20.0}
         warnings: list[str] = []
         depth_io = DepthIO(client.node, parameters, RELIABLE, RELIABLE, DepthCounts(),
                            lambda kind, text: warnings.append(text))

@@ -5,7 +5,6 @@ runs it; the tests marked ``launch`` run the launch file itself and need launch_
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import re
@@ -38,13 +37,12 @@ from trident_ros.msg import VocabularyInfo
 from trident_ros.config import TridentConfig
 from trident_ros.ros import node_starter
 from trident_ros.ros.launch_plan import arguments, plan_launch
-from trident_ros.ros.parameters import NODE_PARAMETERS, OUTPUTS
+from trident_ros.ros.parameters import CONFIG_SPECS, NODE_PARAMETERS, OUTPUTS
 from trident_ros.vocabulary import parse_vocabulary
 
 LAUNCH_FILE = ROOT / 'launch' / 'trident.launch.py'
 CONFIG_FILE = ROOT / 'config' / 'trident.yaml'
 RVIZ_FILE = ROOT / 'config' / 'trident.rviz'
-CONFIG_FIELDS = [f.name for f in dataclasses.fields(TridentConfig)]
 TINY = {'random_weights': 'true', 'model_scale': 'tiny'}
 
 
@@ -56,7 +54,13 @@ def load_launch_module():
 
 
 def yaml_parameters() -> dict:
-    return yaml.safe_load(CONFIG_FILE.read_text())['/**/trident']['ros__parameters']
+    """The node's parameters in config/trident.yaml by dotted name (nested maps, as ROS 2 reads them)."""
+    def flatten(values: dict, prefix: str = '') -> dict:
+        flat = {}
+        for key, value in values.items():
+            flat.update(flatten(value, f'{prefix}{key}.') if isinstance(value, dict) else {f'{prefix}{key}': value})
+        return flat
+    return flatten(yaml.safe_load(CONFIG_FILE.read_text())['/**/trident']['ros__parameters'])
 
 
 @pytest.mark.launch
@@ -101,16 +105,18 @@ def test_launch_file_turns_the_plan_into_environment_nodes_and_one_autostart(mon
 
 def test_yaml_has_every_parameter_with_reference_defaults_and_a_comment():
     parameters = yaml_parameters()
-    assert set(parameters) == set(CONFIG_FIELDS) | set(NODE_PARAMETERS)
-    reference = TridentConfig()
-    for name in CONFIG_FIELDS:
-        assert parameters[name] == getattr(reference, name), name
-    assert TridentConfig.from_yaml(CONFIG_FILE) == reference
+    assert set(parameters) == set(CONFIG_SPECS) | set(NODE_PARAMETERS)
+    for name, spec in CONFIG_SPECS.items():
+        assert parameters[name] == spec.default, name
+    assert TridentConfig.from_yaml(CONFIG_FILE).flat() == TridentConfig.from_mapping({}).flat()
     parse_vocabulary(parameters['vocabulary'])  # the default vocabulary is valid
     lines = CONFIG_FILE.read_text().splitlines()
     for name in parameters:
-        index = next(i for i, line in enumerate(lines) if re.match(rf'\s+{name}:', line))
-        commented = '#' in lines[index] or lines[index - 1].strip().startswith('#')
+        section, _, leaf = name.rpartition('.')
+        start = next(i for i, line in enumerate(lines) if re.match(rf'\s+{section}:', line)) if section else 0
+        index = next(i for i, line in enumerate(lines) if i > start and re.match(rf'\s+{leaf}:', line))
+        commented = '#' in lines[index] or lines[index - 1].strip().startswith('#') or (
+            section and '#' in lines[start] + lines[start - 1])
         assert commented, f'{name} has no comment'
 
 
@@ -183,8 +189,8 @@ def test_plan_without_autostart_leaves_the_node_unconfigured_with_typed_override
         client.wait_for_node('/robot1/trident', timeout=60)
         time.sleep(1.0)
         assert client.lifecycle_state('/robot1/trident') == 'unconfigured'
-        values = client.get_parameters('/robot1/trident', ['vocabulary', 'random_weights', 'model_scale'])
-        assert values == {'vocabulary': '7', 'random_weights': True, 'model_scale': 'tiny'}
+        values = client.get_parameters('/robot1/trident', ['vocabulary', 'models.random_weights', 'models.model_scale'])
+        assert values == {'vocabulary': '7', 'models.random_weights': True, 'models.model_scale': 'tiny'}
     finally:
         codes = node_starter.stop(processes)
     assert codes == [0], (tmp_path / 'nodes.log').read_text()

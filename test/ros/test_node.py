@@ -90,8 +90,9 @@ def trident(env, client, outputs, cameras, tmp_path_factory):
     """
     no_weights = tmp_path_factory.mktemp('no_weights')
     log = tmp_path_factory.mktemp('node') / 'trident.log'
-    process = RosProcess([executable('trident_node'), '--ros-args', '-p', 'download:=false',
-                          '-p', f'weights_dir:={no_weights}', '-p', 'logit_scale:=40', '-p', 'slide_crop:=big'],
+    process = RosProcess([executable('trident_node'), '--ros-args', '-p', 'models.download:=false',
+                          '-p', f'models.weights_dir:={no_weights}', '-p', 'labelling.logit_scale:=40',
+                          '-p', 'windows.slide_crop:=big'],
                          env, log)
     try:
         client.wait_for_node(NODE, process)
@@ -105,8 +106,9 @@ def trident(env, client, outputs, cameras, tmp_path_factory):
 def active(trident, client, outputs):
     """The node active with tiny random-weight models and VOCABULARY (from the topic)."""
     if client.lifecycle_state(NODE) == 'unconfigured':
-        results = client.set_parameters(NODE, {'random_weights': True, 'model_scale': 'tiny', 'slide_crop': 336},
-                                        atomically=True)
+        results = client.set_parameters(
+            NODE, {'models.random_weights': True, 'models.model_scale': 'tiny', 'windows.slide_crop': 336},
+            atomically=True)
         assert all(r.successful for r in results), ([r.reason for r in results], trident.output()[-3000:])
         assert client.change_state(NODE, Transition.TRANSITION_CONFIGURE), trident.output()
     if client.lifecycle_state(NODE) == 'inactive':
@@ -191,19 +193,20 @@ def set_vocabulary_by_topic(client, outputs, text: str, names: list[str]) -> Non
 # ------------------------------------------------------------------ tests
 def test_configure_fails_cleanly_with_the_reason_and_the_process_stays_up(trident, client):
     assert not client.change_state(NODE, Transition.TRANSITION_CONFIGURE)
-    assert trident.wait_for_output("configure failed: Trying to set parameter 'slide_crop' to 'big'", 10)
-    assert client.set_parameters(NODE, {'slide_crop': 336})[0].successful
+    assert trident.wait_for_output("configure failed: Trying to set parameter 'windows.slide_crop' to 'big'", 10)
+    assert client.set_parameters(NODE, {'windows.slide_crop': 336})[0].successful
     assert not client.change_state(NODE, Transition.TRANSITION_CONFIGURE)
     assert trident.wait_for_output('configure failed: SAM vit_b weights sam_vit_b_01ec64.pth are not at', 10)
     assert 'sam_vit_b_01ec64.pth' in trident.output()  # the missing file is named
     assert 'Traceback' not in trident.output()
     assert trident.alive() and client.lifecycle_state(NODE) == 'unconfigured'
     # an int override for a float parameter is fine
-    assert client.get_parameters(NODE, ['logit_scale']) == {'logit_scale': 40}
+    assert client.get_parameters(NODE, ['labelling.logit_scale']) == {'labelling.logit_scale': 40}
 
 
 def test_lifecycle_services_configure_and_activate_with_one_log_line(trident, client):
-    assert all(r.successful for r in client.set_parameters(NODE, {'random_weights': True, 'model_scale': 'tiny'},
+    assert all(r.successful for r in client.set_parameters(NODE, {'models.random_weights': True,
+                                                                  'models.model_scale': 'tiny'},
                                                            atomically=True))
     for transition_id in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
         assert client.change_state(NODE, transition_id), trident.output()
@@ -243,7 +246,7 @@ def test_reliable_camera_and_other_encodings_decode_like_opencv(active, client, 
 
     Near-uniform probabilities under a high threshold leave every pixel unlabeled.
     """
-    results = client.set_parameters(NODE, {'logit_scale': 0.01, 'prob_thd': 0.95}, atomically=True)
+    results = client.set_parameters(NODE, {'labelling.logit_scale': 0.01, 'labelling.prob_thd': 0.95}, atomically=True)
     assert results[0].successful, results[0].reason
     try:
         small = np.ascontiguousarray(ROOM[::8, ::8])  # 80x60
@@ -255,7 +258,8 @@ def test_reliable_camera_and_other_encodings_decode_like_opencv(active, client, 
                 if encoding == 'mono8' else small
             np.testing.assert_array_equal(decode(found['segmentation']), expected)
     finally:
-        assert client.set_parameters(NODE, {'logit_scale': 40.0, 'prob_thd': 0.2}, atomically=True)[0].successful
+        assert client.set_parameters(NODE, {'labelling.logit_scale': 40.0, 'labelling.prob_thd': 0.2},
+                                     atomically=True)[0].successful
 
 
 def test_vocabulary_by_topic_and_by_parameter_relabels_the_last_frame_without_the_encoder(
@@ -302,16 +306,16 @@ def test_bad_vocabularies_are_refused_and_the_last_good_one_stays(active, client
 
 
 def test_invalid_parameters_are_refused_with_a_reason(active, client):
-    refused = {'prob_thd': -0.5, 'slide_stride': 1000, 'device': 'tpu',
-               'image_qos': 'fast', 'image_transport': 'theora', 'max_input_pixels': 0, 'refine': 'yes'}
+    refused = {'labelling.prob_thd': -0.5, 'windows.slide_stride': 1000, 'models.device': 'tpu',
+               'image_qos': 'fast', 'image_transport': 'theora', 'max_input_pixels': 0, 'refinement.refine': 'yes'}
     for name, value in refused.items():
         before = client.get_parameters(NODE, [name])
         result = client.set_parameters(NODE, {name: value})[0]
         assert not result.successful and result.reason, (name, result)
         assert client.get_parameters(NODE, [name]) == before
-    assert client.set_parameters(NODE, {'logit_scale': 41})[0].successful  # an int for a float is fine
-    assert client.get_parameters(NODE, ['logit_scale']) == {'logit_scale': 41.0}
-    assert client.set_parameters(NODE, {'logit_scale': 40.0})[0].successful
+    assert client.set_parameters(NODE, {'labelling.logit_scale': 41})[0].successful  # an int for a float is fine
+    assert client.get_parameters(NODE, ['labelling.logit_scale']) == {'labelling.logit_scale': 41.0}
+    assert client.set_parameters(NODE, {'labelling.logit_scale': 40.0})[0].successful
 
 
 def test_bad_images_are_counted_and_good_frames_keep_working(active, client, outputs, cameras):
@@ -438,16 +442,18 @@ def test_diagnostics_report_rates_latencies_and_counts(active, outputs, cameras)
 
 
 def test_parameters_describe_their_ranges_and_choices_the_ros_way(active, client):
-    described = client.describe_parameters(NODE, ['prob_thd', 'slide_crop', 'method'])
+    described = client.describe_parameters(NODE, ['labelling.prob_thd', 'windows.slide_crop', 'method'])
     print('\n' + '\n'.join(str(descriptor) for descriptor in described.values()))
-    [prob_thd] = described['prob_thd'].floating_point_range
+    [prob_thd] = described['labelling.prob_thd'].floating_point_range
     assert (prob_thd.from_value, prob_thd.to_value) == (0.0, 1.0)
-    [slide_crop] = described['slide_crop'].integer_range
-    assert slide_crop.from_value == 16 and slide_crop.step == 16
+    [slide_crop] = described['windows.slide_crop'].integer_range
+    assert slide_crop.from_value == 1 and slide_crop.step == 1  # patch sizes come from the loaded models
     assert 'one of: trident, trident_fast, proxy' in described['method'].additional_constraints
-    for name, value in (('prob_thd', 1.5), ('slide_crop', 300), ('reuse_threshold', 300.0)):
+    for name, value in (('labelling.prob_thd', 1.5), ('windows.reuse_threshold', 300.0)):
         result = client.set_parameters(NODE, {name: value})[0]
         assert not result.successful and 'Min' in result.reason, (name, result)  # rclpy enforces the range
+    result = client.set_parameters(NODE, {'windows.slide_crop': 300})[0]
+    assert not result.successful and 'patch size' in result.reason, result
     listed = client.list_parameters(NODE)
     assert 'qos_overrides./image.subscription.depth' in listed
     assert 'qos_overrides./trident/labels.publisher.reliability' in listed
@@ -456,7 +462,7 @@ def test_parameters_describe_their_ranges_and_choices_the_ros_way(active, client
 def test_qos_overrides_apply_to_the_outputs(active, client, env, tmp_path):
     """A second node (namespace /second) started with a standard qos_overrides parameter."""
     second = RosProcess([executable('trident_node'), '--ros-args', '-r', '__ns:=/second',
-                         '-p', 'random_weights:=true', '-p', 'model_scale:=tiny',
+                         '-p', 'models.random_weights:=true', '-p', 'models.model_scale:=tiny',
                          '-p', 'qos_overrides./second/trident/labels.publisher.reliability:=best_effort'],
                         env, tmp_path / 'second.log')
     try:
@@ -488,25 +494,27 @@ def test_param_load_of_a_dump_changes_nothing_and_a_batch_relabels_once(active, 
                                                                        tmp_path):
     send_until_outputs(cameras['reliable'], image_msg(ROOM[::8, ::8]), outputs, ('masks',))
     dump = client.dump_parameters(NODE)
-    assert 'prob_thd' in dump, dump
+    assert 'labelling.prob_thd' in dump, dump
     dump_file, batch = tmp_path / 'dump.yaml', tmp_path / 'batch.yaml'
     dump_file.write_text(yaml.safe_dump({NODE: {'ros__parameters': dump}}))
-    batch.write_text(yaml.safe_dump({'/**': {'ros__parameters': {'prob_thd': 0.3, 'logit_scale': 41.0,
-                                                                 'coarse_thresh': 0.25}}}))
+    batch.write_text(yaml.safe_dump({'/**': {'ros__parameters': {
+        'labelling.prob_thd': 0.3, 'labelling.logit_scale': 41.0, 'refinement.coarse_thresh': 0.25}}}))
     before, _, _ = diagnostics_after(outputs, time.monotonic())
     log_size = len(active.output())
     results = load_parameter_file(client, dump_file)
-    assert results['prob_thd'].successful, results['prob_thd']
+    assert results['labelling.prob_thd'].successful, results['labelling.prob_thd']
     after, _, _ = diagnostics_after(outputs, time.monotonic() + 1.0)
     assert after['frames_relabelled'] == before['frames_relabelled'], (before, after)
     assert active.output()[log_size:] == ''  # nothing changed: nothing logged
     try:
         assert all(result.successful for result in load_parameter_file(client, batch).values())
-        assert client.get_parameters(NODE, ['prob_thd', 'coarse_thresh']) == {'prob_thd': 0.3, 'coarse_thresh': 0.25}
+        assert client.get_parameters(NODE, ['labelling.prob_thd', 'refinement.coarse_thresh']) == {
+            'labelling.prob_thd': 0.3, 'refinement.coarse_thresh': 0.25}
         after_batch, _, _ = diagnostics_after(outputs, time.monotonic() + 1.0)
         assert int(after_batch['frames_relabelled']) == int(after['frames_relabelled']) + 1, after_batch
     finally:
-        assert client.set_parameters(NODE, {'prob_thd': 0.2, 'logit_scale': 40.0, 'coarse_thresh': 0.2},
+        assert client.set_parameters(NODE, {'labelling.prob_thd': 0.2, 'labelling.logit_scale': 40.0,
+                                            'refinement.coarse_thresh': 0.2},
                                      atomically=True)[0].successful
 
 

@@ -36,7 +36,7 @@ def test_an_invalid_qos_override_fails_activate_cleanly():
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=ros_helpers.fresh_domain_id())
     node = TridentNode(context=context, parameter_overrides=[
-        Parameter('random_weights', value=True), Parameter('model_scale', value='tiny'),
+        Parameter('models.random_weights', value=True), Parameter('models.model_scale', value='tiny'),
         Parameter('qos_overrides./trident/labels.publisher.reliability', value='bogus')])
     try:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
@@ -51,7 +51,7 @@ def test_an_invalid_qos_override_fails_activate_cleanly():
 
 
 def test_an_out_of_range_start_value_is_kept_out_and_configure_says_why():
-    """``-p prob_thd:=2.0``: the process starts (default kept), configure FAILS naming the parameter."""
+    """``-p labelling.prob_thd:=2.0``: the process starts (default kept), configure FAILS naming the parameter."""
     import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
@@ -61,13 +61,13 @@ def test_an_out_of_range_start_value_is_kept_out_and_configure_says_why():
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=ros_helpers.fresh_domain_id())
     node = TridentNode(context=context, parameter_overrides=[
-        Parameter('random_weights', value=True), Parameter('model_scale', value='tiny'),
-        Parameter('prob_thd', value=2.0)])
+        Parameter('models.random_weights', value=True), Parameter('models.model_scale', value='tiny'),
+        Parameter('labelling.prob_thd', value=2.0)])
     try:
-        assert node.get_parameter('prob_thd').value == 0.2
+        assert node.get_parameter('labelling.prob_thd').value == 0.2
         assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
-        assert 'prob_thd' in node.diagnostic_status().message
-        assert node.set_parameters([Parameter('prob_thd', value=0.3)])[0].successful  # set again: fine
+        assert 'labelling.prob_thd' in node.diagnostic_status().message
+        assert node.set_parameters([Parameter('labelling.prob_thd', value=0.3)])[0].successful  # set again: fine
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
     finally:
         assert node.stop_worker(5.0)
@@ -75,12 +75,12 @@ def test_an_out_of_range_start_value_is_kept_out_and_configure_says_why():
         context.try_shutdown()
 
 
-def test_a_method_preset_applies_to_the_fields_left_at_their_default_and_user_values_win():
+def test_a_method_preset_applies_to_the_names_not_given_and_given_values_win_even_at_their_default():
     values = {name: default for name, (default, _) in parameter_defaults().items()}
-    naclip = config_from_values({**values, 'method': 'naclip'})
-    assert (naclip.pamr, naclip.input_short_side, naclip.clip_slide_crop) == (True, 336, 224)  # NACLIP's own settings
-    mine = config_from_values({**values, 'method': 'naclip', 'input_short_side': 500})
-    assert (mine.pamr, mine.input_short_side) == (True, 500)
-    trident = config_from_values(values)
-    assert (trident.pamr, trident.input_short_side) == (False, 448)
-    assert 'naclip: True' in parameter_defaults()['pamr'][1]  # `ros2 param describe` says what presets do
+    naclip = config_from_values({**values, 'method': 'naclip'}, {'method'}).flat()
+    assert (naclip['labelling.pamr'], naclip['windows.input_short_side']) == (True, 336)  # NACLIP's own settings
+    mine = config_from_values({**values, 'method': 'naclip', 'windows.input_short_side': 448},
+                              {'method', 'windows.input_short_side'}).flat()
+    assert (mine['labelling.pamr'], mine['windows.input_short_side']) == (True, 448)  # the default, given: kept
+    trident = config_from_values(values, set()).flat()
+    assert (trident['labelling.pamr'], trident['windows.input_short_side']) == (False, 448)

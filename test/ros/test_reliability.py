@@ -48,7 +48,7 @@ from test_node import (
 from trident_ros.config import TridentConfig
 from trident_ros.models.weight_files import WeightsError, load_state_dict
 from trident_ros.pipeline import TridentPipeline
-from trident_ros.ros.node import FAULT_FRAME_ID_ENV
+from trident_ros.ros.frame_io import FAULT_FRAME_ID_ENV
 
 pytest_plugins = ('node_fixtures',)  # domain, env, client, outputs, cameras (this module's own), active (on trident)
 FAULT_FRAME_ID = 'inject_fault'
@@ -59,8 +59,8 @@ _stamps = iter(range(500_000, 600_000))
 
 # ------------------------------------------------------------------ fixtures
 def start_node(env: dict[str, str], log: Path, *arguments: str) -> RosProcess:
-    return RosProcess([executable('trident_node'), '--ros-args', '-p', 'random_weights:=true',
-                       '-p', 'model_scale:=tiny', '-p', f'vocabulary:={VOCABULARY}', *arguments], env, log)
+    return RosProcess([executable('trident_node'), '--ros-args', '-p', 'models.random_weights:=true',
+                       '-p', 'models.model_scale:=tiny', '-p', f'vocabulary:={VOCABULARY}', *arguments], env, log)
 
 
 @pytest.fixture(scope='module')
@@ -78,6 +78,11 @@ def trident(env, client, outputs, cameras, tmp_path_factory):
 
 
 # ------------------------------------------------------------------ helpers
+def models(**values) -> dict:
+    """Values of the ``models.`` section by their dotted parameter names."""
+    return {f'models.{name}': value for name, value in values.items()}
+
+
 def raw(array: np.ndarray, encoding: str = 'rgb8', frame_id: str = 'test_camera', bigendian: bool = False,
         stamp: Time | None = None) -> Image:
     """``array`` as an Image message, its bytes as they are in memory (byte order: ``bigendian``)."""
@@ -130,8 +135,9 @@ def test_extreme_aspect_ratios_segment_in_the_core(method):
     """Sides that round to 0 pixels in a resize (1x10000 at the short-side rescale, 2x3000 in
     SAM's longest-side transform and mask prompt) used to raise; every method now segments them.
     """
-    pipeline = TridentPipeline(TridentConfig(model_scale='tiny', random_weights=True, device='cpu', method=method,
-                                             coarse_thresh=0.0, minimal_area=1, prob_thd=0.0))
+    pipeline = TridentPipeline(TridentConfig.from_mapping({
+        'models.model_scale': 'tiny', 'models.random_weights': True, 'models.device': 'cpu', 'method': method,
+        'refinement.coarse_thresh': 0.0, 'refinement.minimal_area': 1, 'labelling.prob_thd': 0.0}))
     vocabulary = pipeline.encode_vocabulary('wall, floor, door')
     rng = np.random.default_rng(1)
     for height, width in [(1, 10_000), (10_000, 1), (2, 3000), (3000, 2), (1, 1)]:
@@ -206,7 +212,8 @@ def test_an_8000x8000_image_never_reaches_the_pipeline(active, client, outputs, 
 
 def test_big_endian_16_bit_and_padded_rows_decode_exactly(active, client, outputs, cameras):
     """With every pixel unlabeled the overlay is the decoded input: compare it with a naive decoding."""
-    assert client.set_parameters(NODE, {'logit_scale': 0.01, 'prob_thd': 0.95}, atomically=True)[0].successful
+    assert client.set_parameters(NODE, {'labelling.logit_scale': 0.01, 'labelling.prob_thd': 0.95},
+                                 atomically=True)[0].successful
     try:
         rng = np.random.default_rng(7)
         colour = rng.integers(0, 65536, (60, 80, 3), dtype=np.uint16)
@@ -225,7 +232,8 @@ def test_big_endian_16_bit_and_padded_rows_decode_exactly(active, client, output
             overlay = decode(found['segmentation']).astype(int)
             assert np.abs(overlay - expected.astype(int)).max() <= 1, msg.encoding  # 16 -> 8 bit rounding
     finally:
-        assert client.set_parameters(NODE, {'logit_scale': 40.0, 'prob_thd': 0.2}, atomically=True)[0].successful
+        assert client.set_parameters(NODE, {'labelling.logit_scale': 40.0, 'labelling.prob_thd': 0.2},
+                                     atomically=True)[0].successful
 
 
 def test_past_and_future_stamps_and_frame_id_changes_pass_through(active, client, outputs, cameras):
@@ -326,21 +334,24 @@ def test_vocabulary_edge_cases_over_the_topic(active, client, outputs, cameras, 
 
 # ------------------------------------------------------------------ parameters and weights
 def test_invalid_runtime_parameters_are_refused_and_the_old_values_stay(active, client, outputs, cameras):
-    refused = [('prob_thd', -0.5), ('coarse_thresh', -0.1), ('sam_iou_thresh', float('inf')), ('logit_scale', -1.0),
-               ('gamma', 0.0), ('beta', -1.0), ('minimal_area', 0), ('slide_crop', 128),  # crop < stride 224
-               ('slide_stride', 400), ('clip_slide_stride', 448), ('device', 'tpu'), ('device', 'cuda:x'),
-               ('max_input_pixels', -1), ('prob_thd', 'high'), ('refine', 'yes')]
+    refused = [('labelling.prob_thd', -0.5), ('refinement.coarse_thresh', -0.1),
+               ('refinement.sam_iou_thresh', float('inf')), ('labelling.logit_scale', -1.0), ('trident.gamma', 0.0),
+               ('trident.beta', -1.0),
+               ('refinement.minimal_area', 0), ('windows.slide_crop', 128),  # crop < stride 224
+               ('windows.slide_stride', 400), ('windows.clip_slide_stride', 448), ('models.device', 'tpu'),
+               ('models.device', 'cuda:x'),
+               ('max_input_pixels', -1), ('labelling.prob_thd', 'high'), ('refinement.refine', 'yes')]
     if not torch.cuda.is_available():
-        refused.append(('device', 'cuda'))  # no such device here: refused now, not at the next configure
+        refused.append(('models.device', 'cuda'))  # no such device here: refused now, not at the next configure
     for name, value in refused:
         before = client.get_parameters(NODE, [name])
         result = client.set_parameters(NODE, {name: value})[0]
         assert not result.successful and result.reason, (name, value)
         assert client.get_parameters(NODE, [name]) == before, name
     # atomically: one bad value refuses the whole change
-    result = client.set_parameters(NODE, {'prob_thd': 0.5, 'slide_stride': 999}, atomically=True)[0]
-    assert not result.successful and client.get_parameters(NODE, ['prob_thd']) == {'prob_thd': 0.2}
-    assert 'parameter change refused: device=' in active.output()
+    result = client.set_parameters(NODE, {'labelling.prob_thd': 0.5, 'windows.slide_stride': 999}, atomically=True)[0]
+    assert not result.successful and client.get_parameters(NODE, ['labelling.prob_thd']) == {'labelling.prob_thd': 0.2}
+    assert 'parameter change refused: models.device=' in active.output()
     send_until_outputs(cameras['reliable'], raw(SMALL), outputs, ('labels',))  # still segmenting, old values
 
 
@@ -379,27 +390,29 @@ def test_weight_file_problems_fail_configure_naming_the_file(active, client, tmp
         (dict(sam_checkpoint=str(corrupt), **other_weights), f'cannot read weights file {corrupt}'),
         (dict(sam_checkpoint=str(wrong), **other_weights), f'{wrong} is not a SAM vit_b checkpoint'),
         (dict(sam_checkpoint=str(evil), **other_weights), f'cannot read weights file {evil}'),
-        (dict(sam_checkpoint=str(gone), **other_weights), f'sam_checkpoint {gone} does not exist'),
+        (dict(sam_checkpoint=str(gone), **other_weights), f'models.sam_checkpoint {gone} does not exist'),
     ]
-    default_files = dict(weights_dir='', sam_checkpoint='', dino_checkpoint='', clip_pretrained='openai')
+    default_files = models(weights_dir='', sam_checkpoint='', dino_checkpoint='', clip_pretrained='openai')
     assert client.change_state(NODE, Transition.TRANSITION_DEACTIVATE)
     assert client.change_state(NODE, Transition.TRANSITION_CLEANUP)
     try:
         for values, expected in cases:
-            real_weights = dict(random_weights=False, model_scale='full', download=False, **values)
+            real_weights = models(random_weights=False, model_scale='full', download=False, **values)
             assert all(r.successful for r in client.set_parameters(NODE, real_weights, atomically=True)), values
-            if 'sam_checkpoint' in values and values['sam_checkpoint'] == str(gone):
+            if values.get('sam_checkpoint') == str(gone):
                 gone.unlink()  # set while it existed, gone by configure time: weights.py says so
             assert not client.change_state(NODE, Transition.TRANSITION_CONFIGURE)
             assert active.wait_for_output(f'configure failed: {expected}', 20), (expected, active.output()[-3000:])
             assert client.lifecycle_state(NODE) == 'unconfigured' and active.alive()
-            assert client.set_parameters(NODE, {'prob_thd': 0.25})[0].successful  # a gone file blocks no other change
-            assert client.set_parameters(NODE, dict(prob_thd=0.2, **default_files), atomically=True)[0].successful
+            # a gone file blocks no other change
+            assert client.set_parameters(NODE, {'labelling.prob_thd': 0.25})[0].successful
+            restored = {'labelling.prob_thd': 0.2, **default_files}
+            assert client.set_parameters(NODE, restored, atomically=True)[0].successful
         assert f'path    {empty / "sam_vit_b_01ec64.pth"}' in active.output()  # the missing file's listed path
         assert not marker.exists()  # torch.load(weights_only=True) never ran the payload
         assert 'Traceback' not in active.output()
     finally:
-        random_weights = dict(random_weights=True, model_scale='tiny', download=True, **default_files)
+        random_weights = {**models(random_weights=True, model_scale='tiny', download=True), **default_files}
         assert client.set_parameters(NODE, random_weights, atomically=True)[0].successful
         assert client.change_state(NODE, Transition.TRANSITION_CONFIGURE), active.output()[-3000:]
         assert client.change_state(NODE, Transition.TRANSITION_ACTIVATE)
@@ -497,7 +510,7 @@ def test_checkpoints_are_never_unpickled_and_received_data_never_evaluated(tmp_p
     with pytest.raises(WeightsError, match='cannot read weights file'):
         load_state_dict(tmp_path / 'evil.pth')
     assert not marker.exists()
-    for path in sorted((ROOT / 'trident_ros').glob('*.py')):
+    for path in sorted((ROOT / 'trident_ros').rglob('*.py')):
         tree = ast.parse(path.read_text(encoding='utf-8'))
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -517,7 +530,8 @@ def test_checkpoints_are_never_unpickled_and_received_data_never_evaluated(tmp_p
                 weights_only = keywords.get('weights_only')
                 assert isinstance(weights_only, ast.Constant) and weights_only.value is True, \
                     f'{path.name}:{node.lineno}: torch.load without weights_only=True'
-    for name in ('node.py', 'conversions.py', 'vocabulary.py'):  # where received data goes: no file, no process
+    # where received data goes: no file, no process
+    for name in ('ros/node.py', 'ros/frame_io.py', 'ros/conversions.py', 'vocabulary.py'):
         tree = ast.parse((ROOT / 'trident_ros' / name).read_text(encoding='utf-8'))
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):

@@ -41,7 +41,7 @@ class InProcessNode:
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
         self.node = TridentNode(pre_post_set_callbacks, context=self.context, parameter_overrides=[
-            Parameter('random_weights', value=True), Parameter('model_scale', value='tiny')])
+            Parameter('models.random_weights', value=True), Parameter('models.model_scale', value='tiny')])
         self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -80,13 +80,14 @@ def test_this_rclpy_has_pre_and_post_set_callbacks_and_the_event_callbacks_class
 
 def test_an_int_for_a_float_parameter_is_coerced_only_by_a_pre_set_callback(setup):
     client, _, pre_post = setup
-    result = client.set_parameters(NODE, {'logit_scale': 41})[0]
+    result = client.set_parameters(NODE, {'labelling.logit_scale': 41})[0]
     if pre_post:
-        assert result.successful and client.get_parameters(NODE, ['logit_scale']) == {'logit_scale': 41.0}
+        assert result.successful
+        assert client.get_parameters(NODE, ['labelling.logit_scale']) == {'labelling.logit_scale': 41.0}
     else:  # as on Humble: rclpy refuses the type before any callback could coerce it
         assert not result.successful and 'Wrong parameter type' in result.reason, result
-        assert client.get_parameters(NODE, ['logit_scale']) == {'logit_scale': 40.0}
-    assert client.set_parameters(NODE, {'logit_scale': 40.0})[0].successful
+        assert client.get_parameters(NODE, ['labelling.logit_scale']) == {'labelling.logit_scale': 40.0}
+    assert client.set_parameters(NODE, {'labelling.logit_scale': 40.0})[0].successful
 
 
 def test_vocabulary_and_a_labelling_parameter_apply_at_once(setup):
@@ -106,9 +107,9 @@ def test_vocabulary_and_a_labelling_parameter_apply_at_once(setup):
     assert relabelled is not None
     assert client.get_parameters(NODE, ['vocabulary']) == {'vocabulary': 'door, sofa; couch, lamp'}
     since = time.monotonic()
-    assert client.set_parameters(NODE, {'prob_thd': 0.35})[0].successful
+    assert client.set_parameters(NODE, {'labelling.prob_thd': 0.35})[0].successful
     assert outputs['label_info'].wait_for(lambda m: abs(m.threshold - 0.35) < 1e-6, 10, after=since)
-    assert client.set_parameters(NODE, {'prob_thd': 0.2})[0].successful
+    assert client.set_parameters(NODE, {'labelling.prob_thd': 0.2})[0].successful
     client.node.destroy_publisher(camera)
     client.node.destroy_publisher(publisher)
 
@@ -124,9 +125,9 @@ def test_image_qos_and_use_depth_remake_the_subscriptions_from_the_new_values(se
     assert wait_until(lambda: trident_subscribes('/image', ReliabilityPolicy.RELIABLE), 10)
     camera = client.publisher(Image, '/image', RELIABLE)
     send_until_outputs(camera, image_msg(SMALL), outputs, ('labels',))
-    assert client.set_parameters(NODE, {'use_depth': True})[0].successful
+    assert client.set_parameters(NODE, {'depth.use': True})[0].successful
     assert wait_until(lambda: trident_subscribes('/depth', ReliabilityPolicy.RELIABLE), 10)
-    assert client.set_parameters(NODE, {'image_qos': 'sensor_data', 'use_depth': False})[0].successful
+    assert client.set_parameters(NODE, {'image_qos': 'sensor_data', 'depth.use': False})[0].successful
     assert wait_until(lambda: trident_subscribes('/image', ReliabilityPolicy.BEST_EFFORT)
                       and not client.node.get_subscriptions_info_by_topic('/depth'), 10)
     client.node.destroy_publisher(camera)

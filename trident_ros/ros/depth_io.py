@@ -50,13 +50,11 @@ DEPTH_ENCODINGS = {'16uc1': np.dtype('<u2'), 'mono16': np.dtype('<u2'), '32fc1':
 """Accepted depth encodings and their little-endian element types (big-endian data is swapped)."""
 RECENT_DEPTHS = 10  # depth/camera_info pairs kept for matching, and messages per topic waiting for a partner
 POINT_FIELD_TYPES = {np.dtype('<f4'): PointField.FLOAT32, np.dtype('<u2'): PointField.UINT16}
-DEPTH_FIELDS = frozenset({'use_depth', 'sync_slop', 'exact_sync'})
-"""Parameters that change the depth subscriptions (they are made again when one changes)."""
 
 
 @dataclass
 class DepthCounts:
-    """Frames by what their depth gave, for /diagnostics."""
+    """Frames by what their depth gave, for /diagnostics (counted by the frame worker only)."""
 
     with_3d: int = 0
     no_matching_depth: int = 0
@@ -153,8 +151,8 @@ class DepthIO:
 
     Args:
         node: the node.
-        parameters: the node's parameter values as applied: ``sync_slop`` and ``exact_sync`` are read
-            here, ``depth_scale``, ``min_depth`` and ``max_depth`` for each frame.
+        parameters: the node's depth parameter values (``depth.*``; the node makes a new DepthIO when one
+            changes).
         qos: QoS of the depth and camera_info subscriptions.
         output_qos: QoS of ``~/points`` and ``~/detections_3d``.
         counts: where the frames are counted (kept by the node across activations).
@@ -165,7 +163,7 @@ class DepthIO:
     def __init__(self, node: Node, parameters: Mapping[str, Any], qos: QoSProfile, output_qos: QoSProfile,
                  counts: DepthCounts, warn: Callable[[str, str], None], callback_group: Any = None) -> None:
         self._node, self._parameters, self._counts, self._warn = node, parameters, counts, warn
-        exact, slop = bool(parameters['exact_sync']), float(parameters['sync_slop'])
+        exact, slop = bool(parameters['depth.exact_sync']), float(parameters['depth.sync_slop'])
         self._pairing = DepthPairing(0 if exact else round(slop * 1e9), RECENT_DEPTHS)
         self._subs = [node.create_subscription(Image, 'depth', self._on_depth, qos, callback_group=callback_group),
                       node.create_subscription(CameraInfo, 'depth/camera_info', self._on_info, qos,
@@ -222,7 +220,7 @@ class DepthIO:
             raw = depth_image_to_array(depth)
             size = (int(info.width), int(info.height)) if info.width and info.height else (raw.shape[1], raw.shape[0])
             intrinsics = Intrinsics.from_k(info.k, *size).scaled_to(width, height)
-            metres = depth_to_metres(raw, param['depth_scale'], param['min_depth'], param['max_depth'])
+            metres = depth_to_metres(raw, param['depth.scale'], param['depth.min'], param['depth.max'])
         except DepthError as error:
             self._counts.refused += 1
             self._warn(f'depth:{type(error).__name__}:{str(error)[:12]}', f'depth refused, no 3D: {error}')

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,18 +21,29 @@ WARN_EVERY_S = 5.0  # log the same kind of warning at most this often
 MAX_WARNING_KINDS = 64  # kinds remembered for throttling (older ones are forgotten)
 
 
-@dataclass
 class Counters:
-    """What happened to the frames and vocabularies received since the node started."""
+    """What happened to the frames and vocabularies received since the node started (thread-safe).
 
-    received: int = 0
-    processed: int = 0
-    relabelled: int = 0
-    dropped: int = 0
-    rejected: int = 0
-    failed: int = 0
-    skipped_no_subscribers: int = 0
-    vocabularies_refused: int = 0
+    Counted from the image callback, the frame worker and the node's control callbacks at once, so
+    every change goes through :meth:`add` under one lock (``+=`` on a shared int loses counts).
+    """
+
+    NAMES = ('received', 'processed', 'relabelled', 'dropped', 'rejected', 'failed', 'skipped_no_subscribers',
+             'vocabularies_refused')
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(self.NAMES, 0)
+
+    def add(self, name: str, count: int = 1) -> None:
+        """Count ``count`` more of ``name`` (one of :data:`NAMES`)."""
+        with self._lock:
+            self._values[name] += count
+
+    def values(self) -> dict[str, int]:
+        """A consistent copy: name -> count."""
+        with self._lock:
+            return dict(self._values)
 
 
 @dataclass
@@ -91,6 +103,8 @@ def depth_values(counts: DepthCounts) -> dict[str, int]:
 class NodeHealth:
     """Counters, throttled warnings and errors of one node, and its ``DiagnosticStatus``.
 
+    Thread-safe: warnings, errors and frames are reported from several threads at once.
+
     Args:
         logger: the node's logger (``warning``/``error`` methods).
     """
@@ -104,39 +118,48 @@ class NodeHealth:
         self._warning: tuple[float, str] | None = None
         self._error: tuple[float, str] | None = None
         self._error_published = False  # the current error went out on /diagnostics at least once
+        self._lock = threading.Lock()  # guards everything above but the logger
 
     def warn(self, kind: str, message: str) -> None:
         """A warning in the log (at most one per ``kind`` every WARN_EVERY_S) and in diagnostics."""
         now = time.monotonic()
-        self._warning = (now, message)
-        if now - self._warned.get(kind, -WARN_EVERY_S) >= WARN_EVERY_S:
-            if len(self._warned) >= MAX_WARNING_KINDS:
-                self._warned = {k: t for k, t in self._warned.items() if now - t < WARN_EVERY_S}
-            self._warned[kind] = now
+        with self._lock:
+            self._warning = (now, message)
+            log = now - self._warned.get(kind, -WARN_EVERY_S) >= WARN_EVERY_S
+            if log:
+                if len(self._warned) >= MAX_WARNING_KINDS:
+                    self._warned = {k: t for k, t in self._warned.items() if now - t < WARN_EVERY_S}
+                self._warned[kind] = now
+        if log:
             self._logger.warning(message)
 
     def error(self, message: str, log: bool = True) -> None:
         """An error: ERROR on /diagnostics for RECENT_S (and in the log, throttled, if ``log``)."""
-        self._error = (time.monotonic(), message)
-        self._error_published = False
+        with self._lock:
+            self._error = (time.monotonic(), message)
+            self._error_published = False
         if log:
             self._logger.error(message, throttle_duration_sec=5.0)
 
     def clear_error(self) -> None:
         """Forget the last error (e.g. a failed configure, once a configure succeeds)."""
-        self._error = None
+        with self._lock:
+            self._error = None
 
     def frame_published(self, frame_id: str, stamp: str, seconds: dict[str, float]) -> None:
         """A frame's outputs went out: its latencies (``seconds`` per stage) and when."""
-        self.latency = Latency(frame_id, stamp, {name: round(s * 1000.0, 2) for name, s in seconds.items()})
-        self._done.append(time.monotonic())
+        latency = Latency(frame_id, stamp, {name: round(s * 1000.0, 2) for name, s in seconds.items()})
+        with self._lock:
+            self.latency = latency
+            self._done.append(time.monotonic())
 
     def frame_succeeded(self) -> None:
         """A new frame went through: an earlier frame error that was on /diagnostics becomes a warning."""
-        error = self._error
-        if error is not None and error[1].startswith('frame skipped') and self._error_published:
-            self._error = None
-            self._warning = (error[0], f'recovered; earlier {error[1]}')
+        with self._lock:
+            error = self._error
+            if error is not None and error[1].startswith('frame skipped') and self._error_published:
+                self._error = None
+                self._warning = (error[0], f'recovered; earlier {error[1]}')
 
     def status(self, name: str, state: str, values: dict[str, Any], idle_reason: str | None) -> DiagnosticStatus:
         """The node's health: OK, WARN (a recent warning, ``idle_reason``) or ERROR (a recent error).
@@ -151,30 +174,24 @@ class NodeHealth:
             The status; ``hardware_id`` is ``values['device']``.
         """
         now = time.monotonic()
-        level, message = DiagnosticStatus.OK, 'processing'
-        if self._error is not None and now - self._error[0] < RECENT_S:
-            level, message = DiagnosticStatus.ERROR, self._error[1]
-        elif self._warning is not None and now - self._warning[0] < RECENT_S:
-            level, message = DiagnosticStatus.WARN, self._warning[1]
-        elif idle_reason is not None:
-            level, message = DiagnosticStatus.WARN, idle_reason
-        self._error_published = level == DiagnosticStatus.ERROR
-        counters = self.counters
-        recent = [t for t in self._done if now - t < RECENT_S]
+        with self._lock:
+            level, message = DiagnosticStatus.OK, 'processing'
+            if self._error is not None and now - self._error[0] < RECENT_S:
+                level, message = DiagnosticStatus.ERROR, self._error[1]
+            elif self._warning is not None and now - self._warning[0] < RECENT_S:
+                level, message = DiagnosticStatus.WARN, self._warning[1]
+            elif idle_reason is not None:
+                level, message = DiagnosticStatus.WARN, idle_reason
+            self._error_published = level == DiagnosticStatus.ERROR
+            recent = [t for t in self._done if now - t < RECENT_S]
+            latency = self.latency
+        counts = self.counters.values()
         all_values = {
             'lifecycle_state': state,
             'processing_rate_hz': f'{len(recent) / RECENT_S:.2f}',
-            'frames_received': counters.received,
-            'frames_processed': counters.processed,
-            'frames_relabelled': counters.relabelled,
-            'frames_dropped': counters.dropped,
-            'frames_rejected': counters.rejected,
-            'frames_failed': counters.failed,
-            'frames_skipped_no_subscribers': counters.skipped_no_subscribers,
-            'vocabularies_refused': counters.vocabularies_refused,
+            **{('' if name == 'vocabularies_refused' else 'frames_') + name: count for name, count in counts.items()},
             **values,
         }
-        latency = self.latency
         if latency.milliseconds:  # which frame the latencies describe (frame_id and stamp of its header)
             all_values.update({'latency_frame_id': latency.frame_id, 'latency_frame_stamp': latency.stamp,
                                **{f'latency_ms.{k}': v for k, v in latency.milliseconds.items()}})

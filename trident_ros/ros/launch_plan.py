@@ -140,9 +140,10 @@ def plan_launch(values: Mapping[str, str], share: str, environ: Mapping[str, str
         ValueError: see :func:`argument_values`.
     """
     args = argument_values(values, share)
-    overrides: dict[str, ParameterValue] = {name: args[name] for name in ('vocabulary', 'device', 'model_scale')
-                                            if args[name]}
-    overrides.update({name: args[name] == 'true' for name in ('random_weights', 'use_depth') if args[name]})
+    overrides: dict[str, ParameterValue] = {parameter: args[name] for name, parameter in (
+        ('vocabulary', 'vocabulary'), ('device', 'models.device'), ('model_scale', 'models.model_scale')) if args[name]}
+    overrides.update({parameter: args[name] == 'true' for name, parameter in (
+        ('random_weights', 'models.random_weights'), ('use_depth', 'depth.use')) if args[name]})
     image_topic, depth_topic = args['image_topic'], args['depth_topic']
     depth_remappings = (('depth', depth_topic), ('depth/camera_info', depth_topic.rsplit('/', 1)[0] + '/camera_info'))
     nodes = [PlannedNode(PACKAGE, 'trident_node', 'trident', args['namespace'], (args['config_file'],), overrides,

@@ -7,16 +7,18 @@
 * a vocabulary (topic or parameter): receive → parse (cheap; refused with a reason) → parameter
   ``vocabulary`` → the vocabulary thread (:mod:`.vocabulary_worker`; a newer one supersedes it)
   → in use → the last frame relabelled from its cached image features → published;
-* parameters: :mod:`.parameters`, callbacks per distro :mod:`.compat`; labelling fields apply at
-  once (one relabel per batch), model fields (``pipeline.MODEL_FIELDS``) at the next configure;
+* parameters (dotted names): :mod:`.parameters`, callbacks per distro :mod:`.compat`; fields that need
+  no reload apply at once (one relabel per batch), ``config.MODEL_FIELDS`` at the next configure, where
+  the method's preset fills in the names not given and the node writes what runs into its parameters;
 * nothing received can take the node down (docs/reliability.md): bad input is refused with a
   throttled warning and the last good state stays; :mod:`.health` counts it for /diagnostics.
 """
 from __future__ import annotations
 
-import os
-import threading
+import dataclasses
+import queue
 import time
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -25,32 +27,17 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.publisher import Publisher
-from rclpy.qos import QoSProfile
-from rclpy.subscription import Subscription
-from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
-from trident_ros.config import ConfigError
-from trident_ros.labelling import Segmentation
+from trident_ros.config import MODEL_FIELDS, ConfigError, TridentConfig
 from trident_ros.models.weights import WeightsError
-from trident_ros.pipeline import MODEL_FIELDS, TridentPipeline
+from trident_ros.pipeline import TridentPipeline
 from trident_ros.ros import conversions
 from trident_ros.ros.compat import PRE_POST_SET_CALLBACKS, add_parameter_callbacks
-from trident_ros.ros.conversions import ImageConversionError
-from trident_ros.ros.depth_io import DEPTH_FIELDS, DepthCounts, DepthIO
-from trident_ros.ros.frame_io import (
-    IMAGE_QOS_PROFILES,
-    OUTPUT_QOS,
-    LastFrame,
-    create_image_subscription,
-    create_outputs,
-    segmentation_messages,
-)
-from trident_ros.ros.frame_worker import Frame, FrameWorker
+from trident_ros.ros.frame_io import FramePath, Snapshot
 from trident_ros.ros.health import NodeHealth, depth_values, idle_reason, message_kind, pipeline_values
 from trident_ros.ros.parameters import (
-    CONFIG_FIELDS,
+    CONFIG_SPECS,
     check_changes,
     coerce_parameters,
     config_from_values,
@@ -61,104 +48,111 @@ from trident_ros.ros.vocabulary_topics import VocabularyTopics
 from trident_ros.ros.vocabulary_worker import VocabularyEncoder, VocabularyRequest
 from trident_ros.vocabulary import Vocabulary, VocabularyError, parse_vocabulary
 
-FAULT_FRAME_ID_ENV = 'TRIDENT_TEST_FAULT_FRAME_ID'
-"""Test hook, read once at start (docs/reliability.md): frames whose ``header.frame_id`` equals this
-variable's value fail inside the worker as CUDA running out of memory would. Unset (the default) it
-does nothing; it cannot be set over ROS."""
-
 
 class TridentNode(LifecycleNode):
-    """Lifecycle node ``trident`` (``config/trident.yaml``); ``pre_post_set_callbacks``: :mod:`.compat`."""
+    """Lifecycle node ``trident`` (``config/trident.yaml``); ``pre_post_set_callbacks``: :mod:`.compat`.
+
+    One owner of node state: the control callbacks (parameters, lifecycle, ``~/vocabulary``, vocabulary results
+    handed back by the vocabulary thread) all run in the node's default callback group, which is mutually
+    exclusive, and none of them waits for a frame.
+    """
 
     def __init__(self, pre_post_set_callbacks: bool = PRE_POST_SET_CALLBACKS, **kwargs: Any) -> None:
         super().__init__('trident', **kwargs)
-        self._bad_overrides = declare_parameters(self)  # parameter -> why its start value is unusable
+        # parameter -> why its start value is unusable; the config names given (at start, or set by a user since)
+        self._bad_overrides, self._given = declare_parameters(self)
+        self._writing_back = False  # the node itself writes the values that run into the parameters
         # as applied; read from here, not get_parameter: on Humble they are applied before rclpy stores them
-        self._values = {name: self.get_parameter(name).value for name in parameter_defaults()}
+        self._now = Snapshot(MappingProxyType({name: self.get_parameter(name).value for name in parameter_defaults()}))
         self._health = NodeHealth(self.get_logger())
-        self._pipeline: TridentPipeline | None = None
-        self._vocabulary: Vocabulary | None = None
-        self._vocabulary_text = ''  # the text of _vocabulary
-        self._last: LastFrame | None = None
         self._state = 'unconfigured'
-        self._fault_frame_id = os.environ.get(FAULT_FRAME_ID_ENV, '')
-        self._pipe_lock = threading.Lock()   # one frame-side pipeline caller at a time (it is not thread-safe)
-        self._io_lock = threading.RLock()    # publishers/subscriptions vs. the worker publishing
-        self._outputs: dict[str, Publisher] = {}
-        self._image_sub: Subscription | None = None
         self._vocabulary_topics: VocabularyTopics | None = None
-        self._image_group = MutuallyExclusiveCallbackGroup()
-        self._depth: DepthIO | None = None  # with use_depth, while active
-        self._depth_counts = DepthCounts()
-        self._depth_group = MutuallyExclusiveCallbackGroup()
+        self._frames = FramePath(self, lambda: self._now, self._health)
         self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._diag_timer = self.create_timer(1.0, self._publish_diagnostics,
                                              callback_group=MutuallyExclusiveCallbackGroup())
         add_parameter_callbacks(self, coerce_parameters, self._validate_parameters, self._apply_parameters,
                                 pre_post_set_callbacks)
-        self._encoder = VocabularyEncoder(self._on_vocabulary_encoded, self._on_vocabulary_failed)
-        self._worker = FrameWorker(self._process, self._relabel_last, self._frame_failed)
+        # the vocabulary thread hands its results back here; the node takes them in its default group
+        self._vocabulary_results: queue.SimpleQueue[tuple[VocabularyRequest, Vocabulary | Exception]] = \
+            queue.SimpleQueue()
+        self._vocabulary_done = self.create_guard_condition(self._take_vocabulary_results)
+        self._encoder = VocabularyEncoder(self._hand_back, self._hand_back)
         self.get_logger().info(f'ready (unconfigured); image decoding: {conversions.IMAGE_BACKEND}')
+
+    @property
+    def running_config(self) -> TridentConfig | None:
+        """The configuration frames run (None: unconfigured); the parameters show its values.
+
+        At configure it is the new pipeline's ``config``; changes that apply at once replace it here and the
+        frame worker hands it to the pipeline at its next job.
+        """
+        return self._now.config
+
+    def _update(self, **changes: Any) -> None:
+        """Swap in a new snapshot with ``changes`` (control callbacks only)."""
+        self._now = dataclasses.replace(self._now, **changes)
 
     # ------------------------------------------------------------------ parameters
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         """Refuse invalid values with a reason (cheap checks only); the old values stay."""
-        changes = {p.name: p.value for p in parameters if p.name in self._values}
-        if not changes:
+        now = self._now
+        changes = {p.name: p.value for p in parameters if p.name in now.values}
+        if not changes or self._writing_back:
             return SetParametersResult(successful=True)
         try:
-            check_changes(self._values, changes)
+            check_changes(now.values, self._given, now.config, now.pipeline, changes)
         except (ConfigError, VocabularyError, ValueError) as error:
             if 'vocabulary' in changes:
-                self._health.counters.vocabularies_refused += 1
+                self._health.counters.add('vocabularies_refused')
             self._health.warn(f'parameter:{message_kind(error)}', f'parameter change refused: {error}')
             return SetParametersResult(successful=False, reason=str(error))
         return SetParametersResult(successful=True)
 
     def _apply_parameters(self, parameters: list[Parameter]) -> None:
-        """Act on the values that changed (a value set to what it was changes nothing, silently)."""
-        changed = set()
+        """Act on the values that changed (a value set to what it was changes nothing, silently).
+
+        A config name set by a user becomes given (kept at the next configure, whatever the method); the
+        node's own write-back of the values that run changes the parameters only.
+        """
+        values, changed = dict(self._now.values), set()
         for param in parameters:
             if param.name in self._bad_overrides:
                 self._bad_overrides.pop(param.name)  # set again, with a value that passed validation
                 changed.add(param.name)
-            if param.name in self._values and param.value != self._values[param.name]:
-                self._values[param.name] = param.value
+            if param.name in values and param.value != values[param.name]:
+                values[param.name] = param.value
                 changed.add(param.name)
-        live = sorted(name for name in changed & set(CONFIG_FIELDS) if name not in MODEL_FIELDS)
+        self._update(values=MappingProxyType(values))
+        if self._writing_back:
+            return
+        self._given |= {param.name for param in parameters if param.name in CONFIG_SPECS}
+        live = sorted(name for name in changed & CONFIG_SPECS.keys() if name not in MODEL_FIELDS)
         reload = sorted(name for name in changed if name in MODEL_FIELDS)
+        if live and self._now.config is not None:  # the running configuration: no reload field, no preset
+            self._update(config=self._now.config.replace({name: values[name] for name in live}))
         if live:
-            with self._pipe_lock:
-                if self._pipeline is not None:
-                    self._pipeline.apply_label_config(config_from_values(self._values))
             self.get_logger().info(f'applied at once: {", ".join(live)}')
-            if 'prob_thd' in live:
+            if 'labelling.prob_thd' in live:
                 self._publish_vocabulary_info()  # LabelInfo.threshold
-            self._worker.request_relabel()
+            self._frames.worker.request_relabel()
         if reload:
             self.get_logger().info(f'{", ".join(reload)} take(s) effect at the next configure '
                                    '(ros2 lifecycle set <node> deactivate, cleanup, configure, activate)')
         if 'vocabulary' in changed:
-            self._request_vocabulary(self._values['vocabulary'])
-        if changed & {'image_transport', 'image_qos'}:
-            with self._io_lock:
-                if self._image_sub is not None:
-                    self._create_image_input()
-        if changed & (DEPTH_FIELDS | {'image_qos'}):
-            with self._io_lock:
-                if self._image_sub is not None:
-                    self._create_depth_io()
+            self._request_vocabulary(values['vocabulary'])
+        self._frames.parameters_changed(changed)
 
     # ------------------------------------------------------------------ vocabulary
     def _on_vocabulary(self, msg: String) -> None:
         """~/vocabulary: parse (refused with a reason) and set the ``vocabulary`` parameter."""
-        text = msg.data
-        if text == self._values['vocabulary']:
+        text, values = msg.data, self._now.values
+        if text == values['vocabulary']:
             return  # a latched publisher reaches both subscriptions; the same text changes nothing
         try:
-            parse_vocabulary(text, max_classes=self._values['max_classes'])
+            parse_vocabulary(text, max_classes=values['labelling.max_classes'])
         except VocabularyError as error:
-            self._health.counters.vocabularies_refused += 1
+            self._health.counters.add('vocabularies_refused')
             self._health.warn(f'vocabulary:{message_kind(error)}',
                               f'vocabulary from ~/vocabulary refused, keeping the last good one: {error}')
             return
@@ -169,33 +163,40 @@ class TridentNode(LifecycleNode):
 
     def _request_vocabulary(self, text: str) -> None:
         """Hand a parsed vocabulary to the vocabulary thread (models loaded) or keep it for configure."""
-        with self._pipe_lock:
-            pipeline = self._pipeline
-        if pipeline is None:
+        now = self._now
+        if now.pipeline is None:
             self.get_logger().info(f'vocabulary {text[:80]!r} stored; it is encoded at configure')
-        elif text == self._vocabulary_text:
+        elif text == now.vocabulary_text:
             self._encoder.cancel()  # back to the vocabulary in use: nothing to encode
         else:
-            self._encoder.submit(text, pipeline)
+            self._encoder.submit(text, now.pipeline)
 
-    def _on_vocabulary_encoded(self, request: VocabularyRequest, vocabulary: Vocabulary) -> None:
-        """Vocabulary thread: ``request`` is encoded; it is used from the next frame and relabels the last."""
-        with self._pipe_lock:
-            if request.pipeline is not self._pipeline:
-                return  # encoded by models dropped since
-        self._use_vocabulary(request.text, vocabulary)
+    def _hand_back(self, request: VocabularyRequest, result: Vocabulary | Exception) -> None:
+        """Vocabulary thread: queue its result for the node (:meth:`_take_vocabulary_results`); nothing else."""
+        self._vocabulary_results.put((request, result))
+        self._vocabulary_done.trigger()
 
-    def _on_vocabulary_failed(self, request: VocabularyRequest, error: Exception) -> None:
-        """Vocabulary thread: ``request`` could not be encoded; the vocabulary in use stays."""
-        self._health.counters.vocabularies_refused += 1
-        self._health.warn(f'vocabulary:{type(error).__name__}', f'vocabulary {request.text[:80]!r} could not be '
-                          f'encoded, keeping the last good one: {type(error).__name__}: {error}')
-        if self._vocabulary_text and self._values['vocabulary'] == request.text:
-            self.set_parameters([Parameter('vocabulary', Parameter.Type.STRING, self._vocabulary_text)])
+    def _take_vocabulary_results(self) -> None:
+        """The vocabularies the thread encoded (or could not) since the last call, in order.
+
+        A result of models dropped since is discarded; a failure resets the ``vocabulary`` parameter to the
+        text in use only while it still names the failed text.
+        """
+        while not self._vocabulary_results.empty():
+            request, result = self._vocabulary_results.get()
+            if request.pipeline is not self._now.pipeline:
+                continue  # encoded by models dropped since
+            if isinstance(result, Vocabulary):
+                self._use_vocabulary(request.text, result)
+                continue
+            self._health.counters.add('vocabularies_refused')
+            self._health.warn(f'vocabulary:{type(result).__name__}', f'vocabulary {request.text[:80]!r} could not '
+                              f'be encoded, keeping the last good one: {type(result).__name__}: {result}')
+            if self._now.vocabulary_text and self._now.values['vocabulary'] == request.text:
+                self.set_parameters([Parameter('vocabulary', Parameter.Type.STRING, self._now.vocabulary_text)])
 
     def _use_vocabulary(self, text: str, vocabulary: Vocabulary) -> None:
-        with self._pipe_lock:
-            self._vocabulary, self._vocabulary_text = vocabulary, text
+        self._update(vocabulary=vocabulary, vocabulary_text=text)
         for warning in vocabulary.warnings:
             self.get_logger().warning(f'vocabulary: {warning}')
         self.get_logger().info(f'vocabulary: {vocabulary.num_classes} classes '
@@ -204,34 +205,33 @@ class TridentNode(LifecycleNode):
             self._health.warn('labels:mono16', f'{vocabulary.num_classes} classes: ~/labels is mono16, which Nav2\'s '
                               'semantic_segmentation_layer cannot read (it needs <= 255 classes, mono8)')
         self._publish_vocabulary_info()
-        self._worker.request_relabel()
+        self._frames.worker.request_relabel()
 
     def _publish_vocabulary_info(self) -> None:
-        with self._io_lock:
-            if self._vocabulary_topics is not None and self._vocabulary is not None:
-                self._vocabulary_topics.publish(self._vocabulary, self._values['prob_thd'])
+        now = self._now
+        if self._vocabulary_topics is not None and now.vocabulary is not None:
+            self._vocabulary_topics.publish(now.vocabulary, now.values['labelling.prob_thd'])
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             if self._bad_overrides:
                 raise ConfigError('; '.join(self._bad_overrides.values()))
-            config = config_from_values(self._values)
+            config = config_from_values(self._now.values, self._given)
             self.get_logger().info('loading models ...')
             pipeline = TridentPipeline(config)
         except (ConfigError, WeightsError) as error:
             return self._fail_configure(str(error))
         except Exception as error:  # anything else the model libraries raise: still a clean FAILURE
             return self._fail_configure(f'{type(error).__name__}: {error}')
-        with self._pipe_lock:
-            self._pipeline = pipeline
+        self._update(pipeline=pipeline, config=pipeline.config)
+        self._write_back(pipeline.config)
         self._health.clear_error()
         self.get_logger().info(pipeline.describe())
         if conversions.VISION_MSGS_MISSING:  # no ~/label_info (here) and no ~/detections_3d (DepthIO)
             self.get_logger().warning(conversions.VISION_MSGS_MISSING, once=True)
-        with self._io_lock:
-            self._vocabulary_topics = VocabularyTopics(self, self._on_vocabulary)
-        text = self._values['vocabulary']
+        self._vocabulary_topics = VocabularyTopics(self, self._on_vocabulary)
+        text = self._now.values['vocabulary']
         if text:
             try:
                 self._use_vocabulary(text, pipeline.encode_vocabulary(text))
@@ -241,6 +241,21 @@ class TridentNode(LifecycleNode):
         self._state = 'inactive'
         return TransitionCallbackReturn.SUCCESS
 
+    def _write_back(self, config: TridentConfig) -> None:
+        """Make the parameters show what runs (the preset's values of names not given): not given by this."""
+        values = self._now.values
+        differ = [Parameter(name, value=value) for name, value in config.flat().items() if values[name] != value]
+        if not differ:
+            return
+        self._writing_back = True
+        try:
+            refused = [f'{p.name}: {r.reason}' for p, r in zip(differ, self.set_parameters(differ), strict=True)
+                       if not r.successful]
+        finally:
+            self._writing_back = False
+        if refused:
+            self.get_logger().warning(f'parameters that do not show what runs: {"; ".join(refused)}')
+
     def _fail_configure(self, reason: str) -> TransitionCallbackReturn:
         self._health.error(f'configure failed: {reason}', log=False)
         self.get_logger().error(f'configure failed: {reason}')
@@ -248,22 +263,20 @@ class TridentNode(LifecycleNode):
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
-            with self._io_lock:
-                self._outputs = create_outputs(self)
-            self._create_image_input()
-            with self._io_lock:
-                self._create_depth_io()
+            self._frames.open()
         except Exception as error:  # e.g. an invalid qos_overrides value: a clean FAILURE, still inactive
-            self._remove_frame_io()
+            self._frames.close()
             self._health.error(f'activate failed: {error}', log=False)
             self.get_logger().error(f'activate failed: {error}')
             return TransitionCallbackReturn.FAILURE
+        self._update(active=True)
         self._state = 'active'
         self.get_logger().info('active')
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._remove_frame_io()
+        self._update(active=False)
+        self._frames.close()
         self._free_gpu_cache()
         self._state = 'inactive'
         self.get_logger().info('inactive')
@@ -286,15 +299,17 @@ class TridentNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _release_all(self, state: str) -> None:
-        self._remove_frame_io()
+        self._update(active=False)
+        self._frames.close()
         self._remove_vocabulary_io()
         self._drop_models()
         self._state = state
 
     def _drop_models(self) -> None:
+        """Forget the models (a frame in flight ends on its own snapshot, then the worker lets go of them)."""
         self._encoder.cancel()
-        with self._pipe_lock:
-            self._pipeline, self._vocabulary, self._vocabulary_text, self._last = None, None, '', None
+        self._update(pipeline=None, config=None, vocabulary=None, vocabulary_text='')
+        self._frames.forget_last()
         self._free_gpu_cache()
 
     @staticmethod
@@ -304,127 +319,9 @@ class TridentNode(LifecycleNode):
 
     # ------------------------------------------------------------------ I/O set-up
     def _remove_vocabulary_io(self) -> None:
-        with self._io_lock:
-            if self._vocabulary_topics is not None:
-                self._vocabulary_topics.destroy()
-                self._vocabulary_topics = None
-
-    def _create_image_input(self) -> None:
-        """Activate → deactivate: the camera subscription, replaced when ``image_transport``/``image_qos`` change."""
-        with self._io_lock:
-            if self._image_sub is not None:
-                self.destroy_subscription(self._image_sub)
-            self._image_sub = create_image_subscription(self, self._values['image_transport'],
-                                                        self._values['image_qos'], self._on_image, self._image_group)
-        self.get_logger().info(f'subscribed to {self._image_sub.topic_name} ({self._values["image_qos"]})')
-
-    def _create_depth_io(self) -> None:
-        """(Re)make the depth subscriptions and 3D publishers when ``use_depth`` is on (under _io_lock)."""
-        if self._depth is not None:
-            self._depth.destroy()
-            self._depth = None
-        if self._values['use_depth']:
-            qos = QoSProfile(depth=5, reliability=IMAGE_QOS_PROFILES[self._values['image_qos']].reliability)
-            self._depth = DepthIO(self, self._values, qos, OUTPUT_QOS, self._depth_counts, self._health.warn,
-                                  self._depth_group)
-
-    def _remove_frame_io(self) -> None:
-        with self._io_lock:
-            if self._image_sub is not None:
-                self.destroy_subscription(self._image_sub)
-                self._image_sub = None
-            if self._depth is not None:
-                self._depth.destroy()
-                self._depth = None
-            for pub in self._outputs.values():
-                self.destroy_publisher(pub)
-            self._outputs = {}
-        self._worker.clear()
-
-    # ------------------------------------------------------------------ frames
-    def _on_image(self, msg: Image | CompressedImage) -> None:
-        """Keep only the newest frame; the worker takes it when it is free."""
-        self._health.counters.received += 1
-        if self._worker.offer(msg):
-            self._health.counters.dropped += 1
-
-    def _frame_failed(self, error: Exception) -> None:
-        self._health.counters.failed += 1
-        self._health.error(f'frame skipped: {type(error).__name__}: {error}')
-
-    def _wanted_outputs(self) -> set[str]:
-        """Outputs switched on that somebody subscribes to."""
-        with self._io_lock:
-            return {name for name, pub in self._outputs.items() if self._values[f'publish_{name}']
-                    and pub.get_subscription_count() > 0}
-
-    def _process(self, frame: Frame) -> None:
-        if self._pipeline is None or self._state != 'active':
-            return
-        if not self._wanted_outputs() and not (self._depth is not None and self._depth.has_subscribers()):
-            self._health.counters.skipped_no_subscribers += 1
-            return
-        start = time.monotonic()
-        max_pixels = self._values['max_input_pixels']
-        try:
-            if isinstance(frame.msg, CompressedImage):
-                rgb = conversions.compressed_to_rgb(frame.msg, max_pixels)
-            else:
-                rgb = conversions.image_to_rgb(frame.msg, max_pixels)
-        except ImageConversionError as error:
-            self._health.counters.rejected += 1
-            self._health.warn(f'image:{error.reason}', f'image refused: {error}')
-            return
-        timings = {'queue': start - frame.received, 'conversion': time.monotonic() - start}
-        if self._depth is not None:
-            self._depth.pin(frame.msg.header)
-        if self._fault_frame_id and frame.msg.header.frame_id == self._fault_frame_id:
-            raise torch.cuda.OutOfMemoryError(f'simulated by {FAULT_FRAME_ID_ENV} (test hook)')
-        with self._pipe_lock:
-            if self._pipeline is None:
-                return
-            last = self._last = LastFrame(frame.msg.header, rgb, self._pipeline.encode_image(rgb))
-            vocabulary = self._vocabulary
-            segmentation = self._pipeline.label(last.features, vocabulary) if vocabulary is not None else None
-        if segmentation is None:
-            self._health.warn('no_vocabulary', 'no vocabulary yet: frame encoded, nothing labelled '
-                              '(ros2 topic pub --once ~/vocabulary std_msgs/msg/String "{data: \'door, chair\'}")')
-            return
-        self._publish(last, segmentation, vocabulary, timings, start)
-        self._health.counters.processed += 1
-        self._health.frame_succeeded()
-
-    def _relabel_last(self) -> None:
-        with self._pipe_lock:
-            last, vocabulary, pipeline = self._last, self._vocabulary, self._pipeline
-            if last is None or vocabulary is None or pipeline is None or not self._wanted_outputs():
-                return
-            start = time.monotonic()
-            segmentation = pipeline.label(last.features, vocabulary)
-            calls = pipeline.image_encoder_calls
-        self._publish(last, segmentation, vocabulary, {}, start)
-        self._health.counters.relabelled += 1
-        self.get_logger().info(f'relabelled the last frame with {vocabulary.num_classes} classes, no image '
-                               f'encoder run (image_encoder_calls={calls})')
-
-    def _publish(self, last: LastFrame, seg: Segmentation, vocabulary: Vocabulary,
-                 timings: dict[str, float], start: float) -> None:
-        published = time.monotonic()
-        header = last.header
-        depth = self._depth
-        frame_3d = depth.compute(header, seg) if depth is not None else None
-        depth_seconds = time.monotonic() - published  # 3D statistics, plus ~/points etc. below
-        messages = segmentation_messages(seg, last, vocabulary.num_classes, self._wanted_outputs(), frame_3d)
-        with self._io_lock:
-            for name, msg in messages.items():
-                if name in self._outputs:
-                    self._outputs[name].publish(msg)
-            if frame_3d is not None and depth is self._depth:
-                depth_seconds += depth.publish(frame_3d, seg, vocabulary.first_names, header)
-        now = time.monotonic()
-        self._health.frame_published(header.frame_id, f'{header.stamp.sec}.{header.stamp.nanosec:09d}',
-                                     {**timings, **seg.timings, 'publish': now - published, 'total': now - start,
-                                      **({'depth_3d': depth_seconds} if depth is not None else {})})
+        if self._vocabulary_topics is not None:
+            self._vocabulary_topics.destroy()
+            self._vocabulary_topics = None
 
     # ------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:
@@ -433,9 +330,10 @@ class TridentNode(LifecycleNode):
 
     def diagnostic_status(self) -> DiagnosticStatus:
         """The node's health: OK, WARN (recent bad input, no vocabulary, not active) or ERROR."""
-        vocabulary, pending = self._vocabulary, self._encoder.pending()
-        values = {**pipeline_values(self._pipeline, vocabulary, pending), 'image_decoder': conversions.IMAGE_BACKEND,
-                  **depth_values(self._depth_counts)}
+        now, pending = self._now, self._encoder.pending()
+        vocabulary = now.vocabulary
+        values = {**pipeline_values(now.pipeline, vocabulary, pending), 'image_decoder': conversions.IMAGE_BACKEND,
+                  **depth_values(self._frames.depth_counts)}
         return self._health.status(f'{self.get_fully_qualified_name()}: segmentation', self._state, values,
                                    idle_reason(self._state, vocabulary, pending))
 
@@ -443,6 +341,6 @@ class TridentNode(LifecycleNode):
     def stop_worker(self, timeout: float) -> bool:
         """Ask the frame worker and the vocabulary thread to stop; True if both ended within ``timeout`` s."""
         deadline = time.monotonic() + timeout
-        worker_stopped = self._worker.stop(timeout)
+        worker_stopped = self._frames.worker.stop(timeout)
         return self._encoder.stop(max(0.0, deadline - time.monotonic())) and worker_stopped
 

@@ -1,16 +1,20 @@
-"""The trident node's parameters: names, defaults, descriptors (ranges, choices) and checks.
+"""The trident node's parameters: dotted names, defaults, descriptors (ranges, choices), checks, the given ones.
 
-Every field of :class:`TridentConfig` is a parameter, plus the node's own (:data:`NODE_PARAMETERS`).
-Numeric parameters carry a ``FloatingPointRange``/``IntegerRange`` (``ros2 param describe`` shows
-it, rclpy enforces it), string parameters with a fixed set of values name them in
-``additional_constraints``. :class:`TridentConfig.validate` stays the authority on combinations
-(e.g. ``slide_stride <= slide_crop``); the ranges are its per-field limits, stated the ROS way.
+Every field of :class:`TridentConfig` is a parameter under its dotted name (``labelling.prob_thd``,
+``resclip.rcs_lambda``: nested YAML maps to these), plus the node's own (:data:`NODE_PARAMETERS`, the
+``depth.*`` section among them). Numeric parameters carry a ``FloatingPointRange``/``IntegerRange``
+(``ros2 param describe`` shows it, rclpy enforces it), string parameters with a fixed set of values name
+them in ``additional_constraints``. :meth:`TridentConfig.validate` stays the authority on combinations
+(e.g. ``windows.slide_stride <= windows.slide_crop``), the loaded models on crops (their patch sizes).
+
+A config field is *given* when it was overridden at start (``-p``, a parameters file) or set later by a
+user; the method's authors' preset fills in the others at configure (:meth:`TridentConfig.from_mapping`),
+and the node writes the values that run back into the parameters.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -19,15 +23,26 @@ from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValu
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from trident_ros.config import METHODS, MODEL_SCALES, SAM_MODELS, TridentConfig
-from trident_ros.methods.presets import METHOD_PRESETS
-from trident_ros.pipeline import MODEL_FIELDS
+from trident_ros import methods
+from trident_ros.config import MODEL_FIELDS, SAM_MODELS, ConfigError, TridentConfig
+from trident_ros.pipeline import TridentPipeline
 from trident_ros.vocabulary import parse_vocabulary
 
-CONFIG_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TridentConfig)}
+CONFIG_SPECS = TridentConfig.field_specs()
+"""Dotted config name -> its :class:`~trident_ros.config.FieldSpec` (plain default, type, help)."""
 IMAGE_TRANSPORTS = ('raw', 'compressed')
 IMAGE_QOS = ('sensor_data', 'reliable')
 OUTPUTS = ('segmentation', 'labels', 'confidence', 'masks')
+DEPTH_PARAMETERS: dict[str, tuple[Any, str]] = {
+    'depth.use': (False, 'subscribe depth (registered to the colour image, 16UC1 or 32FC1) and depth/camera_info; '
+                         'publish the labelled organized cloud ~/points, 3D per ClassMask and ~/detections_3d'),
+    'depth.scale': (0.001, 'metres per unit of a 16UC1 depth image (mm: 0.001)'),
+    'depth.min': (0.0, 'nearer depth (metres) is no point'),
+    'depth.max': (20.0, 'farther depth (metres) is no point'),
+    'depth.sync_slop': (0.1, 'largest stamp difference (s) between an image and its depth; an image without one '
+                             'is 2D only'),
+    'depth.exact_sync': (False, 'the depth stamp must equal the image stamp'),
+}
 NODE_PARAMETERS: dict[str, tuple[Any, str]] = {
     'vocabulary': ('', 'classes separated by ",", synonyms of one class by ";" (e.g. "sofa; couch, door"); '
                        'empty: none yet (frames are encoded, nothing is labelled until one arrives)'),
@@ -41,64 +56,65 @@ NODE_PARAMETERS: dict[str, tuple[Any, str]] = {
     'publish_labels': (True, 'publish ~/labels (mono8, mono16 past 255 classes; 0 = unlabeled)'),
     'publish_confidence': (True, 'publish ~/confidence (mono8, probability * 255)'),
     'publish_masks': (True, 'publish ~/masks (trident_ros/ClassMaskArray)'),
+    **{name: (default, f'{text} [changes the depth subscriptions at once]')
+       for name, (default, text) in DEPTH_PARAMETERS.items()},
 }
+DEPTH_FIELDS = frozenset(DEPTH_PARAMETERS)
+"""The depth parameters: the depth subscriptions are made again when one changes (nothing is relabelled)."""
 INT64_MAX = 2**63 - 1
-PATCH = 16  # crops must be whole patches of the ViT-B/16 encoders
-MAX_CROP = 4096 * PATCH
+MAX_CROP = 65536  # crops are checked against the loaded models' patch sizes, not a step here
 RANGES: dict[str, tuple[float, float, float]] = {
-    # name: (from, to, step); step 0: any value in between
-    'input_short_side': (0, INT64_MAX, 1),
-    'max_long_side': (1, INT64_MAX, 1),
-    'slide_crop': (PATCH, MAX_CROP, PATCH),
-    'slide_stride': (1, MAX_CROP, 1),
-    'clip_slide_crop': (PATCH, MAX_CROP, PATCH),
-    'clip_slide_stride': (1, MAX_CROP, 1),
-    'aggregation_chunk': (1, INT64_MAX, 1),
-    'minimal_area': (1, INT64_MAX, 1),
-    'text_cache_size': (1, INT64_MAX, 1),
-    'max_classes': (1, INT64_MAX, 1),
+    # dotted name: (from, to, step); step 0: any value in between
+    'windows.input_short_side': (0, INT64_MAX, 1),
+    'windows.max_long_side': (1, INT64_MAX, 1),
+    'windows.slide_crop': (1, MAX_CROP, 1),
+    'windows.slide_stride': (1, MAX_CROP, 1),
+    'windows.clip_slide_crop': (1, MAX_CROP, 1),
+    'windows.clip_slide_stride': (1, MAX_CROP, 1),
+    'windows.reuse_threshold': (0.0, 255.0, 0.0),
+    'labelling.text_cache_size': (1, INT64_MAX, 1),
+    'labelling.max_classes': (1, INT64_MAX, 1),
+    'labelling.logit_scale': (0.0, math.inf, 0.0),
+    'labelling.prob_thd': (0.0, 1.0, 0.0),
+    'labelling.area_thd': (0.0, 1.0, 0.0),
+    'refinement.coarse_thresh': (0.0, 1.0, 0.0),
+    'refinement.minimal_area': (1, INT64_MAX, 1),
+    'refinement.sam_iou_thresh': (-math.inf, math.inf, 0.0),  # SAM's predicted IoU is unbounded; validate: finite
+    'refinement.sam_mask_coff': (0.0, math.inf, 0.0),
+    'trident.beta': (0.0, math.inf, 0.0),
+    'trident.gamma': (0.0, math.inf, 0.0),  # > 0: TridentConfig.validate refuses 0 itself
+    'trident.cos_fac': (0.0, math.inf, 0.0),
+    'trident.aggregation_chunk': (1, INT64_MAX, 1),
+    'proxy.beta': (0.0, math.inf, 0.0),
+    'proxy.gamma': (0.0, math.inf, 0.0),
+    'cliptrase.eps': (0.0, math.inf, 0.0),
+    'cliptrase.min_samples': (0, INT64_MAX, 1),
+    'resclip.rcs_lambda': (0.0, 1.0, 0.0),
+    'resclip.sfr_tau': (0.0, math.inf, 0.0),  # > 0: TridentConfig.validate refuses 0 itself
+    'resclip.sfr_lambda': (0.0, 1.0, 0.0),
+    'resclip.temp_thd': (0.0, 1.0, 0.0),
     'max_input_pixels': (1, INT64_MAX, 1),
-    'beta': (0.0, math.inf, 0.0),
-    'gamma': (0.0, math.inf, 0.0),  # > 0: TridentConfig.validate refuses 0 itself
-    'cos_fac': (0.0, math.inf, 0.0),
-    'logit_scale': (0.0, math.inf, 0.0),
-    'reuse_threshold': (0.0, 255.0, 0.0),
-    'prob_thd': (0.0, 1.0, 0.0),
-    'coarse_thresh': (0.0, 1.0, 0.0),
-    'sam_iou_thresh': (-math.inf, math.inf, 0.0),  # SAM's predicted IoU is unbounded; validate wants it finite
-    'sam_mask_coff': (0.0, math.inf, 0.0),
-    'area_thd': (0.0, 1.0, 0.0),
-    'cliptrase_eps': (0.0, math.inf, 0.0),
-    'cliptrase_min_samples': (0, INT64_MAX, 1),
-    'resclip_rcs_lambda': (0.0, 1.0, 0.0),
-    'resclip_sfr_tau': (0.0, math.inf, 0.0),  # > 0: TridentConfig.validate refuses 0 itself
-    'resclip_sfr_lambda': (0.0, 1.0, 0.0),
-    'resclip_temp_thd': (0.0, 1.0, 0.0),
-    'depth_scale': (0.0, math.inf, 0.0),  # > 0: TridentConfig.validate refuses 0 itself
-    'min_depth': (0.0, math.inf, 0.0),
-    'max_depth': (0.0, math.inf, 0.0),
-    'sync_slop': (0.0, math.inf, 0.0),
+    'depth.scale': (0.0, math.inf, 0.0),  # > 0: checked here
+    'depth.min': (0.0, math.inf, 0.0),
+    'depth.max': (0.0, math.inf, 0.0),
+    'depth.sync_slop': (0.0, math.inf, 0.0),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
-    'method': METHODS,
-    'sam_model': SAM_MODELS,
-    'model_scale': MODEL_SCALES,
-    'device': ('auto', 'cpu', 'cuda', 'cuda:N'),
+    'method': tuple(methods.names()),
+    'models.sam_model': SAM_MODELS,
+    'models.model_scale': ('full', 'tiny'),
+    'models.device': ('auto', 'cpu', 'cuda', 'cuda:N'),
     'image_transport': IMAGE_TRANSPORTS,
     'image_qos': IMAGE_QOS,
 }
 
 
 def parameter_defaults() -> dict[str, tuple[Any, str]]:
-    """Every parameter of the node: name -> (default, description)."""
-    defaults = TridentConfig()
+    """Every parameter of the node: dotted name -> (plain default, description)."""
     parameters = {}
-    for name in CONFIG_FIELDS:
+    for name, spec in CONFIG_SPECS.items():
         note = ' [takes effect at the next configure]' if name in MODEL_FIELDS else ' [applies at once]'
-        presets = [f'{method}: {preset[name]}' for method, preset in METHOD_PRESETS.items() if name in preset]
-        if presets:  # what each method's preset makes of the field while it stays at this default
-            note += f' [left at this default, the method\'s preset applies: {", ".join(presets)}]'
-        parameters[name] = (getattr(defaults, name), TridentConfig.describe(name) + note)
+        parameters[name] = (spec.default, f'{spec.help}{note} [not given: the method\'s preset, if it has one]')
     parameters.update(NODE_PARAMETERS)
     return parameters
 
@@ -127,8 +143,8 @@ def descriptor(name: str, description: str, dynamic_typing: bool = False) -> Par
     return result
 
 
-def check_node_parameters(changes: Mapping[str, Any]) -> None:
-    """Check the node's own parameters (and the CUDA device) among ``changes``.
+def check_node_parameters(values: Mapping[str, Any], changes: Mapping[str, Any]) -> None:
+    """Check the node's own parameters among ``changes`` to ``values`` (and the CUDA device).
 
     Raises:
         ValueError: naming the parameter and the reason.
@@ -138,49 +154,87 @@ def check_node_parameters(changes: Mapping[str, Any]) -> None:
                          f'must be one of {", ".join(IMAGE_TRANSPORTS)}')
     if changes.get('image_qos', 'reliable') not in IMAGE_QOS:
         raise ValueError(f'image_qos={changes["image_qos"]!r}: must be one of {", ".join(IMAGE_QOS)}')
-    device = changes.get('device', 'cpu')
+    depth = {**{name: values[name] for name in DEPTH_FIELDS if name in values},
+             **{name: value for name, value in changes.items() if name in DEPTH_FIELDS}}
+    if 'depth.scale' in changes and not depth['depth.scale'] > 0:
+        raise ValueError(f'depth.scale={depth["depth.scale"]!r}: must be > 0')
+    if changes.keys() & {'depth.min', 'depth.max'} and not depth['depth.min'] < depth['depth.max']:
+        raise ValueError(f'depth.min={depth["depth.min"]!r}, depth.max={depth["depth.max"]!r}: needs '
+                         'depth.min < depth.max')
+    device = changes.get('models.device', 'cpu')
     if isinstance(device, str) and device.startswith('cuda'):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = int(device[5:]) if device[5:].isdigit() else 0
         if index >= count:
-            raise ValueError(f'device={device!r}: this machine has {count} CUDA device(s)')
+            raise ValueError(f'models.device={device!r}: this machine has {count} CUDA device(s)')
 
 
-def check_changes(values: Mapping[str, Any], changes: Mapping[str, Any]) -> None:
-    """Check a batch of parameter ``changes`` to the node's ``values`` (cheap checks only: nothing is encoded).
+def check_crop(pipeline: TridentPipeline, config: TridentConfig) -> None:
+    """Raise ConfigError unless ``config``'s crop fits the loaded models' patch sizes (as configure checks)."""
+    name = pipeline.method.crop_field
+    crop = config.flat().get(name) if name else None
+    if crop is not None and crop % pipeline.crop_multiple:
+        raise ConfigError(f'{name}={crop}: must be a multiple of {pipeline.crop_multiple}, the patch size of the '
+                          'loaded models')
+
+
+def check_changes(values: Mapping[str, Any], given: Collection[str], running: TridentConfig | None,
+                  pipeline: TridentPipeline | None, changes: Mapping[str, Any]) -> None:
+    """Check a batch of parameter ``changes`` (cheap checks only: nothing is encoded).
+
+    Args:
+        values: the node's parameter values as applied.
+        given: the config names given so far.
+        running: the configuration that runs (None: unconfigured).
+        pipeline: the loaded models (None: unconfigured).
+        changes: parameter name -> new value.
 
     Raises:
         ConfigError: the config fields do not make a valid :class:`TridentConfig` together.
         ValueError: a node parameter (or the CUDA device) is unusable.
-        VocabularyError: ``vocabulary`` cannot be parsed (or has more than ``max_classes`` classes).
+        VocabularyError: ``vocabulary`` cannot be parsed (or has more than ``labelling.max_classes`` classes).
     """
-    config = config_from_values({**values, **changes})
-    check_node_parameters(changes)
+    config_changes = {name: value for name, value in changes.items() if name in CONFIG_SPECS}
+    if running is None:
+        config = config_from_values(values, {*given, *config_changes}, config_changes)
+    else:
+        config = running.replace(config_changes)
+        if pipeline is not None and 'method' not in config_changes:
+            check_crop(pipeline, config)
+    check_node_parameters(values, changes)
     if 'vocabulary' in changes:
-        parse_vocabulary(changes['vocabulary'], max_classes=config.max_classes)
+        parse_vocabulary(changes['vocabulary'], max_classes=config.labelling.max_classes)
 
 
-def config_from_values(values: Mapping[str, Any]) -> TridentConfig:
-    """The :class:`TridentConfig` of the config fields among ``values``; raises ``ConfigError``.
+def config_from_values(values: Mapping[str, Any], given: Collection[str],
+                       changes: Mapping[str, Any] | None = None) -> TridentConfig:
+    """The :class:`TridentConfig` of the ``given`` config names among ``values`` (and ``changes``).
 
-    A field left at its plain default counts as not set: the method's preset applies to it
-    (:func:`.presets.with_presets`, as for a YAML file that does not name the field).
+    The method's preset fills in every name not given (:meth:`TridentConfig.from_mapping`); a given value
+    equal to a plain default is kept. Raises ``ConfigError``.
     """
-    defaults = TridentConfig()
-    given = {name: value for name, value in values.items()
-             if name in CONFIG_FIELDS and (name == 'method' or value != getattr(defaults, name))}
-    return TridentConfig.from_dict(given)
+    merged = {**values, **(changes or {})}
+    return TridentConfig.from_mapping({name: merged[name] for name in given if name in CONFIG_SPECS})
 
 
-def declare_parameters(node: Node) -> dict[str, str]:
-    """Declare every parameter on ``node``; returns parameter -> why its start value is unusable.
+def declare_parameters(node: Node) -> tuple[dict[str, str], set[str]]:
+    """Declare every parameter on ``node``.
+
+    Returns:
+        Parameter -> why its start value is unusable, and the config names overridden at start (given).
 
     An override of the wrong type (e.g. ``big`` for an int) or out of range must not kill the
     process: the parameter is declared anyway and configure refuses with the reason until it is
-    set again. An integer for a float (``40`` in YAML) is fine.
+    set again. An integer for a float (``40`` in YAML) is fine. Whether a start value was given is
+    asked of rclpy by declaring the parameter once without a default (the override, or nothing).
     """
-    bad_overrides = {}
+    bad_overrides, given = {}, set()
     for name, (default, description) in parameter_defaults().items():
+        if name in CONFIG_SPECS:
+            start = node.declare_parameter(name, None, ParameterDescriptor(dynamic_typing=True)).value
+            node.undeclare_parameter(name)
+            if start is not None:
+                given.add(name)
         try:
             node.declare_parameter(name, default, descriptor(name, description))
         except InvalidParameterTypeException as error:
@@ -191,15 +245,18 @@ def declare_parameters(node: Node) -> dict[str, str]:
         except InvalidParameterValueException as error:
             node.declare_parameter(name, default, descriptor(name, description), ignore_override=True)
             bad_overrides[name] = str(error)
-    return bad_overrides
+    return bad_overrides, given
 
 
 def coerce_parameters(parameters: list[Parameter]) -> list[Parameter]:
-    """``ros2 param set /trident logit_scale 50``: an integer for a float parameter becomes a float."""
+    """``ros2 param set /trident labelling.logit_scale 50``: an integer for a float parameter becomes a float."""
     out = []
     for param in parameters:
-        field = CONFIG_FIELDS.get(param.name)
-        if field is not None and isinstance(field.default, float) and param.type_ == Parameter.Type.INTEGER:
+        if isinstance(DEFAULTS.get(param.name), float) and param.type_ == Parameter.Type.INTEGER:
             param = Parameter(param.name, Parameter.Type.DOUBLE, float(param.value))
         out.append(param)
     return out
+
+
+DEFAULTS: dict[str, Any] = {name: default for name, (default, _) in parameter_defaults().items()}
+"""Parameter name -> plain default."""

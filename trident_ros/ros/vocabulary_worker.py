@@ -116,7 +116,7 @@ class VocabularyEncoder:
                 self._on_ready(request, vocabulary)
 
     def _encode(self, request: VocabularyRequest) -> Vocabulary:
-        parsed = parse_vocabulary(request.text, max_classes=request.pipeline.config.max_classes)
+        parsed = parse_vocabulary(request.text, max_classes=request.pipeline.config.labelling.max_classes)
         request.names_total = sum(len(names) for names in parsed.classes)
 
         def progress(done: int, total: int) -> None:
