@@ -191,8 +191,8 @@ def test_cli_fetches_hub_files_through_huggingface_hub_into_weights_dir(server, 
     assert result.returncode == 0, result.stderr
     assert (folder / 'vit_base_patch16_clip_224.openai.safetensors').read_bytes() == clip
     assert (folder / 'vit_base_patch8_224.dino.safetensors').read_bytes() == dino
-    assert sorted(p.name for p in folder.iterdir()) == ['vit_base_patch8_224.dino.safetensors',
-                                                        'vit_base_patch16_clip_224.openai.safetensors']
+    assert sorted(p.name for p in folder.iterdir()) == ['vit_base_patch16_clip_224.openai.safetensors',
+                                                        'vit_base_patch8_224.dino.safetensors']
     assert [(method, range_) for method, path, range_, _ in server.requests if path == clip_path] == [
         ('HEAD', None), ('GET', None)]
     assert [(method, range_, sent) for method, path, range_, sent in server.requests if path == dino_path] == [
