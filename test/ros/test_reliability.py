@@ -352,6 +352,9 @@ def test_invalid_runtime_parameters_are_refused_and_the_old_values_stay(active, 
     result = client.set_parameters(NODE, {'labelling.prob_thd': 0.5, 'windows.slide_stride': 999}, atomically=True)[0]
     assert not result.successful and client.get_parameters(NODE, ['labelling.prob_thd']) == {'labelling.prob_thd': 0.2}
     assert 'parameter change refused: models.device=' in active.output()
+    assert client.set_parameters(NODE, {'labelling.logit_scale': 41})[0].successful  # an int for a float is fine
+    assert client.get_parameters(NODE, ['labelling.logit_scale']) == {'labelling.logit_scale': 41.0}
+    assert client.set_parameters(NODE, {'labelling.logit_scale': 40.0})[0].successful
     send_until_outputs(cameras['reliable'], raw(SMALL), outputs, ('labels',))  # still segmenting, old values
 
 
