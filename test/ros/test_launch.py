@@ -34,6 +34,7 @@ from ros_helpers import (
 from sensor_msgs.msg import Image
 from trident_ros.msg import VocabularyInfo
 
+from trident_ros import methods
 from trident_ros.config import TridentConfig
 from trident_ros.ros import node_starter
 from trident_ros.ros.launch_plan import arguments, plan_launch
@@ -104,13 +105,24 @@ def test_launch_file_turns_the_plan_into_environment_nodes_and_one_autostart(mon
 
 
 def test_yaml_has_every_parameter_with_reference_defaults_and_a_comment():
+    """Every parameter is in the file with its default; those a method's preset sets are there commented out
+    (given, they would be kept for every method), so the file's `method` runs as its authors run it.
+    """
     parameters = yaml_parameters()
-    assert set(parameters) == set(CONFIG_SPECS) | set(NODE_PARAMETERS)
-    for name, spec in CONFIG_SPECS.items():
-        assert parameters[name] == spec.default, name
+    preset_names = {name for method in methods.names() for name in methods.get(method).preset}
+    assert preset_names and set(parameters) == (set(CONFIG_SPECS) - preset_names) | set(NODE_PARAMETERS)
+    for name in parameters.keys() & CONFIG_SPECS.keys():
+        assert parameters[name] == CONFIG_SPECS[name].default, name
     assert TridentConfig.from_yaml(CONFIG_FILE).flat() == TridentConfig.from_mapping({}).flat()
+    naclip = TridentConfig.from_yaml(CONFIG_FILE, {'method': 'naclip'})
+    assert naclip.flat() == TridentConfig.from_mapping({'method': 'naclip'}).flat()  # its preset applies
     parse_vocabulary(parameters['vocabulary'])  # the default vocabulary is valid
     lines = CONFIG_FILE.read_text().splitlines()
+    for name in sorted(preset_names):
+        section, _, leaf = name.rpartition('.')
+        start = next(i for i, line in enumerate(lines) if re.match(rf'\s+(# )?{section}:', line))
+        default = yaml.safe_dump(CONFIG_SPECS[name].default).removesuffix('\n...\n').strip()
+        assert any(re.match(rf'\s+# {leaf}: {re.escape(default)}\s', line + ' ') for line in lines[start:]), name
     for name in parameters:
         section, _, leaf = name.rpartition('.')
         start = next(i for i, line in enumerate(lines) if re.match(rf'\s+{section}:', line)) if section else 0

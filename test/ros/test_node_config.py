@@ -17,18 +17,19 @@ from trident_ros.ros.parameters import CONFIG_SPECS
 from trident_ros.tools import segment
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
-PARAMETERS = {'/**': {'ros__parameters': {
-    'models': {'random_weights': True, 'model_scale': 'tiny', 'device': 'cpu'},
-    'labelling': {'prob_thd': 0.2},  # given at its default: kept, though naclip's preset says 0.0
-    'depth': {'use': False},  # the node's own: the CLI skips it
-    'vocabulary': 'floor, wall',
-}}}
 
 
 @pytest.fixture(scope='module')
 def params_file(tmp_path_factory):
+    """The shipped config/trident.yaml with tiny random-weight models and ``labelling.prob_thd`` given at its
+    default (kept, though naclip's preset says 0.0); its ``depth`` section is the node's own (the CLI skips it).
+    """
+    shipped = yaml.safe_load((ros_helpers.ROOT / 'config' / 'trident.yaml').read_text())
+    [parameters] = [node['ros__parameters'] for node in shipped.values()]
+    parameters['models'].update(random_weights=True, model_scale='tiny', device='cpu')
+    parameters['labelling']['prob_thd'] = 0.2
     path = tmp_path_factory.mktemp('config') / 'params.yaml'
-    path.write_text(yaml.safe_dump(PARAMETERS))
+    path.write_text(yaml.safe_dump({'/**': {'ros__parameters': parameters}}))
     return path
 
 
