@@ -73,8 +73,8 @@ def test_given_arguments_become_typed_overrides_remaps_namespace_and_log_level()
     [trident] = plan.nodes
     assert not plan.autostart
     # strings stay strings ('7' too), the true/false arguments become booleans
-    assert trident.parameters == {'vocabulary': '7', 'device': 'cpu', 'model_scale': 'tiny', 'random_weights': True,
-                                  'use_depth': False}
+    assert trident.parameters == {'vocabulary': '7', 'models.device': 'cpu', 'models.model_scale': 'tiny',
+                                  'models.random_weights': True, 'depth.use': False}  # the node's dotted names
     assert trident.parameter_files == ('/my.yaml',) and trident.log_level == 'warn'
     assert trident.full_name == '/robot1/trident'
     assert dict(trident.remappings) == {'image': '/cam/rgb/', 'image/compressed': '/cam/rgb/compressed',
@@ -134,7 +134,7 @@ def test_command_line_starts_the_installed_executable_with_name_namespace_files_
     pairs = list(zip(command[2::2], command[3::2], strict=True))  # everything after --ros-args is (flag, value)
     assert ('-r', '__ns:=/robot1') in pairs
     assert ('--params-file', str(ROOT / 'config' / 'trident.yaml')) in pairs
-    assert ('-p', 'vocabulary:="1, 2"') in pairs and ('-p', 'random_weights:=true') in pairs
+    assert ('-p', 'vocabulary:="1, 2"') in pairs and ('-p', 'models.random_weights:=true') in pairs
     # overrides after the file: rcl applies them in order, so they win
     assert pairs.index(('-p', 'vocabulary:="1, 2"')) > pairs.index(('--params-file', trident.parameter_files[0]))
     assert ('-r', 'image:=/camera/image_raw') in pairs
