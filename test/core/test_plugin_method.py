@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -23,9 +24,18 @@ TINY = {'models': {'model_scale': 'tiny', 'random_weights': True, 'device': 'cpu
 
 
 @pytest.fixture(scope='module')
-def plugin() -> None:
+def plugin() -> Iterator[None]:
+    """``plugin_test`` registered in this process for this module's tests, and gone after them (the tests after
+    these, in-process nodes among them, see the built-in methods only).
+    """
+    registry = dict(methods._REGISTRY)
     sys.path.insert(0, str(HERE))
     import plugin_method  # noqa: F401 (registers plugin_test)
+    yield
+    methods._REGISTRY.clear()
+    methods._REGISTRY.update(registry)
+    sys.modules.pop('plugin_method', None)
+    sys.path.remove(str(HERE))
 
 
 def test_a_registered_method_runs_through_the_pipeline_with_its_own_section(plugin):

@@ -13,7 +13,7 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 
 from trident_ros import methods
-from trident_ros.ros.parameters import CONFIG_SPECS
+from trident_ros.ros.parameters import config_specs
 from trident_ros.tools import segment
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
@@ -50,7 +50,7 @@ def node(params_file):
 
 
 def parameters(node) -> dict:
-    return {param.name: param.value for param in node.get_parameters(list(CONFIG_SPECS))}
+    return {param.name: param.value for param in node.get_parameters(list(config_specs()))}
 
 
 def cli_config(params_file, method: str, capsys) -> dict:

@@ -114,7 +114,7 @@ def test_colcon_build_from_scratch(tmp_path):
     prefix = tmp_path / 'install' / 'trident_ros'
     site = next(prefix.glob('lib/python3*/site-packages/trident_ros'))
     assert (site / 'msg' / '_class_mask_array.py').is_file()
-    assert (site / 'pipeline.py').is_file() and (site / 'node.py').is_file()
+    assert (site / 'pipeline.py').is_file() and (site / 'ros' / 'node.py').is_file() and (site / 'methods').is_dir()
     assert 'extend_path' in (site / '__init__.py').read_text()  # ours, not rosidl's empty one
     for executable in ('trident_node', 'fake_camera'):
         assert os.access(prefix / 'lib' / 'trident_ros' / executable, os.X_OK)

@@ -37,10 +37,10 @@ from trident_ros.ros.compat import PRE_POST_SET_CALLBACKS, add_parameter_callbac
 from trident_ros.ros.frame_io import FramePath, Snapshot
 from trident_ros.ros.health import NodeHealth, depth_values, idle_reason, message_kind, pipeline_values
 from trident_ros.ros.parameters import (
-    CONFIG_SPECS,
     check_changes,
     coerce_parameters,
     config_from_values,
+    config_specs,
     declare_parameters,
     parameter_defaults,
 )
@@ -60,6 +60,7 @@ class TridentNode(LifecycleNode):
     def __init__(self, pre_post_set_callbacks: bool = PRE_POST_SET_CALLBACKS, **kwargs: Any) -> None:
         super().__init__('trident', **kwargs)
         # parameter -> why its start value is unusable; the config names given (at start, or set by a user since)
+        self._specs = config_specs()  # the config's dotted names declared here (plug-ins registered by now)
         self._bad_overrides, self._given = declare_parameters(self)
         self._writing_back = False  # the node itself writes the values that run into the parameters
         # as applied; read from here, not get_parameter: on Humble they are applied before rclpy stores them
@@ -126,8 +127,8 @@ class TridentNode(LifecycleNode):
         self._update(values=MappingProxyType(values))
         if self._writing_back:
             return
-        self._given |= {param.name for param in parameters if param.name in CONFIG_SPECS}
-        live = sorted(name for name in changed & CONFIG_SPECS.keys() if name not in MODEL_FIELDS)
+        self._given |= {param.name for param in parameters if param.name in self._specs}
+        live = sorted(name for name in changed & self._specs.keys() if name not in MODEL_FIELDS)
         reload = sorted(name for name in changed if name in MODEL_FIELDS)
         if live and self._now.config is not None:  # the running configuration: no reload field, no preset
             self._update(config=self._now.config.replace({name: values[name] for name in live}))
@@ -244,7 +245,8 @@ class TridentNode(LifecycleNode):
     def _write_back(self, config: TridentConfig) -> None:
         """Make the parameters show what runs (the preset's values of names not given): not given by this."""
         values = self._now.values
-        differ = [Parameter(name, value=value) for name, value in config.flat().items() if values[name] != value]
+        differ = [Parameter(name, value=value) for name, value in config.flat().items()
+                  if name in values and values[name] != value]
         if not differ:
             return
         self._writing_back = True

@@ -28,8 +28,14 @@ from trident_ros.config import MODEL_FIELDS, SAM_MODELS, ConfigError, TridentCon
 from trident_ros.pipeline import TridentPipeline
 from trident_ros.vocabulary import parse_vocabulary
 
-CONFIG_SPECS = TridentConfig.field_specs()
-"""Dotted config name -> its :class:`~trident_ros.config.FieldSpec` (plain default, type, help)."""
+
+def config_specs() -> dict[str, Any]:
+    """Dotted config name -> its :class:`~trident_ros.config.FieldSpec` (plain default, type, help), for the
+    methods registered now (a plug-in registered later brings its section to nodes made after it).
+    """
+    return TridentConfig.field_specs()
+
+
 IMAGE_TRANSPORTS = ('raw', 'compressed')
 IMAGE_QOS = ('sensor_data', 'reliable')
 OUTPUTS = ('segmentation', 'labels', 'confidence', 'masks')
@@ -112,7 +118,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 def parameter_defaults() -> dict[str, tuple[Any, str]]:
     """Every parameter of the node: dotted name -> (plain default, description)."""
     parameters = {}
-    for name, spec in CONFIG_SPECS.items():
+    for name, spec in config_specs().items():
         note = ' [takes effect at the next configure]' if name in MODEL_FIELDS else ' [applies at once]'
         parameters[name] = (spec.default, f'{spec.help}{note} [not given: the method\'s preset, if it has one]')
     parameters.update(NODE_PARAMETERS)
@@ -194,7 +200,7 @@ def check_changes(values: Mapping[str, Any], given: Collection[str], running: Tr
         ValueError: a node parameter (or the CUDA device) is unusable.
         VocabularyError: ``vocabulary`` cannot be parsed (or has more than ``labelling.max_classes`` classes).
     """
-    config_changes = {name: value for name, value in changes.items() if name in CONFIG_SPECS}
+    config_changes = {name: value for name, value in changes.items() if name in config_specs()}
     if running is None:
         config = config_from_values(values, {*given, *config_changes}, config_changes)
     else:
@@ -214,7 +220,7 @@ def config_from_values(values: Mapping[str, Any], given: Collection[str],
     equal to a plain default is kept. Raises ``ConfigError``.
     """
     merged = {**values, **(changes or {})}
-    return TridentConfig.from_mapping({name: merged[name] for name in given if name in CONFIG_SPECS})
+    return TridentConfig.from_mapping({name: merged[name] for name in given if name in config_specs()})
 
 
 def declare_parameters(node: Node) -> tuple[dict[str, str], set[str]]:
@@ -230,7 +236,7 @@ def declare_parameters(node: Node) -> tuple[dict[str, str], set[str]]:
     """
     bad_overrides, given = {}, set()
     for name, (default, description) in parameter_defaults().items():
-        if name in CONFIG_SPECS:
+        if name in config_specs():
             start = node.declare_parameter(name, None, ParameterDescriptor(dynamic_typing=True)).value
             node.undeclare_parameter(name)
             if start is not None:
