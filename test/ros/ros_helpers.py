@@ -17,7 +17,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +259,35 @@ class TestNode:
         self.node.destroy_node()
         self.context.try_shutdown()
         self._thread.join(2.0)
+
+
+@contextlib.contextmanager
+def running(client: TestNode, process: RosProcess, node: str = '/trident') -> Iterator[RosProcess]:
+    """``process`` once ``node`` answers its lifecycle service; stopped afterwards, exit code 0, if still running."""
+    try:
+        client.wait_for_node(node, process)
+        yield process
+    finally:
+        if process.alive():
+            assert process.stop() == 0, process.output()
+
+
+@contextlib.contextmanager
+def in_process_node(overrides: dict[str, Any] | None = None, args: Sequence[str] | None = None) -> Iterator[Any]:
+    """A ``TridentNode`` in this process on a context and domain of its own, not spun: tiny random-weight models
+    unless ``overrides`` (parameter name -> value) or a parameters file in ``args`` say otherwise; destroyed after,
+    its worker threads stopped.
+    """
+    from trident_ros.ros.node import TridentNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=fresh_domain_id(), args=args)
+    values = {} if args else {'models.random_weights': True, 'models.model_scale': 'tiny'}
+    node = TridentNode(context=context, parameter_overrides=[
+        Parameter(name, value=value) for name, value in {**values, **(overrides or {})}.items()])
+    try:
+        yield node
+    finally:
+        assert node.stop_worker(5.0)
+        node.destroy_node()
+        context.try_shutdown()

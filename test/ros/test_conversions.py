@@ -12,9 +12,9 @@ import ros_helpers  # noqa: E402  (fails with a clear message outside the projec
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
+from trident_ros.image_decoding import ImageConversionError, compressed_size, compressed_to_rgb  # noqa: E402
 from trident_ros.labelling import ClassMask  # noqa: E402
 from trident_ros.ros import conversions  # noqa: E402
-from trident_ros.ros.conversions import ImageConversionError  # noqa: E402
 
 RNG = np.random.default_rng(0)
 BIG = 10_000_000
@@ -103,17 +103,17 @@ def compressed(data: bytes, fmt: str = 'jpeg') -> CompressedImage:
 def test_png_decodes_exactly_whatever_format_says():
     rgb = rgb_image(6, 8)
     png = cv2.imencode('.png', rgb[..., ::-1])[1].tobytes()
-    np.testing.assert_array_equal(conversions.compressed_to_rgb(compressed(png, 'png'), BIG), rgb)
-    np.testing.assert_array_equal(conversions.compressed_to_rgb(compressed(png, 'jpeg'), BIG), rgb)
+    np.testing.assert_array_equal(compressed_to_rgb(compressed(png, 'png'), BIG), rgb)
+    np.testing.assert_array_equal(compressed_to_rgb(compressed(png, 'jpeg'), BIG), rgb)
 
 
 def test_grey_png_and_jpeg_decode_to_rgb():
     grey = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (8, 1))
     png = cv2.imencode('.png', grey)[1].tobytes()
-    np.testing.assert_array_equal(conversions.compressed_to_rgb(compressed(png), BIG), np.dstack([grey] * 3))
+    np.testing.assert_array_equal(compressed_to_rgb(compressed(png), BIG), np.dstack([grey] * 3))
     smooth = np.full((16, 16, 3), (200, 100, 50), np.uint8)
     jpeg = cv2.imencode('.jpg', smooth[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
-    assert np.abs(conversions.compressed_to_rgb(compressed(jpeg), BIG).astype(int) - smooth).max() <= 3
+    assert np.abs(compressed_to_rgb(compressed(jpeg), BIG).astype(int) - smooth).max() <= 3
 
 
 @pytest.mark.parametrize('data, message', [
@@ -123,13 +123,13 @@ def test_grey_png_and_jpeg_decode_to_rgb():
 ])
 def test_bad_compressed_images_are_refused(data, message):
     with pytest.raises(ImageConversionError, match=message):
-        conversions.compressed_to_rgb(compressed(data), BIG)
+        compressed_to_rgb(compressed(data), BIG)
 
 
 def test_compressed_size_limit_applies_after_decoding():
     png = cv2.imencode('.png', np.zeros((10, 10, 3), np.uint8))[1].tobytes()
     with pytest.raises(ImageConversionError, match='exceeds max_input_pixels=99'):
-        conversions.compressed_to_rgb(compressed(png), 99)
+        compressed_to_rgb(compressed(png), 99)
 
 
 @pytest.mark.parametrize('fields, reason', [
@@ -164,17 +164,17 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def test_compressed_size_is_read_from_the_header_before_decoding():
-    assert conversions.compressed_size(np.frombuffer(png_header_only(123, 45), np.uint8)) == (45, 123)
+    assert compressed_size(np.frombuffer(png_header_only(123, 45), np.uint8)) == (45, 123)
     jpeg = cv2.imencode('.jpg', np.zeros((30, 50, 3), np.uint8))[1].tobytes()
-    assert conversions.compressed_size(np.frombuffer(jpeg, np.uint8)) == (30, 50)
-    assert conversions.compressed_size(np.frombuffer(bytes(range(200)), np.uint8)) is None
+    assert compressed_size(np.frombuffer(jpeg, np.uint8)) == (30, 50)
+    assert compressed_size(np.frombuffer(bytes(range(200)), np.uint8)) is None
     # a "decompression bomb": 8000x8000 declared, no pixel data; decoding would fail with another
     # reason, so 'too_large' shows that the header alone decided
     cases = [(png_header_only(8000, 8000), 16_777_216),  # over max_input_pixels
              (png_header_only(40_000, 40_000), 10**12)]  # over Pillow's own decompression-bomb limit
     for data, max_pixels in cases:
         with pytest.raises(ImageConversionError) as refused:
-            conversions.compressed_to_rgb(compressed(data), max_pixels)
+            compressed_to_rgb(compressed(data), max_pixels)
         assert refused.value.reason == 'too_large'
 
 
@@ -183,7 +183,7 @@ def test_truncated_png_and_jpeg_are_refused():
     for extension in ('.png', '.jpg'):
         data = cv2.imencode(extension, image)[1].tobytes()
         with pytest.raises(ImageConversionError, match='could not be decoded'):
-            conversions.compressed_to_rgb(compressed(data[:len(data) // 2]), BIG)
+            compressed_to_rgb(compressed(data[:len(data) // 2]), BIG)
 
 
 def decode_mono(msg: Image, dtype: type) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ros_helpers import (BEST_EFFORT, LATCHED, RELIABLE, ROOT, RosProcess, TestNode, executable, fresh_domain_id,
-                         ros_env, wait_until)
+                         ros_env, running, wait_until)
 
 import yaml
 from builtin_interfaces.msg import Time
@@ -77,14 +77,10 @@ def node(env, client, topics, tmp_path_factory):
     process = RosProcess([executable('trident_node'), '--ros-args', '-p', 'models.random_weights:=true',
                           '-p', 'models.model_scale:=tiny', '-p', 'models.device:=cpu', '-p', 'depth.use:=true',
                           '-p', f'vocabulary:={VOCABULARY}'], env, log)
-    try:
-        client.wait_for_node(NODE, process)
+    with running(client, process, NODE):
         for transition_id in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
             assert client.change_state(NODE, transition_id), process.output()
         yield process
-    finally:
-        if process.alive():
-            assert process.stop() == 0, process.output()
         assert 'Traceback' not in process.output(), process.output()
 
 

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -161,6 +162,20 @@ def launch_env(tmp_path):
     client.close()
 
 
+def assert_demo_runs(client, labels, info, timeout: float, output: Callable[[], str]) -> None:
+    """``demo:=true`` is up: the fake camera's 640x480 frames are labelled, the YAML's vocabulary is in use, the
+    node's ``image`` is remapped to the camera topic, and every topic the RViz config shows exists.
+    """
+    found = labels.wait_for(lambda m: m.header.frame_id == 'camera' and (m.width, m.height) == (640, 480), timeout)
+    assert found is not None, output()
+    yaml_classes = ['; '.join(names) for names in parse_vocabulary(yaml_parameters()['vocabulary']).classes]
+    assert info.wait_for(lambda m: list(m.classes) == yaml_classes, 10) is not None  # the YAML is loaded
+    subscribers = client.node.get_subscriptions_info_by_topic('/camera/image_raw')
+    assert any(s.node_name == 'trident' for s in subscribers)  # `image` remapped to image_topic
+    topics = {name for name, _ in client.node.get_topic_names_and_types()}
+    assert set(rviz_topics()) <= topics, topics
+
+
 def test_demo_plan_runs_without_launch_with_the_yaml_remaps_and_stops_on_sigint(launch_env, tmp_path):
     """``demo:=true`` as node_starter runs it (what ``make demo`` uses): node and fake camera, autostarted."""
     env, client = launch_env
@@ -173,14 +188,7 @@ def test_demo_plan_runs_without_launch_with_the_yaml_remaps_and_stops_on_sigint(
         assert [p.command[0] for p in processes] == [executable('trident_node'), executable('fake_camera')]
         node_starter.autostart(processes, timeout=90)
         assert client.lifecycle_state('/trident') == 'active'
-        assert labels.wait_for(lambda m: m.header.frame_id == 'camera' and (m.width, m.height) == (640, 480),
-                               60), (tmp_path / 'nodes.log').read_text()
-        yaml_classes = ['; '.join(names) for names in parse_vocabulary(yaml_parameters()['vocabulary']).classes]
-        assert info.wait_for(lambda m: list(m.classes) == yaml_classes, 10) is not None  # the YAML is loaded
-        subscribers = client.node.get_subscriptions_info_by_topic('/camera/image_raw')
-        assert any(s.node_name == 'trident' for s in subscribers)  # `image` remapped to image_topic
-        topics = {name for name, _ in client.node.get_topic_names_and_types()}
-        assert set(rviz_topics()) <= topics, topics
+        assert_demo_runs(client, labels, info, 60, lambda: (tmp_path / 'nodes.log').read_text())
         sent = time.monotonic()
         codes = node_starter.stop(processes, timeout=10)
         elapsed = time.monotonic() - sent
@@ -252,14 +260,7 @@ def test_demo_launch_runs_with_the_yaml_remaps_and_stops_on_sigint(launch_env, t
                           'random_weights:=true', 'model_scale:=tiny'], env, tmp_path / 'launch.log')
     try:
         # autostart: nobody calls a lifecycle service, yet outputs of the fake camera's frames arrive
-        assert labels.wait_for(lambda m: m.header.frame_id == 'camera' and (m.width, m.height) == (640, 480),
-                               90), process.output()
-        yaml_classes = ['; '.join(names) for names in parse_vocabulary(yaml_parameters()['vocabulary']).classes]
-        assert info.wait_for(lambda m: list(m.classes) == yaml_classes, 10) is not None  # the YAML is loaded
-        subscribers = client.node.get_subscriptions_info_by_topic('/camera/image_raw')
-        assert any(s.node_name == 'trident' for s in subscribers)  # `image` remapped to image_topic
-        topics = {name for name, _ in client.node.get_topic_names_and_types()}
-        assert set(rviz_topics()) <= topics, topics
+        assert_demo_runs(client, labels, info, 90, process.output)
         sent = time.monotonic()
         process.signal_group(signal.SIGINT)  # what Ctrl-C in a terminal does
         code = process.popen.wait(10)

@@ -30,6 +30,7 @@ from ros_helpers import (
     executable,
     fresh_domain_id,
     ros_env,
+    running,
     wait_until,
 )
 from sensor_msgs.msg import CompressedImage, Image
@@ -93,12 +94,8 @@ def trident(env, client, outputs, cameras, tmp_path_factory):
                           '-p', f'models.weights_dir:={no_weights}', '-p', 'labelling.logit_scale:=40',
                           '-p', 'windows.slide_crop:=big'],
                          env, log)
-    try:
-        client.wait_for_node(NODE, process)
+    with running(client, process, NODE):
         yield process
-    finally:
-        if process.alive():
-            assert process.stop() == 0, process.output()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 
 # ros_helpers first: it checks the ROS 2 environment with a clear message
 from lifecycle_msgs.msg import Transition
-from ros_helpers import RELIABLE, RosProcess, executable
+from ros_helpers import RELIABLE, RosProcess, executable, running
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 from test_node import NODE, ROOM, VOCABULARY, image_msg, same_stamp, send_until_outputs, set_vocabulary_by_topic
@@ -36,12 +36,8 @@ def trident(env, client, outputs, cameras, tmp_path_factory):
     process = RosProcess([executable('trident_node'), '--ros-args', '-p', 'models.random_weights:=true',
                           '-p', 'models.model_scale:=tiny', '-p', f'vocabulary:={VOCABULARY}'],
                          {**env, SLOW_FRAME_ID_ENV: SLOW}, tmp_path_factory.mktemp('node') / 'node.log')
-    try:
-        client.wait_for_node(NODE, process)
+    with running(client, process, NODE):
         yield process
-    finally:
-        if process.alive():
-            process.stop()
 
 
 def during_a_slow_frame(process: RosProcess, camera, outputs, call: Callable[[], Any]) -> tuple[Any, float, Any]:

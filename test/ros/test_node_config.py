@@ -35,18 +35,8 @@ def params_file(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def node(params_file):
-    import rclpy
-
-    from trident_ros.ros.node import TridentNode
-
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=ros_helpers.fresh_domain_id(),
-               args=['--ros-args', '--params-file', str(params_file)])
-    trident = TridentNode(context=context)
-    yield trident
-    assert trident.stop_worker(5.0)
-    trident.destroy_node()
-    context.try_shutdown()
+    with ros_helpers.in_process_node(args=['--ros-args', '--params-file', str(params_file)]) as trident:
+        yield trident
 
 
 def parameters(node) -> dict:

@@ -27,52 +27,27 @@ def test_choices_are_stated_and_include_the_default():
 
 def test_an_invalid_qos_override_fails_activate_cleanly():
     """In-process node: ``reliability: bogus`` for an output makes activate FAIL, the node stays inactive."""
-    import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
-    from rclpy.parameter import Parameter
 
-    from trident_ros.ros.node import TridentNode
-
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=ros_helpers.fresh_domain_id())
-    node = TridentNode(context=context, parameter_overrides=[
-        Parameter('models.random_weights', value=True), Parameter('models.model_scale', value='tiny'),
-        Parameter('qos_overrides./trident/labels.publisher.reliability', value='bogus')])
-    try:
+    with ros_helpers.in_process_node({'qos_overrides./trident/labels.publisher.reliability': 'bogus'}) as node:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         assert node.trigger_activate() == TransitionCallbackReturn.FAILURE
         status = node.diagnostic_status()
         assert 'activate failed' in status.message
         assert {kv.key: kv.value for kv in status.values}['lifecycle_state'] == 'inactive'
-    finally:
-        assert node.stop_worker(5.0)
-        node.destroy_node()
-        context.try_shutdown()
 
 
 def test_an_out_of_range_start_value_is_kept_out_and_configure_says_why():
     """``-p labelling.prob_thd:=2.0``: the process starts (default kept), configure FAILS naming the parameter."""
-    import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
-    from trident_ros.ros.node import TridentNode
-
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=ros_helpers.fresh_domain_id())
-    node = TridentNode(context=context, parameter_overrides=[
-        Parameter('models.random_weights', value=True), Parameter('models.model_scale', value='tiny'),
-        Parameter('labelling.prob_thd', value=2.0)])
-    try:
+    with ros_helpers.in_process_node({'labelling.prob_thd': 2.0}) as node:
         assert node.get_parameter('labelling.prob_thd').value == 0.2
         assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
         assert 'labelling.prob_thd' in node.diagnostic_status().message
         assert node.set_parameters([Parameter('labelling.prob_thd', value=0.3)])[0].successful  # set again: fine
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-    finally:
-        assert node.stop_worker(5.0)
-        node.destroy_node()
-        context.try_shutdown()
 
 
 def test_a_method_preset_applies_to_the_names_not_given_and_given_values_win_even_at_their_default():

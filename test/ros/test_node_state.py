@@ -62,28 +62,13 @@ def test_warnings_of_many_kinds_from_many_threads_are_throttled_without_a_race()
     assert health.status('node', 'active', {}, None).level == DiagnosticStatus.WARN
 
 
-def make_node():
-    import rclpy
-    from rclpy.parameter import Parameter
-
-    from trident_ros.ros.node import TridentNode
-
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=ros_helpers.fresh_domain_id())
-    node = TridentNode(context=context, parameter_overrides=[
-        Parameter('models.random_weights', value=True), Parameter('models.model_scale', value='tiny'),
-        Parameter('vocabulary', value='floor, wall')])
-    return node, context
-
-
 def test_vocabulary_results_are_taken_by_the_node_and_those_of_dropped_models_are_discarded():
     """The vocabulary thread only hands results back; the node takes them in its own callback, where
     "models dropped since?" and adopting the vocabulary are one step.
     """
     from rclpy.lifecycle import TransitionCallbackReturn
 
-    node, context = make_node()
-    try:
+    with ros_helpers.in_process_node({'vocabulary': 'floor, wall'}) as node:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         old_pipeline = node._now.pipeline
         door = old_pipeline.encode_vocabulary('door')
@@ -97,18 +82,13 @@ def test_vocabulary_results_are_taken_by_the_node_and_those_of_dropped_models_ar
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         node._take_vocabulary_results()
         assert node._now.vocabulary is not chair and node._now.vocabulary_text == 'floor, wall'
-    finally:
-        assert node.stop_worker(5.0)
-        node.destroy_node()
-        context.try_shutdown()
 
 
 def test_a_failed_vocabulary_resets_the_parameter_only_while_it_still_names_the_failed_text():
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
-    node, context = make_node()
-    try:
+    with ros_helpers.in_process_node({'vocabulary': 'floor, wall'}) as node:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         pipeline = node._now.pipeline
         assert node.set_parameters([Parameter('vocabulary', value='sofa')])[0].successful
@@ -121,7 +101,3 @@ def test_a_failed_vocabulary_resets_the_parameter_only_while_it_still_names_the_
         assert node.get_parameter('vocabulary').value == 'floor, wall'  # back to the text in use
         counts = {kv.key: kv.value for kv in node.diagnostic_status().values}
         assert counts['vocabularies_refused'] == '2'
-    finally:
-        assert node.stop_worker(5.0)
-        node.destroy_node()
-        context.try_shutdown()

@@ -29,7 +29,18 @@ from diagnostic_msgs.msg import DiagnosticStatus
 from lifecycle_msgs.msg import Transition
 
 # ros_helpers: it checks the ROS 2 environment with a clear message
-from ros_helpers import BEST_EFFORT, LATCHED, RELIABLE, ROOT, RosProcess, TestNode, executable, ros_env, wait_until
+from ros_helpers import (
+    BEST_EFFORT,
+    LATCHED,
+    RELIABLE,
+    ROOT,
+    RosProcess,
+    TestNode,
+    executable,
+    ros_env,
+    running,
+    wait_until,
+)
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 from test_node import (
@@ -69,12 +80,8 @@ def trident(env, client, outputs, cameras, tmp_path_factory):
     # HF_HUB_OFFLINE: the weights test's missing files are reported at once (no hub probe)
     process = start_node({**env, FAULT_FRAME_ID_ENV: FAULT_FRAME_ID, 'HF_HUB_OFFLINE': '1'},
                          tmp_path_factory.mktemp('node') / 'node.log')
-    try:
-        client.wait_for_node(NODE, process)
+    with running(client, process, NODE):
         yield process
-    finally:
-        if process.alive():
-            process.stop()
 
 
 # ------------------------------------------------------------------ helpers

@@ -16,9 +16,6 @@ from sensor_msgs.msg import Image, RegionOfInterest
 from std_msgs.msg import Header
 
 from trident_ros import image_decoding
-from trident_ros.image_decoding import ImageConversionError as ImageConversionError  # the node's name for it
-from trident_ros.image_decoding import compressed_size as compressed_size
-from trident_ros.image_decoding import compressed_to_rgb as compressed_to_rgb
 from trident_ros.msg import ClassMask as ClassMaskMsg
 from trident_ros.msg import ClassMaskArray, VocabularyInfo
 

@@ -27,11 +27,11 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from trident_ros.config import TridentConfig
+from trident_ros.image_decoding import ImageConversionError, compressed_to_rgb
 from trident_ros.labelling import Segmentation
 from trident_ros.msg import ClassMaskArray
 from trident_ros.pipeline import ImageFeatures, TridentPipeline
 from trident_ros.ros import conversions
-from trident_ros.ros.conversions import ImageConversionError
 from trident_ros.ros.depth_io import DepthCounts, DepthIO, Frame3D
 from trident_ros.ros.frame_worker import Frame, FrameWorker
 from trident_ros.ros.health import NodeHealth
@@ -258,7 +258,7 @@ class FramePath:
         max_pixels = now.values['max_input_pixels']
         try:
             if isinstance(frame.msg, CompressedImage):
-                rgb = conversions.compressed_to_rgb(frame.msg, max_pixels)
+                rgb = compressed_to_rgb(frame.msg, max_pixels)
             else:
                 rgb = conversions.image_to_rgb(frame.msg, max_pixels)
         except ImageConversionError as error:
