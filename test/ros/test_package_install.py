@@ -103,7 +103,9 @@ def test_colcon_build_from_scratch(tmp_path):
     if shutil.which('colcon') is None:
         pytest.skip('colcon is not installed in this environment')
     src = tmp_path / 'src' / 'trident_ros'
-    ignored = shutil.ignore_patterns('build', 'install', 'log', '.venv', '.git', '__pycache__', '*.egg-info')
+    # every leg's build, install and log folders and venv links (a stale symlink there breaks the copy)
+    ignored = shutil.ignore_patterns(*(f'{name}{leg}' for name in ('build', 'install', 'log', '.venv')
+                                       for leg in ('', '-jazzy', '-jetson')), '.git', '__pycache__', '*.egg-info')
     shutil.copytree(ROOT, src, ignore=ignored)
     result = subprocess.run(
         ['colcon', 'build', '--base-paths', str(tmp_path / 'src'), '--build-base', str(tmp_path / 'build'),
