@@ -33,7 +33,11 @@ setup(
         'rosbags-image>=0.9',  # raw image messages of bags (image_decoding)
         'huggingface_hub>=0.23',  # weight downloads (models/weight_files.py); timm and open_clip need it too
     ],
-    extras_require={'test': ['pytest>=8,<9', 'psutil']},
+    extras_require={
+        'test': ['pytest>=8,<9', 'psutil'],
+        'onnx': ['onnx>=1.17', 'onnxruntime>=1.20', 'onnxslim>=0.1.40'],  # trident-export, backend: onnxruntime
+        'fleet': ['ray[data]>=2.50'],  # trident-segment --ray: bags on a Ray cluster
+    },
     entry_points={
         'console_scripts': [
             'trident-segment = trident_ros.tools.segment:main',

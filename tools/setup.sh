@@ -60,7 +60,7 @@ if [ "$target" = jetson ]; then
 fi
 
 if [ "$target" = kilted ]; then
-  requirements=(requirements/core.txt requirements/ros.txt requirements/test.txt)
+  requirements=(requirements/core.txt requirements/ros.txt requirements/test.txt requirements/extras.txt)
   python=${PYTHON:-$(find_python 3.11)}
   venv_name=venv suffix=''
 else  # Jazzy on Python 3.12, as Ubuntu 24.04 runs it
