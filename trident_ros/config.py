@@ -114,7 +114,8 @@ SECTIONS: dict[str, type] = {'models': ModelsConfig, 'windows': WindowsConfig, '
 MODEL_FIELDS = frozenset({'method', *(f'models.{f.name}' for f in dataclasses.fields(ModelsConfig)),
                           'labelling.text_cache_size'})
 """Dotted names whose change needs new models (a new pipeline); every other name applies to a running one."""
-METHOD_HELP = ('segmentation method, a registered name (docs/methods.md), slowest/most accurate first: trident '
+METHOD_HELP = ('segmentation method, a registered name (docs/methods.md), slowest/most accurate first: corrclip '
+               '(CLIP+DINO+SAM masks, CorrCLIP), trident '
                '(CLIP+DINO+SAM, SAM aggregation and refinement), trident_fast (no SAM refinement), proxy (CLIP+DINO, '
                'no SAM), then CLIP only: maskclip, sclip, clearclip, naclip (one last-block rule), cliptrase, scclip, '
                'resclip, resclip_rcs (reading intermediate blocks). Only the models a method needs are loaded. A '

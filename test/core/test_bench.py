@@ -67,5 +67,5 @@ def test_bench_method_all_prints_one_row_per_method():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert [row['method'] for row in rows] == ['trident', 'trident_fast', 'proxy', 'maskclip', 'sclip', 'clearclip',
-                                               'naclip', 'cliptrase', 'scclip', 'resclip', 'resclip_rcs']
+    assert [row['method'] for row in rows] == ['corrclip', 'trident', 'trident_fast', 'proxy', 'maskclip', 'sclip',
+                                               'clearclip', 'naclip', 'cliptrase', 'scclip', 'resclip', 'resclip_rcs']

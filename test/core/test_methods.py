@@ -52,10 +52,10 @@ def dict_of(section: object) -> dict:
 def tiny(method: str, changes: dict | None = None) -> TridentConfig:
     """The tiny configuration with ``method`` and the plain defaults (no preset), dotted ``changes`` applied."""
     return TridentConfig(method=method, models=TINY.models).replace(changes or {})
-EXPECTED_MODELS = {'trident': ('clip', 'dino', 'sam'), 'trident_fast': ('clip', 'dino', 'sam'),
-                   'proxy': ('clip', 'dino'), 'maskclip': ('clip',), 'sclip': ('clip',), 'clearclip': ('clip',),
-                   'naclip': ('clip',), 'cliptrase': ('clip',), 'scclip': ('clip',), 'resclip': ('clip',),
-                   'resclip_rcs': ('clip',)}
+EXPECTED_MODELS = {'corrclip': ('clip', 'dino', 'sam'), 'trident': ('clip', 'dino', 'sam'),
+                   'trident_fast': ('clip', 'dino', 'sam'), 'proxy': ('clip', 'dino'), 'maskclip': ('clip',),
+                   'sclip': ('clip',), 'clearclip': ('clip',), 'naclip': ('clip',), 'cliptrase': ('clip',),
+                   'scclip': ('clip',), 'resclip': ('clip',), 'resclip_rcs': ('clip',)}
 
 
 @pytest.fixture(scope='module')

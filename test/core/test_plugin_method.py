@@ -78,8 +78,8 @@ def test_the_cli_finds_the_method_through_the_environment(tmp_path):
 
 
 CORE_FILES = ('trident_ros/pipeline.py', 'trident_ros/config.py', 'trident_ros/models/build.py')
-BUILT_IN = ('trident', 'trident_fast', 'proxy', 'maskclip', 'sclip', 'clearclip', 'naclip', 'cliptrase', 'scclip',
-            'resclip', 'resclip_rcs')
+BUILT_IN = ('corrclip', 'trident', 'trident_fast', 'proxy', 'maskclip', 'sclip', 'clearclip', 'naclip', 'cliptrase',
+            'scclip', 'resclip', 'resclip_rcs')
 
 
 @pytest.mark.parametrize('path', CORE_FILES)

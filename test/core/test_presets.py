@@ -14,7 +14,7 @@ from trident_ros.pipeline import drop_small_classes
 
 def test_every_method_has_a_valid_preset_of_known_fields():
     specs = TridentConfig.field_specs()
-    assert methods.names()[:3] == ('trident', 'trident_fast', 'proxy') and len(methods.names()) >= 11
+    assert methods.names()[:4] == ('corrclip', 'trident', 'trident_fast', 'proxy') and len(methods.names()) >= 12
     for name in methods.names():
         preset = methods.get(name).preset
         assert set(preset) <= set(specs), name

@@ -14,6 +14,7 @@ import os
 from trident_ros.methods.base import Method
 from trident_ros.methods.clip_rules import CLIP_RULE_METHODS
 from trident_ros.methods.cliptrase import CLIPTRASE
+from trident_ros.methods.corrclip import CORRCLIP
 from trident_ros.methods.proxy import PROXY
 from trident_ros.methods.resclip import RESCLIP, RESCLIP_RCS
 from trident_ros.methods.scclip import SCCLIP
@@ -79,5 +80,5 @@ def sections() -> dict[str, type]:
     return found
 
 
-for _method in (TRIDENT, TRIDENT_FAST, PROXY, *CLIP_RULE_METHODS, CLIPTRASE, SCCLIP, RESCLIP, RESCLIP_RCS):
+for _method in (CORRCLIP, TRIDENT, TRIDENT_FAST, PROXY, *CLIP_RULE_METHODS, CLIPTRASE, SCCLIP, RESCLIP, RESCLIP_RCS):
     register(_method)

@@ -69,8 +69,11 @@ class ClipDense:
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
-    def _tokens_before_last_block(self, crops: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(B, 1 + gh*gw, D) tokens (class token first) entering the last block, and (gh, gw)."""
+    @torch.inference_mode()
+    def embed(self, crops: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, 1 + gh*gw, D) tokens entering the first block (after ``ln_pre``, class token first, batch first),
+        and (gh, gw); the position embedding is interpolated to the crop.
+        """
         visual = self.visual
         grid = patch_grid(crops, self.patch_size, 'ClipDense')
         x = visual.conv1(crops.to(self.dtype))
@@ -80,7 +83,12 @@ class ClipDense:
         pos = torch.cat([pos[:1], interpolate_pos_embed(pos[1:], grid)], dim=0)
         x = x + pos.to(x.dtype)
         x = visual.patch_dropout(x)
-        x = visual.ln_pre(x)
+        return visual.ln_pre(x), grid
+
+    def _tokens_before_last_block(self, crops: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, 1 + gh*gw, D) tokens (class token first) entering the last block, and (gh, gw)."""
+        visual = self.visual
+        x, grid = self.embed(crops)
         batch_first = getattr(visual.transformer, 'batch_first', True)
         if not batch_first:
             x = x.transpose(0, 1)

@@ -83,6 +83,18 @@ class DinoPatches:
     def dtype(self) -> torch.dtype:
         return self.model.patch_embed.proj.weight.dtype
 
+    def _embed(self, crops: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + gh*gw, C) tokens entering the first block (class token first)."""
+        model = self.model
+        grid = patch_grid(crops, self.patch_size, 'DinoPatches')
+        x = model.patch_embed.proj(crops.to(self.dtype))
+        x = model.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        pos = model.pos_embed[0]
+        pos = torch.cat([pos[:1], interpolate_pos_embed(pos[1:], grid)], dim=0)
+        x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = model.pos_drop(x + pos.to(x.dtype))
+        return model.norm_pre(model.patch_drop(x))
+
     @torch.inference_mode()
     def patch_features(self, crops: torch.Tensor) -> torch.Tensor:
         """Normed last-layer patch tokens of normalised crops.
@@ -94,13 +106,24 @@ class DinoPatches:
             (B, gh*gw, C) patch tokens (row-major grid).
         """
         model = self.model
-        grid = patch_grid(crops, self.patch_size, 'DinoPatches')
-        x = model.patch_embed.proj(crops.to(self.dtype))
-        x = model.patch_embed.norm(x.flatten(2).transpose(1, 2))
-        pos = model.pos_embed[0]
-        pos = torch.cat([pos[:1], interpolate_pos_embed(pos[1:], grid)], dim=0)
-        x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = model.pos_drop(x + pos.to(x.dtype))
-        x = model.norm_pre(model.patch_drop(x))
-        x = model.norm(model.blocks(x))
-        return x[:, 1:]
+        return model.norm(model.blocks(self._embed(crops)))[:, 1:]
+
+    @torch.inference_mode()
+    def last_query_plus_key(self, crops: torch.Tensor) -> torch.Tensor:
+        """``q + k`` of the last block's attention for the patch tokens (CorrCLIP's DINO features).
+
+        Every block but the last runs; the last block's ``qkv`` projection is applied to ``norm1`` of its input
+        and its query and key halves (all heads concatenated, before any scaling) are added; the rest of the
+        block does not run.
+
+        Args:
+            crops: (B, 3, h, w) ImageNet-normalised, sides multiples of the patch size.
+
+        Returns:
+            (B, gh*gw, C) (row-major grid, class token dropped).
+        """
+        blocks = self.model.blocks
+        x = blocks[:-1](self._embed(crops))
+        last = blocks[-1]
+        qkv = last.attn.qkv(last.norm1(x))  # (B, T, 3C): q, k, v, each heads concatenated
+        return qkv[:, 1:, :self.dim] + qkv[:, 1:, self.dim:2 * self.dim]
