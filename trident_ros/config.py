@@ -40,8 +40,9 @@ class ModelsConfig:
 
     clip_model: str = setting('ViT-B-16', 'open_clip architecture of the CLIP branch (QuickGELU is forced where '
                                           'its weights need it)')
-    clip_pretrained: str = setting('openai', 'open_clip pretrained tag, or a local .pt/.bin/.safetensors file of '
-                                             'CLIP weights')
+    clip_pretrained: str = setting('openai', "open_clip pretrained tag (e.g. metaclip_fullcc: MetaCLIP 2.5B, the "
+                                             "CorrCLIP authors' CLIP), or a local .pt/.bin/.safetensors file of CLIP "
+                                             'weights')
     dino_model: str = setting('vit_base_patch16_224.dino', 'timm name of the DINO ViT whose patch features guide '
                                                            'CLIP attention')
     dino_checkpoint: str = setting('', 'local file of DINO weights; empty: the standard file in weights_dir, else '

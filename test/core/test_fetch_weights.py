@@ -162,6 +162,26 @@ def test_print_lists_every_file_with_url_path_and_checksum(tmp_path):
     assert not any(tmp_path.iterdir())  # --print downloads nothing
 
 
+def test_metaclip_of_the_corrclip_authors_is_a_clip_pretrained_with_its_file(tmp_path):
+    """CorrCLIP's authors use MetaCLIP 2.5B (open_clip ``metaclip_fullcc``, QuickGELU); OpenAI's stays the default."""
+    from trident_ros.models.build import clip_quick_gelu
+
+    config = tmp_path / 'metaclip.yaml'
+    config.write_text('models:\n  clip_pretrained: metaclip_fullcc\n')
+    result = subprocess.run([sys.executable, '-m', 'trident_ros.tools.fetch_weights', 'fetch', '--print',
+                             '--method', 'corrclip', '--config', str(config), '--weights-dir', str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for text in ('CLIP ViT-B-16 (metaclip_fullcc)',
+                 'https://huggingface.co/timm/vit_base_patch16_clip_224.metaclip_2pt5b/resolve/main/'
+                 'open_clip_model.safetensors',
+                 str(tmp_path / 'vit_base_patch16_clip_224.metaclip_2pt5b.safetensors'),
+                 'https://huggingface.co/timm/vit_base_patch8_224.dino/resolve/main/model.safetensors'):
+        assert text in result.stdout, text
+    assert clip_quick_gelu(TridentConfig.from_mapping({'models.clip_pretrained': 'metaclip_fullcc'}))
+    assert TridentConfig.from_mapping({'method': 'corrclip'}).models.clip_pretrained == 'openai'
+
+
 def test_offline_error_is_the_same_list(tmp_path, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))  # an empty hub cache
