@@ -396,8 +396,10 @@ def test_benchmark_methods_rows_and_table():
     assert rows[0]['windows'] == '336/224' and rows[1]['windows'] == '224/112'
     for row in rows:
         assert row['full_frame_s'] > 0 and row['peak_memory_bytes'] > 2**20 and row['memory_measure'] == 'peak RSS'
+        assert 0 < row['relabel_s'] < row['full_frame_s'] and not row['preset']
+        assert 'labelling' in row['stages_s'] and ('sam_encoder' in row['stages_s']) == (row['method'] == 'trident')
     table = format_method_table(rows).splitlines()
-    assert len(table) == 5 and table[-2].startswith('trident ') and table[-1].startswith('clearclip ')
-    assert 'clip+dino+sam' in table[-2] and '1.000' in table[-2]
+    assert len(table) == 8 and table[3].startswith('trident ') and table[4].startswith('clearclip ')
+    assert 'clip+dino+sam' in table[3] and '1.000' in table[3] and table[-1].startswith('clearclip     stages (ms)')
     with pytest.raises(ValueError, match='unknown methods'):
         benchmark_methods(synthetic_image(32, 32), methods=('fastest',))

@@ -316,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--method', choices=('trident', 'all'), default='trident',
                         help="trident: the per-stage table above; all: one row per method of the method "
                              'parameter (full-frame time, ratio to trident, models loaded, peak memory)')
+    parser.add_argument('--methods', help='with --method all: these methods only (comma-separated, in this order)')
+    parser.add_argument('--preset', action='store_true',
+                        help="with --method all: each method with its authors' preset (default: the plain defaults, "
+                             'the same settings for all)')
     parser.add_argument('--json', action='store_true', help='print the report as JSON')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='[%(levelname)s] %(name)s: %(message)s')
@@ -334,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         image = synthetic_image(*args.size)
     if args.method == 'all':
-        rows = benchmark_methods(image, args.repeat, args.warmup, args.tiny, args.device)
+        methods = [name.strip() for name in args.methods.split(',')] if args.methods else None
+        rows = benchmark_methods(image, args.repeat, args.warmup, args.tiny, args.device, methods, args.bf16,
+                                 args.preset)
         print(json.dumps(rows, indent=2) if args.json else format_method_table(rows))
         return 0
     report = run_benchmark(config, image, args.repeat, args.warmup, args.clock)
