@@ -178,9 +178,8 @@ def region_token_mask(regions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     """Additive attention mask of the sequence ``[mct_1..mct_R, CLS, p_1..p_N]`` (0 allowed, -inf not).
 
     The original tokens (class token and patches) see only each other; mask class token ``r`` sees the class token
-    and the patches of region ``r``, not itself nor another mask class token (a token of an empty region, padding
-    a window with fewer regions, sees the class token only). Additive, as open_clip casts a mask to the query's
-    dtype (a boolean mask would become 0/1 and mask nothing).
+    and the patches of region ``r``, not itself nor another mask class token. Additive, as open_clip casts a mask to
+    the query's dtype (a boolean mask would become 0/1 and mask nothing).
 
     Args:
         regions: ``(B, R, N)`` bool, patch ``n`` in region ``r`` of window ``b``.
@@ -227,7 +226,7 @@ class WindowBranches:
 @torch.inference_mode()
 def corrclip_branches(clip: ClipDense, crops: torch.Tensor, ids: torch.Tensor, dino_grid: tuple[int, int],
                       attention: torch.Tensor, spatial_blocks: int = 0) -> WindowBranches:
-    """CLIP with mask class tokens on windows (all at once; each window its own regions): the three branches.
+    """CLIP with mask class tokens on windows (each window its own regions): the three branches.
 
     Args:
         clip: the CLIP wrapper.
@@ -241,40 +240,42 @@ def corrclip_branches(clip: ClipDense, crops: torch.Tensor, ids: torch.Tensor, d
         :class:`WindowBranches`.
     """
     x, grid = clip.embed(crops)  # (B, 1 + N, D)
-    batch = x.shape[0]
-    inverses = [torch.unique(nearest(window.reshape(dino_grid), grid).reshape(-1), return_inverse=True)[1]
-                for window in ids]  # region index of every CLIP patch, per window
-    count = max(int(inverse.max()) + 1 for inverse in inverses)
-    regions = torch.stack([F.one_hot(inverse, count).T.bool() for inverse in inverses])  # (B, R, N)
-    sequence = torch.cat([x[:, :1].expand(-1, count, -1), x], dim=1)  # (B, R + 1 + N, D)
-    mask = region_token_mask(regions, x.dtype).repeat_interleave(clip.heads, dim=0)  # (B * heads, T, T)
     blocks = clip.visual.transformer.resblocks
     batch_first = getattr(clip.visual.transformer, 'batch_first', True)
     kept = spatial_block_indices(len(blocks), spatial_blocks)
-    spatial = []
-    sequence = sequence if batch_first else sequence.transpose(0, 1)
-    for index, block in enumerate(blocks[:-1]):
-        sequence = block(sequence, attn_mask=mask)
-        if index in kept:
-            spatial.append(sequence)
     last = blocks[-1]
-    semantic = last(sequence, attn_mask=mask)
-    if not batch_first:
-        sequence, semantic = sequence.transpose(0, 1), semantic.transpose(0, 1)
-        spatial = [out.transpose(0, 1) for out in spatial]
-    mean = torch.stack(spatial)[:, :, count:].float().mean(dim=0).to(x.dtype)
-    originals = torch.cat([sequence[:, count:], mean])  # (2B, 1 + N, D): main, then spatial
+    originals, spatial_means, semantics = [], [], []
+    for window, window_ids in zip(x, ids, strict=True):  # one window at a time: a batch of one keeps the blocks'
+        # in-projection a plain matrix product (a batch of several with a mask is a slow broadcast copy in bf16)
+        inverse = torch.unique(nearest(window_ids.reshape(dino_grid), grid).reshape(-1), return_inverse=True)[1]
+        count = int(inverse.max()) + 1
+        mask = region_token_mask(F.one_hot(inverse, count).T.bool()[None], x.dtype)[0]  # (T, T)
+        sequence = torch.cat([window[:1].expand(count, -1), window])[None]  # (1, R + 1 + N, D)
+        sequence = sequence if batch_first else sequence.transpose(0, 1)
+        spatial = []
+        for index, block in enumerate(blocks[:-1]):
+            sequence = block(sequence, attn_mask=mask)
+            if index in kept:
+                spatial.append(sequence)
+        semantic = last(sequence, attn_mask=mask)
+        if not batch_first:
+            sequence, semantic = sequence.transpose(0, 1), semantic.transpose(0, 1)
+            spatial = [out.transpose(0, 1) for out in spatial]
+        originals.append(sequence[0, count:])
+        spatial_means.append(torch.stack(spatial)[:, 0, count:].float().mean(dim=0).to(x.dtype))
+        per_patch = nearest(inverse.reshape(grid), dino_grid).reshape(-1)  # the region of each DINO patch's CLIP cell
+        semantics.append(semantic[0, :count][per_patch])
+    batch = x.shape[0]
+    originals = torch.stack(originals + spatial_means)  # (2B, 1 + N, D): main, then spatial
     width = clip.width
     attn = last.attn
     v = F.linear(last.ln_1(originals), attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:])[:, 1:]
     v = v.transpose(1, 2).reshape(2 * batch, width, *grid)
     if tuple(grid) != tuple(dino_grid):
         v = F.interpolate(v, size=tuple(dino_grid), mode='bilinear', align_corners=False)
-    v = v.reshape(2 * batch, width, -1).transpose(1, 2)  # (2B, M, D)
-    out = attn.out_proj(attention.to(v.dtype).repeat(2, 1, 1) @ v)
-    per_patch = torch.stack([nearest(inverse.reshape(grid), dino_grid).reshape(-1) for inverse in inverses])
-    semantic = semantic[:, :count].gather(1, per_patch[:, :, None].expand(-1, -1, width))  # (B, M, D)
-    return WindowBranches(main=out[:batch], spatial=out[batch:], semantic=semantic)
+    v = v.reshape(2, batch, width, -1).transpose(2, 3).contiguous()  # (2, B, M, D); a strided bf16 bmm copies slowly
+    out = attn.out_proj(attention.to(v.dtype) @ v)  # (2, B, M, D)
+    return WindowBranches(main=out[0], spatial=out[1], semantic=torch.stack(semantics))
 
 
 def combine_branches(clip: ClipDense, branches: WindowBranches, spatial_weight: float,
