@@ -29,7 +29,13 @@ from trident_ros.methods.corrclip import (
 )
 from trident_ros.models import DinoPatches, SamEncoder, tiny_sam
 from trident_ros.pipeline import TridentPipeline
-from trident_ros.stages.mask_generation import MaskSettings, paint_id_map, sam_automatic_masks
+from trident_ros.stages import mask_generation
+from trident_ros.stages.mask_generation import (
+    MaskSettings,
+    paint_id_map,
+    register_mask_generator,
+    sam_automatic_masks,
+)
 from trident_ros.tools.measure import synthetic_image
 
 LOOSE = {'corrclip.pred_iou_thresh': 0.0, 'corrclip.stability_score_thresh': 0.0, 'corrclip.points_per_side': 4}
@@ -324,6 +330,14 @@ def test_relabel_runs_no_encoder_and_no_mask_generator(image):
         for value in torch.unique(ids)[1:]:
             assert len(np.unique(seg.labels[(ids == value).numpy()])) == 1
     assert set(np.unique(first.labels)) <= {1, 2, 3}
+
+
+def test_a_generator_s_map_of_the_wrong_size_is_a_clear_error(image, monkeypatch):
+    monkeypatch.setattr(mask_generation, '_GENERATORS', dict(mask_generation._GENERATORS))  # restored afterwards
+    register_mask_generator('test_wrong_size', lambda img, sam, settings, stage: np.zeros((3, 3), np.int32))
+    pipeline = TridentPipeline(corrclip({'corrclip.mask_generator': 'test_wrong_size'}))
+    with pytest.raises(ValueError, match="'test_wrong_size' returned a \\(3, 3\\) int32 map"):
+        pipeline.encode_image(image)
 
 
 def test_generator_and_params_are_checked():

@@ -26,7 +26,6 @@ correction (:func:`map_correction`): every mask but the smallest id takes its mo
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -40,8 +39,6 @@ from trident_ros.models import ClipDense
 from trident_ros.stages.mask_generation import MaskSettings, mask_generator, mask_generator_names
 from trident_ros.stages.splice import splice_unit_features
 from trident_ros.stages.windows import cut_windows, normalise
-
-logger = logging.getLogger(__name__)
 
 AUTHORS_SPATIAL_BLOCKS = {12: 5, 24: 12, 32: 28}
 """Blocks averaged by the spatial branch per tower depth in the authors' code (else ``depth - 4``)."""
@@ -325,7 +322,11 @@ class CorrclipMethod(Method):
         params: CorrclipParams = frame.config.section(self.section)
         models, windows = frame.models, frame.config.windows
         generate = mask_generator(params.mask_generator)
-        ids = torch.from_numpy(generate(frame.image, models.sam, params.mask_settings(), frame.stage))
+        ids = np.asarray(generate(frame.image, models.sam, params.mask_settings(), frame.stage))
+        if ids.shape != frame.image.shape[:2] or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f'mask generator {params.mask_generator!r} returned a {ids.shape} {ids.dtype} map for a '
+                             f'{frame.image.shape[:2]} image (expected an integer id map of the image size)')
+        ids = torch.from_numpy(ids.astype(np.int32, copy=False))
         with frame.stage('windows'):
             resized, boxes, crops = cut_windows(frame.image, windows.input_short_side, windows.max_long_side,
                                                 windows.slide_crop, windows.slide_stride, frame.patch, models.device)
