@@ -83,6 +83,11 @@ class DinoPatches:
     def dtype(self) -> torch.dtype:
         return self.model.patch_embed.proj.weight.dtype
 
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``(1 + gh*gw, C)`` position embedding of a ``(gh, gw)`` patch grid (class token first), DINO's rule."""
+        pos = self.model.pos_embed[0]
+        return torch.cat([pos[:1], interpolate_pos_embed(pos[1:], grid)], dim=0)
+
     @torch.inference_mode()
     def patch_features(self, crops: torch.Tensor) -> torch.Tensor:
         """Normed last-layer patch tokens of normalised crops.
@@ -97,10 +102,8 @@ class DinoPatches:
         grid = patch_grid(crops, self.patch_size, 'DinoPatches')
         x = model.patch_embed.proj(crops.to(self.dtype))
         x = model.patch_embed.norm(x.flatten(2).transpose(1, 2))
-        pos = model.pos_embed[0]
-        pos = torch.cat([pos[:1], interpolate_pos_embed(pos[1:], grid)], dim=0)
         x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = model.pos_drop(x + pos.to(x.dtype))
+        x = model.pos_drop(x + self.position_embedding(grid).to(x.dtype))
         x = model.norm_pre(model.patch_drop(x))
         x = model.norm(model.blocks(x))
         return x[:, 1:]
