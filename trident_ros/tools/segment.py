@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from trident_ros.config import ConfigError, TridentConfig
+from trident_ros.config import BACKENDS, ConfigError, TridentConfig
 from trident_ros.labelling import Segmentation
 from trident_ros.models.weights import RANDOM_WEIGHTS_BANNER, WeightsError
 from trident_ros.vocabulary import VocabularyError
@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--no-refine', action='store_true', help='skip SAM refinement')
     parser.add_argument('--bf16', action='store_true',
                         help='bfloat16 encoders on the CPU (about 2x faster with AVX512-BF16/AMX; close to fp32)')
+    parser.add_argument('--backend', choices=BACKENDS,
+                        help="torch, or onnxruntime: the method's exported graphs (trident-export) via ONNX Runtime")
+    parser.add_argument('--engine-cache-dir', help='graphs and TensorRT engines (default: weights_dir/engines)')
     parser.add_argument('--video-stride', type=int, default=1, help='use every Nth video frame')
     bag = parser.add_argument_group('recorded bags (rosbag2, sqlite3 or MCAP)')
     bag.add_argument('--topic', help='image topic of the bag (sensor_msgs/Image or CompressedImage)')
@@ -90,6 +93,10 @@ def build_config(args: argparse.Namespace) -> TridentConfig:
         changes['refinement.refine'] = False
     if args.bf16:
         changes['models.bf16'] = True
+    if args.backend:
+        changes['models.backend'] = args.backend
+    if args.engine_cache_dir:
+        changes['models.engine_cache_dir'] = args.engine_cache_dir
     if args.random_weights:
         changes['models.random_weights'] = True
     if args.tiny:
