@@ -80,7 +80,7 @@ def gpu_stack(device: torch.device) -> dict[str, str]:
 
 def tensorrt_cache_dir(cache_dir: Path, stack: Mapping[str, str]) -> Path:
     """``<cache_dir>/tensorrt/<TensorRT version>-<GPU name>``: engines bind to both."""
-    slug = re.sub(r'[^A-Za-z0-9.]+', '_', f'{stack["tensorrt"]}-{stack["gpu"]}').strip('_')
+    slug = re.sub(r'[^A-Za-z0-9.-]+', '_', f'{stack["tensorrt"]}-{stack["gpu"]}').strip('_')
     return cache_dir / 'tensorrt' / slug
 
 
