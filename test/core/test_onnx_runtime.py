@@ -69,7 +69,7 @@ def test_backend_onnxruntime_labels_as_torch(tmp_path, method, extra):
 
 @pytest.mark.onnx
 def test_a_stage_without_its_graph_runs_on_torch_and_says_so_once(tmp_path, caplog):
-    """maskclip's whole-image preset exports nothing (a grid per frame size); a crop changed after loading finds no
+    """Maskclip's whole-image preset exports nothing (a grid per frame size); a crop changed after loading finds no
     graph for it: torch runs that stage, one INFO line each.
     """
     pytest.importorskip('onnxruntime')
