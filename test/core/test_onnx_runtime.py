@@ -76,8 +76,9 @@ def test_a_stage_without_its_graph_runs_on_torch_and_says_so_once(tmp_path, capl
     from trident_ros.pipeline import TridentPipeline
 
     caplog.set_level(logging.INFO, logger='trident_ros.runtime')
-    pipeline = TridentPipeline(TridentConfig.from_mapping({**TINY, 'method': 'maskclip', 'models.backend': 'onnxruntime',
-                                                          'models.engine_cache_dir': str(tmp_path)}))
+    config = TridentConfig.from_mapping({**TINY, 'method': 'maskclip', 'models.backend': 'onnxruntime',
+                                         'models.engine_cache_dir': str(tmp_path)})
+    pipeline = TridentPipeline(config)
     assert pipeline.graphs.sessions == {} and not list(tmp_path.iterdir())
     assert any('no exported graphs' in record.message for record in caplog.records)
     graphs = OnnxGraphs({'clip_rule_sclip': (224, object())}, torch.device('cpu'))
