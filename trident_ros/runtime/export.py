@@ -11,6 +11,7 @@ installed (constant folding and dead-node removal: exact; the parity tests run t
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 GRAPH_VERSION = 1
 """Raised when a graph module changes what it computes: part of every key, so old files are not reused."""
+TORCHSCRIPT_EXPORTER = {'dynamo': False} if 'dynamo' in inspect.signature(torch.onnx.export).parameters else {}
+"""The TorchScript exporter: torch >= 2.9 defaults to the dynamo one (``dynamo=True``); torch 2.3 has only it."""
 PRECISIONS = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}
 
 
@@ -96,8 +99,8 @@ def export_graph(kind: str, models: object, crop: int, cache_dir: Path) -> Path:
         blocks = upstream_blocks(models.sam.model.image_encoder) if models.sam is not None else nullcontext()
         with export_mode(), blocks, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter('ignore')  # the tracer's warnings on Python values of static shapes
-            torch.onnx.export(module, inputs, scratch, opset_version=OPSET,
-                              dynamo=False, input_names=list(graph_spec.inputs),
+            torch.onnx.export(module, inputs, scratch, opset_version=OPSET, **TORCHSCRIPT_EXPORTER,
+                              input_names=list(graph_spec.inputs),
                               output_names=list(graph_spec.outputs),
                               dynamic_axes={name: {0: axis} for name, axis in graph_spec.dynamic.items()})
         slimmed = _slim(scratch)
