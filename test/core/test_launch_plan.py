@@ -68,7 +68,8 @@ def test_defaults_plan_the_lifecycle_node_alone_with_the_yaml_and_the_remaps():
 
 def test_given_arguments_become_typed_overrides_remaps_namespace_and_log_level():
     plan = plan_launch({'vocabulary': '7', 'device': 'cpu', 'model_scale': 'tiny', 'random_weights': 'true',
-                        'backend': 'onnxruntime', 'use_depth': 'false', 'namespace': 'robot1', 'image_topic': '/cam/rgb/',
+                        'backend': 'onnxruntime', 'use_depth': 'false', 'namespace': 'robot1',
+                        'image_topic': '/cam/rgb/',
                         'depth_topic': '/cam/aligned/depth', 'log_level': 'warn', 'config_file': '/my.yaml',
                         'autostart': 'false'}, SHARE, NO_PROFILE)
     [trident] = plan.nodes

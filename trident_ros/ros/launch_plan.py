@@ -89,8 +89,8 @@ def arguments(share: str) -> list[Argument]:
                  ('', 'true', 'false')),
         Argument('model_scale', '', 'tiny: small architectures (needs random_weights); empty: config_file',
                  ('', 'full', 'tiny')),
-        Argument('backend', '', 'torch, or onnxruntime: the exported encoder graphs via ONNX Runtime (TensorRT, CUDA or '
-                                'CPU provider); empty: config_file', ('', 'torch', 'onnxruntime')),
+        Argument('backend', '', 'torch, or onnxruntime: the exported encoder graphs via ONNX Runtime (TensorRT, '
+                                'CUDA or CPU provider); empty: config_file', ('', 'torch', 'onnxruntime')),
         Argument('demo', 'false', 'also start fake_camera publishing the bundled sample images', ('true', 'false')),
         Argument('log_level', 'info', 'log level of the node'),
         Argument('use_depth', '', 'subscribe registered depth and publish ~/points, 3D masks and ~/detections_3d '
