@@ -6,8 +6,8 @@
 
 One fresh process per backend (``models.backend`` torch, then onnxruntime with ``models.ort_providers``), each
 loading the same random weights (fixed seed), labelling the same synthetic frame: one warm-up frame, then the median
-of ``--frames``. Per stage: median seconds and the peak RSS of the process during that stage (sampled, a lower
-bound); the export of the graphs (first run into an empty engine cache) and the session creation are timed apart.
+of ``--frames``. Per stage: median seconds, and the peak RSS of the process during that stage (sampled in one more
+frame, a lower bound); the export of the graphs (first run into an empty engine cache) and the session creation are timed apart.
 Then the dense cosine per token and the label agreement of onnxruntime against torch, and the exported files.
 Random weights make labels meaningless; agreement between the backends is still a fair measure.
 """
@@ -34,14 +34,21 @@ from trident_ros.tools.measure import BENCH_NAMES, PeakRss, cpu_name, release_fr
 
 
 class MeasuredPipeline(TridentPipeline):
-    """A pipeline whose stages also record their peak RSS (MiB) in ``peaks``."""
+    """A pipeline whose stages also record their peak RSS (MiB) in ``peaks`` while ``sample`` is on (a frame of its
+    own: the sampling thread would slow the timed frames, torch's many small calls more than ONNX Runtime's few).
+    """
 
     def __init__(self, config: TridentConfig) -> None:
         self.peaks: dict[str, float] = {}
+        self.sample = False
         super().__init__(config)
 
     @contextlib.contextmanager
     def _stage(self, timings: dict[str, float], name: str) -> Iterator[None]:
+        if not self.sample:
+            with super()._stage(timings, name):
+                yield
+            return
         with PeakRss() as rss, super()._stage(timings, name):
             yield
         self.peaks[name] = max(self.peaks.get(name, 0.0), rss.peak / 2**20)
@@ -70,6 +77,8 @@ def run_backend(args: argparse.Namespace) -> dict:
         frames.append(time.perf_counter() - start)
         for name, seconds in segmentation.timings.items():
             stages.setdefault(name, []).append(seconds)
+    pipeline.sample = True
+    pipeline.segment(image, vocabulary)
     np.savez(args.out, dense=features.dense.float().numpy(), labels=segmentation.labels)
     return {'backend': args.backend, 'load_s': load_s, 'load_peak_mib': load_rss.peak / 2**20,
             'stage_s': {name: statistics.median(values) for name, values in stages.items()},
