@@ -6,8 +6,9 @@
 
 One fresh process per backend (``models.backend`` torch, then onnxruntime with ``models.ort_providers``), each
 loading the same random weights (fixed seed), labelling the same synthetic frame: one warm-up frame, then the median
-of ``--frames``. Per stage: median seconds, and the peak RSS of the process during that stage (sampled in one more
-frame, a lower bound); the export of the graphs (first run into an empty engine cache) and the session creation are timed apart.
+of ``--frames``. Per stage: median seconds, and the peak RSS of the process during that stage (sampled in one
+more frame, a lower bound). Loading is timed apart: for onnxruntime it includes the export of the graphs into an
+empty engine cache (``--cache``: a folder that already holds them times the sessions alone).
 Then the dense cosine per token and the label agreement of onnxruntime against torch, and the exported files.
 Random weights make labels meaningless; agreement between the backends is still a fair measure.
 """

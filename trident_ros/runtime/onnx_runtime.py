@@ -205,7 +205,8 @@ def load_graphs(config: Any, method: Any, models: Any,
         path = export_graph(kind, models, crop, cache_dir)
         report(f'building {kind} ({index}/{len(graphs)}) with {", ".join(providers)}')
         start = time.perf_counter()
-        session = onnxruntime.InferenceSession(str(path), session_options, providers=providers, provider_options=options)
+        session = onnxruntime.InferenceSession(str(path), session_options, providers=providers,
+                                               provider_options=options)
         sessions[kind] = (crop, session)
         if accelerated:  # TensorRT builds its engines at the first run
             OnnxGraphs(sessions, models.device).run(kind, *example_inputs(kind, models, crop, batch=1))
