@@ -60,7 +60,7 @@ def test_the_node_on_onnxruntime_reports_its_graphs_and_segments(tmp_path):
 
             assert wait_until(labelled, 60.0), process.output()
             status = diagnostics.wait_for(lambda m: any(v.key == 'engine_build' for s in m.status for v in s.values),
-                                          10.0)
+                                          10.0, after=time.monotonic())
             values = {v.key: v.value for v in status.status[0].values}
             assert values['engine_build'] == 'graphs ready: dino_patches, clip_guided, sam_fused'
             assert 'Traceback' not in process.output(), process.output()
