@@ -172,3 +172,23 @@ def test_trident_export_writes_the_method_s_graphs(tmp_path, capsys):
     assert main(['--method', 'cliptrase', '--random-weights', '--tiny', '--engine-cache-dir', str(tmp_path)]) == 0
     assert 'exports no graph' in capsys.readouterr().out
     assert main(['--tiny', '--engine-cache-dir', str(tmp_path)]) == 2
+
+
+@pytest.mark.onnx
+def test_trident_segment_backend_onnxruntime(tmp_path):
+    """``trident-segment --backend onnxruntime --engine-cache-dir DIR`` exports into DIR and labels as torch does."""
+    pytest.importorskip('onnxruntime')
+    from trident_ros.tools.segment import main
+
+    image = tmp_path / 'kitchen.png'
+    cv2.imwrite(str(image), cv2.cvtColor(kitchen(), cv2.COLOR_RGB2BGR))
+    common = [str(image), '-v', 'wall, floor, table', '--method', 'sclip', '--random-weights', '--tiny',
+              '--device', 'cpu']
+    assert main([*common, '-o', str(tmp_path / 'torch')]) == 0
+    assert main([*common, '-o', str(tmp_path / 'onnx'), '--backend', 'onnxruntime',
+                 '--engine-cache-dir', str(tmp_path / 'engines')]) == 0
+    assert len(list((tmp_path / 'engines').glob('clip_rule_sclip-224-fp32-*.onnx'))) == 1
+    (expected,) = (tmp_path / 'torch').glob('*labels*.png')
+    (actual,) = (tmp_path / 'onnx').glob('*labels*.png')
+    assert np.mean(cv2.imread(str(actual), cv2.IMREAD_UNCHANGED) == cv2.imread(str(expected), cv2.IMREAD_UNCHANGED)) \
+        >= 0.999
