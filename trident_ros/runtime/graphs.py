@@ -203,7 +203,7 @@ class SamFusedGraph(nn.Module):
         from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 
         encoder = self.encoder
-        x = encoder.patch_embed(image)
+        x = encoder.patch_embed(image.to(encoder.patch_embed.proj.weight.dtype))
         if encoder.pos_embed is not None:
             x = x + encoder.pos_embed
         for block in encoder.blocks[:-1]:
