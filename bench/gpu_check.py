@@ -127,7 +127,7 @@ def compile_stages(pipeline: TridentPipeline, mode: str, backend: str) -> None:
     models = pipeline.models
 
     def compiled(module: torch.nn.Module) -> torch.nn.Module:
-        return torch.compile(module, mode=mode, backend=backend)
+        return torch.compile(module, backend=backend, **({'mode': mode} if backend == 'inductor' else {}))
 
     if models.dino is not None:
         models.dino.model.blocks = compiled(models.dino.model.blocks)
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--node-rate', type=float, default=10.0, help='frames per second sent to the node')
     parser.add_argument('--compile', action='store_true', help='also low precision with torch.compile')
     parser.add_argument('--compile-mode', default='reduce-overhead',
-                        help='torch.compile mode (reduce-overhead: CUDA graphs; default, max-autotune)')
+                        help='torch.compile mode of inductor (reduce-overhead: CUDA graphs; default, max-autotune)')
     parser.add_argument('--compile-backend', default='inductor', help='torch.compile backend (eager: a quick check)')
     parser.add_argument('--onnx', action='store_true', help='also fp32 with models.backend onnxruntime')
     parser.add_argument('--providers', default='tensorrt,cuda,cpu', help='models.ort_providers of the --onnx run')
