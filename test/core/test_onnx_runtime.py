@@ -38,11 +38,11 @@ def kitchen() -> np.ndarray:
 @pytest.mark.parametrize(('method', 'extra'), [
     ('trident', {'refinement.minimal_area': 4, 'refinement.sam_iou_thresh': -1e9, 'refinement.coarse_thresh': 0.0}),
     ('proxy', {}),
-    ('naclip', {}),
 ])
 def test_backend_onnxruntime_labels_as_torch(tmp_path, method, extra):
     """Labels equal on >= 99.9 % of the pixels and dense cosine >= 0.9999 per token; trident's refinement keeps
-    every mask (so the decoder graph decides labels) and every stage of it ran its graph.
+    every mask (so the decoder graph decides labels) and every stage of it ran its graph (a CLIP-only rule end to end:
+    test_trident_segment_backend_onnxruntime).
     """
     pytest.importorskip('onnxruntime')
     from trident_ros.models import load_models
