@@ -221,6 +221,7 @@ class TridentNode(LifecycleNode):
                 raise ConfigError('; '.join(self._bad_overrides.values()))
             config = config_from_values(self._now.values, self._given)
             self.get_logger().info('loading models ...')
+            self._engine_build = ''
             pipeline = TridentPipeline(config, progress=self._engine_progress)
         except (ConfigError, WeightsError) as error:
             return self._fail_configure(str(error))
