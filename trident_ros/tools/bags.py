@@ -206,7 +206,7 @@ def _complete_frames(part: Path) -> set[int]:
     return set.intersection(*per_topic.values()) if per_topic else set()
 
 
-def _bag_info(bag: Path) -> dict:
+def bag_info(bag: Path) -> dict:
     """``rosbag2_bagfile_information`` of a bag's metadata.yaml."""
     from ruamel.yaml import YAML
 
@@ -214,7 +214,7 @@ def _bag_info(bag: Path) -> dict:
 
 
 def _custom_of(bag: Path) -> str | None:
-    return (_bag_info(bag).get('custom_data') or {}).get(CUSTOM_KEY)
+    return (bag_info(bag).get('custom_data') or {}).get(CUSTOM_KEY)
 
 
 def _prepare_parts(output: Path, resume: bool, settings: str) -> Path:
@@ -367,7 +367,7 @@ def open_topic(source: Path, options: BagOptions) -> tuple[Any, list, Any]:
         msgtypes = {c.msgtype for c in connections}
         if not msgtypes <= set(IMAGE_TYPES):
             raise BagError(f'{options.topic} carries {", ".join(sorted(msgtypes))}, not {" or ".join(IMAGE_TYPES)}')
-        storage = StoragePlugin[(options.storage or _bag_info(source)['storage_identifier']).upper()]
+        storage = StoragePlugin[(options.storage or bag_info(source)['storage_identifier']).upper()]
     except BaseException:
         reader.close()
         raise
