@@ -19,7 +19,7 @@ import signal
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trident_ros.config import TridentConfig
 from trident_ros.errors import ConfigError
@@ -31,10 +31,14 @@ from trident_ros.tools.shards import (
     Shard,
     ShardResult,
     find_bags,
-    label_here,
+    job_settings,
     label_shard,
     plan_bag,
 )
+
+if TYPE_CHECKING:
+    from trident_ros.pipeline import TridentPipeline
+    from trident_ros.vocabulary import Vocabulary
 
 logger = logging.getLogger('trident_ros.tools.fleet')
 
@@ -87,18 +91,27 @@ def label_bags(sources: list[Path], output: Path, options: BagOptions, config: T
         raise ConfigError(f'--checkpoint {checkpoint}: must be >= 1')
     if options.every < 1:
         raise ConfigError(f'--every {options.every}: must be >= 1')
-    settings = json.loads(json.dumps({'options': asdict(options), 'checkpoint': checkpoint, 'config': config.flat()}))
-    job = Job(output, find_bags(sources), options, settings, resume)
+    job = Job(output, find_bags(sources), options, job_settings(options, checkpoint, config.flat()), resume)
     if ray is None:
         from trident_ros.pipeline import TridentPipeline
 
         pipeline = TridentPipeline(config)
         try:
-            label_here(job, pipeline, pipeline.encode_vocabulary(options.vocabulary), checkpoint, png_dir)
+            _label_here(job, pipeline, pipeline.encode_vocabulary(options.vocabulary), checkpoint, png_dir)
         except KeyboardInterrupt:
             return job.finish(interrupted=True)
         return job.finish()
     return _label_on_ray(job, config, checkpoint, png_dir, ray)
+
+
+def _label_here(job: Job, pipeline: TridentPipeline, vocabulary: Vocabulary, checkpoint: int,
+                png_dir: Path | None = None) -> None:
+    """Label the job's bags one after another in this process (the same shards as on a cluster)."""
+    for bag, name in job.todo():
+        plan = plan_bag(bag, name, job.options, checkpoint, job.output)
+        job.add_plan(plan)
+        for shard in plan.shards:
+            job.add_shard(label_shard(pipeline, vocabulary, shard, job.options, job.output, png_dir))
 
 
 def _import_ray() -> Any:

@@ -10,8 +10,7 @@ published parts in shard order into ``<output>/<bag>/`` (:func:`bags.merge_parts
 holds what ``trident-segment <bag> --topic ...`` writes alone. :class:`Job` is the driver's side:
 plans and shard results in any order, the merges, the manifest ``trident-fleet.json``.
 
-Nothing here imports Ray: :mod:`.fleet` runs the same functions on a cluster, :func:`label_here` in
-this process.
+Nothing here imports Ray: :mod:`.fleet` runs these functions on a cluster or in its own process.
 """
 from __future__ import annotations
 
@@ -139,6 +138,13 @@ class FleetResult:
     interrupted: bool = False
 
 
+def job_settings(options: BagOptions, checkpoint: int, config: dict) -> dict:
+    """What a resumed job must share with the earlier one: the selection and outputs, the shard size, the
+    pipeline's configuration (``TridentConfig.flat()``), as JSON values.
+    """
+    return json.loads(json.dumps({'options': asdict(options), 'checkpoint': checkpoint, 'config': config}))
+
+
 def find_bags(inputs: list[Path]) -> list[tuple[Path, str]]:
     """(bag, output path) for every rosbag2 bag among ``inputs`` (bags, or folders searched for bags).
 
@@ -172,7 +178,7 @@ def plan_bag(bag: str, name: str, options: BagOptions, checkpoint: int, output: 
     that cannot be opened has no shard.
     """
     plan = BagPlan(bag=bag, name=name)
-    published = published_shards(output, name)
+    published = {int(folder.name.removeprefix('shard_')) for folder in parts_dir(output / name).glob('shard_*')}
     times: list[int] = []
 
     def cut() -> None:
@@ -431,13 +437,3 @@ class Job:
                 fleet.errors[name] = record.error or ''
         self.write_manifest()
         return fleet
-
-
-def label_here(job: Job, pipeline: TridentPipeline, vocabulary: Vocabulary, checkpoint: int,
-               png_dir: Path | None = None) -> None:
-    """Label the job's bags one after another in this process (the same shards as on a cluster)."""
-    for bag, name in job.todo():
-        plan = plan_bag(bag, name, job.options, checkpoint, job.output)
-        job.add_plan(plan)
-        for shard in plan.shards:
-            job.add_shard(label_shard(pipeline, vocabulary, shard, job.options, job.output, png_dir))
