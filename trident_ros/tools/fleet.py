@@ -201,6 +201,8 @@ def _pool(ray: Any, settings: RaySettings) -> tuple[int, int, float]:
 def _label_on_ray(job: Job, config: TridentConfig, checkpoint: int, png_dir: Path | None,
                   settings: RaySettings) -> FleetResult:
     ray = _import_ray()
+    if not settings.verbose:
+        logging.getLogger('ray.data').setLevel(logging.WARNING)
     started = _connect(ray, settings)
     previous = None
     if threading.current_thread() is threading.main_thread():  # ray.init replaced it: SIGTERM stops as Ctrl-C
@@ -209,6 +211,7 @@ def _label_on_ray(job: Job, config: TridentConfig, checkpoint: int, png_dir: Pat
         low, high, gpus = _pool(ray, settings)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = settings.verbose
+        context.target_max_block_size = 1  # one row a block: each shard its own task, to whichever actor is free
         context.max_consecutive_actor_init_deaths = 2 * high + 2  # a node lost while loading is not the end
         output = str(job.output.resolve())
         dataset = ray.data.from_items([{'bag': bag, 'name': name} for bag, name in job.todo()])

@@ -287,6 +287,7 @@ class _Bag:
     failed: set[int] = field(default_factory=set)
     nodes: set[str] = field(default_factory=set)
     duplicates: int = 0
+    redone: int = 0
     error: str | None = None
     status: str = 'pending'
 
@@ -385,6 +386,7 @@ class Job:
                 storage = StoragePlugin[bag_info(parts[0])['storage_identifier'].upper()]
                 merge_parts(parts, output, make_typestore(), storage, bag_settings(self.options, Path(plan.bag)))
         result = record.result
+        record.redone = len(list(folder.glob('.tmp_*')))  # attempts of processes that died: their shards redone
         if record.error is None:
             result.complete = True
             record.status = 'complete'
@@ -394,8 +396,9 @@ class Job:
             logger.error('%s failed: %s', name, record.error)
         per_frame = result.seconds / result.labelled if result.labelled else 0.0
         logger.info('%s: %d frame(s) selected, %d labelled (%.3f s/frame), %d already labelled, %d refused; '
-                    '%d shard(s) on %d node(s) -> %s', name, result.selected, result.labelled, per_frame,
-                    result.resumed, result.refused, plan.count, len(record.nodes), output)
+                    '%d shard(s) on %d node(s), %d redone after a worker died -> %s', name, result.selected,
+                    result.labelled, per_frame, result.resumed, result.refused, plan.count, len(record.nodes),
+                    record.redone, output)
         self.write_manifest()
 
     def _discard_attempts(self) -> int:
@@ -414,7 +417,7 @@ class Job:
             bags[name] = {'source': self.sources[name], 'status': record.status, 'selected': result.selected,
                           'labelled': result.labelled, 'resumed': result.resumed, 'refused': result.refused,
                           'shards': plan.count if plan else None, 'published': len(record.done),
-                          'duplicates': record.duplicates, 'nodes': sorted(record.nodes),
+                          'duplicates': record.duplicates, 'redone': record.redone, 'nodes': sorted(record.nodes),
                           'seconds': round(result.seconds, 3), 'error': record.error}
         staging = self.manifest.with_name(f'.{MANIFEST}.tmp')
         staging.write_text(json.dumps({'settings': self.settings, 'bags': bags}, indent=1))
