@@ -195,3 +195,33 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get('TRIDENT_RAY_NODE_LOSS'),
+                    reason='a second Ray instance: about 45 s on 2 cores; set TRIDENT_RAY_NODE_LOSS=1 to run it')
+def test_a_node_lost_mid_run_changes_nothing_in_the_output(bags, references, tmp_path, monkeypatch):
+    """A simulated two-node cluster (its own head, not the session's instance) loses its second node mid-run."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv('RAY_AUTH_MODE', 'disabled')
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={'num_cpus': 1, 'include_dashboard': False})
+    try:
+        node = cluster.add_node(num_cpus=1)
+        out = tmp_path / 'out'
+        process = start(cluster.address, str(bags / 'a'), str(bags / 'b'), '-o', str(out), '--workers', '2',
+                        '--checkpoint', '1')
+        try:  # both workers busy (two attempts seen), then the second node goes without notice
+            wait_for(lambda: len({p.read_text() for p in out.glob('*.parts/*/pid')}) >= 2, process)
+            cluster.remove_node(node, allow_graceful=False)
+            cluster.add_node(num_cpus=1)  # a replacement, as an autoscaler would bring
+            _, stderr = process.communicate(timeout=180)
+        finally:
+            process.kill()
+    finally:
+        cluster.shutdown()
+    assert process.returncode == 0, stderr
+    check_outputs(out, references, ALONE)
+    record = manifest(out)
+    assert [(r['status'], r['shards'], r['published']) for r in record.values()] == [('complete', 3, 3)] * 2
+    assert len({node for r in record.values() for node in r['nodes']}) >= 2
