@@ -244,14 +244,30 @@ def label_shard(pipeline: TridentPipeline, vocabulary: Vocabulary, shard: Shard,
     attempt = folder / f'.tmp_{shard.index:05d}_{uuid.uuid4().hex}'
     attempt.mkdir()
     (attempt / 'pid').write_text(str(os.getpid()))
-    wanted = set(shard.times)
-    store = make_typestore()
     try:
-        reader, connections, storage = open_topic(Path(shard.bag), options)
-    except BagError as error:
+        _label_attempt(pipeline, vocabulary, shard, options, attempt, png_dir, result)
+    except BagError as error:  # the bag fails; this attempt is no killed process's: it goes
+        shutil.rmtree(attempt)
         result.error = str(error)
         return result
-    parts = Parts(attempt, store, storage, bag_settings(options, Path(shard.bag)), options, len(shard.times) + 1)
+    (attempt / 'shard.json').write_text(json.dumps(asdict(result)))
+    try:
+        os.rename(attempt, final)
+    except OSError:  # published by another attempt meanwhile: this copy goes
+        shutil.rmtree(attempt)
+        result.duplicate = True
+    return result
+
+
+def _label_attempt(pipeline: TridentPipeline, vocabulary: Vocabulary, shard: Shard, options: BagOptions,
+                   attempt: Path, png_dir: Path | None, result: ShardResult) -> None:
+    """Label ``shard`` into the part bag ``attempt/part_0000`` (none when every frame is refused), counting in
+    ``result``.
+    """
+    reader, connections, storage = open_topic(Path(shard.bag), options)
+    wanted = set(shard.times)
+    parts = Parts(attempt, make_typestore(), storage, bag_settings(options, Path(shard.bag)), options,
+                  len(shard.times) + 1)
     try:
         for item in selected_messages(reader, connections, options, window=(shard.times[0], shard.times[-1])):
             if item[1] not in wanted:
@@ -262,19 +278,9 @@ def label_shard(pipeline: TridentPipeline, vocabulary: Vocabulary, shard: Shard,
                 result.seconds += time.monotonic() - began
             else:
                 result.refused += 1
-    except BagError as error:
-        result.error = str(error)
-        return result
     finally:
         parts.close()
         reader.close()
-    (attempt / 'shard.json').write_text(json.dumps(asdict(result)))
-    try:
-        os.rename(attempt, final)
-    except OSError:  # published by another attempt meanwhile: this copy goes
-        shutil.rmtree(attempt)
-        result.duplicate = True
-    return result
 
 
 @dataclass
