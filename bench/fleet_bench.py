@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'test' / 'core'))  # the tests' bag writer
+sys.path[:0] = [str(ROOT), str(ROOT / 'test' / 'core')]  # this tree's package, the tests' bag writer
 
 from test_bag_labelling import TOPIC, VOCABULARY, make_bag  # noqa: E402
 
