@@ -128,7 +128,7 @@ def check_outputs(out: Path, references: dict, names: dict[str, str]) -> None:
 
 def test_fleet_equals_single_process_and_a_corrupt_bag_fails_alone(ray_address, bags, references, tmp_path):
     out = tmp_path / 'out'
-    result = segment(ray_address, str(bags), '-o', str(out), '--workers', '2', '--checkpoint', '1')
+    result = segment(ray_address, str(bags), '-o', str(out), '--workers', '2', '--checkpoint', '2')
     assert result.returncode == 1, result.stderr
     check_outputs(out, references, {name: name for name in GOOD})
     record = manifest(out)

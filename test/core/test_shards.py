@@ -18,8 +18,8 @@ from test_bag_labelling import ROOT, TOPIC, VOCABULARY, input_stamps, make_bag
 from trident_ros.config import TridentConfig
 from trident_ros.errors import ConfigError
 from trident_ros.tools.bags import BagOptions, label_bag, parts_dir
-from trident_ros.tools.fleet import label_bags
-from trident_ros.tools.shards import MANIFEST, MAX_ATTEMPTS, Job, find_bags, job_settings, label_shard, plan_bag
+from trident_ros.tools.fleet import job_settings, label_bags
+from trident_ros.tools.shards import MANIFEST, MAX_ATTEMPTS, Job, find_bags, label_shard, plan_bag
 
 CONFIG = TridentConfig.from_mapping({'models.random_weights': True, 'models.model_scale': 'tiny'})
 
@@ -145,6 +145,7 @@ def test_resume_labels_only_the_shards_not_published(bags, pipeline, tmp_path):
     assert not parts_dir(out / 'run1').exists()
     again = label_bags([bags / 'a' / 'run1'], out, options, CONFIG, checkpoint=2, resume=True).bags['run1']
     assert (again.resumed, again.labelled, again.complete) == (6, 0, True)  # a finished bag is not redone
+    assert json.loads((out / MANIFEST).read_text())['bags']['run1']['labelled'] == 4  # its record is kept
 
 
 def test_without_ray_installed_ray_is_a_configuration_error(bags, tmp_path):
@@ -156,6 +157,7 @@ def test_without_ray_installed_ray_is_a_configuration_error(bags, tmp_path):
                              '--tiny'], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert result.returncode == 2, result.stderr
     assert "pip install 'trident_ros[fleet]'" in result.stderr
+    assert not (tmp_path / 'out').exists()  # nothing written: the same command works once Ray is installed
 
 
 def test_several_bags_need_an_output_folder(bags):

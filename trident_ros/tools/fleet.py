@@ -17,6 +17,7 @@ import json
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,6 @@ from trident_ros.tools.shards import (
     Shard,
     ShardResult,
     find_bags,
-    job_settings,
     label_shard,
     plan_bag,
 )
@@ -66,6 +66,13 @@ class RaySettings:
     verbose: bool = False
 
 
+def job_settings(options: BagOptions, checkpoint: int, config: dict) -> dict:
+    """What a resumed job must share with the earlier one: the selection and outputs, the shard size, the
+    pipeline's configuration (``TridentConfig.flat()``), as JSON values.
+    """
+    return json.loads(json.dumps({'options': asdict(options), 'checkpoint': checkpoint, 'config': config}))
+
+
 def label_bags(sources: list[Path], output: Path, options: BagOptions, config: TridentConfig, *,
                ray: RaySettings | None = None, checkpoint: int = 50, resume: bool = False,
                png_dir: Path | None = None) -> FleetResult:
@@ -91,8 +98,10 @@ def label_bags(sources: list[Path], output: Path, options: BagOptions, config: T
         raise ConfigError(f'--checkpoint {checkpoint}: must be >= 1')
     if options.every < 1:
         raise ConfigError(f'--every {options.every}: must be >= 1')
-    job = Job(output, find_bags(sources), options, job_settings(options, checkpoint, config.flat()), resume)
+    bags = find_bags(sources)
+    settings = job_settings(options, checkpoint, config.flat())
     if ray is None:
+        job = Job(output, bags, options, settings, resume)
         from trident_ros.pipeline import TridentPipeline
 
         pipeline = TridentPipeline(config)
@@ -101,7 +110,7 @@ def label_bags(sources: list[Path], output: Path, options: BagOptions, config: T
         except KeyboardInterrupt:
             return job.finish(interrupted=True)
         return job.finish()
-    return _label_on_ray(job, config, checkpoint, png_dir, ray)
+    return _label_on_ray(lambda: Job(output, bags, options, settings, resume), config, checkpoint, png_dir, ray)
 
 
 def _label_here(job: Job, pipeline: TridentPipeline, vocabulary: Vocabulary, checkpoint: int,
@@ -198,8 +207,9 @@ def _pool(ray: Any, settings: RaySettings) -> tuple[int, int, float]:
     return low, high, gpus
 
 
-def _label_on_ray(job: Job, config: TridentConfig, checkpoint: int, png_dir: Path | None,
+def _label_on_ray(new_job: Callable[[], Job], config: TridentConfig, checkpoint: int, png_dir: Path | None,
                   settings: RaySettings) -> FleetResult:
+    """Connect, check the pool, then start the job (nothing is written before the configuration holds)."""
     ray = _import_ray()
     if not settings.verbose:
         logging.getLogger('ray.data').setLevel(logging.WARNING)
@@ -209,6 +219,7 @@ def _label_on_ray(job: Job, config: TridentConfig, checkpoint: int, png_dir: Pat
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         low, high, gpus = _pool(ray, settings)
+        job = new_job()
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = settings.verbose
         context.target_max_block_size = 1  # one row a block: each shard its own task, to whichever actor is free

@@ -138,13 +138,6 @@ class FleetResult:
     interrupted: bool = False
 
 
-def job_settings(options: BagOptions, checkpoint: int, config: dict) -> dict:
-    """What a resumed job must share with the earlier one: the selection and outputs, the shard size, the
-    pipeline's configuration (``TridentConfig.flat()``), as JSON values.
-    """
-    return json.loads(json.dumps({'options': asdict(options), 'checkpoint': checkpoint, 'config': config}))
-
-
 def find_bags(inputs: list[Path]) -> list[tuple[Path, str]]:
     """(bag, output path) for every rosbag2 bag among ``inputs`` (bags, or folders searched for bags).
 
@@ -296,6 +289,8 @@ class _Bag:
     redone: int = 0
     error: str | None = None
     status: str = 'pending'
+    recorded: dict | None = None
+    """The manifest's record of a bag an earlier run completed."""
 
 
 class Job:
@@ -330,7 +325,7 @@ class Job:
             self._discard_attempts()
             for name, record in json.loads(self.manifest.read_text())['bags'].items():
                 if name in self.bags and record['status'] == 'complete' and (output / name).exists():
-                    self.bags[name] = _Bag(status='complete', result=BagResult(
+                    self.bags[name] = _Bag(status='complete', recorded=record, result=BagResult(
                         output=output / name, selected=record['selected'], resumed=record['selected'],
                         refused=record['refused'], complete=True))
         output.mkdir(parents=True, exist_ok=True)
@@ -420,6 +415,9 @@ class Job:
         for name, record in self.bags.items():
             result = record.result or BagResult(output=self.output / name)
             plan = record.plan
+            if record.recorded is not None:
+                bags[name] = record.recorded
+                continue
             bags[name] = {'source': self.sources[name], 'status': record.status, 'selected': result.selected,
                           'labelled': result.labelled, 'resumed': result.resumed, 'refused': result.refused,
                           'shards': plan.count if plan else None, 'published': len(record.done),
