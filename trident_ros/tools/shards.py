@@ -328,9 +328,7 @@ class Job:
                     self.bags[name] = _Bag(status='complete', recorded=record, result=BagResult(
                         output=output / name, selected=record['selected'], resumed=record['selected'],
                         refused=record['refused'], complete=True))
-        output.mkdir(parents=True, exist_ok=True)
-        self.progress = tqdm(total=0, unit='frame', disable=None, desc='frames')
-        self.write_manifest()
+        self.progress = tqdm(total=0, unit='frame', disable=None, desc='frames')  # the manifest: at the first plan
 
     def todo(self) -> list[tuple[str, str]]:
         """(bag, output path) of the bags not complete yet."""
@@ -423,6 +421,7 @@ class Job:
                           'shards': plan.count if plan else None, 'published': len(record.done),
                           'duplicates': record.duplicates, 'redone': record.redone, 'nodes': sorted(record.nodes),
                           'seconds': round(result.seconds, 3), 'error': record.error}
+        self.output.mkdir(parents=True, exist_ok=True)
         staging = self.manifest.with_name(f'.{MANIFEST}.tmp')
         staging.write_text(json.dumps({'settings': self.settings, 'bags': bags}, indent=1))
         os.replace(staging, self.manifest)
