@@ -133,7 +133,7 @@ def test_fleet_equals_single_process_and_a_corrupt_bag_fails_alone(ray_address, 
     check_outputs(out, references, {name: name for name in GOOD})
     record = manifest(out)
     assert {name: (record[name]['status'], record[name]['labelled'], record[name]['shards'])
-            for name in GOOD} == dict.fromkeys(GOOD, ('complete', 3, 3))
+            for name in GOOD} == dict.fromkeys(GOOD, ('complete', 3, 2))
     broken = record['c/broken']
     assert broken['status'] == 'failed' and f'reading {TOPIC} failed after message #' in broken['error']
     assert f'c/broken failed: {bags / "c" / "broken"}: reading {TOPIC} failed' in result.stderr
