@@ -105,6 +105,7 @@ def label_bags(sources: list[Path], output: Path, options: BagOptions, config: T
         from trident_ros.pipeline import TridentPipeline
 
         pipeline = TridentPipeline(config)
+        job.write_manifest()  # once the pipeline loaded: a configuration that cannot load leaves nothing
         try:
             _label_here(job, pipeline, pipeline.encode_vocabulary(options.vocabulary), checkpoint, png_dir)
         except KeyboardInterrupt:
@@ -220,6 +221,7 @@ def _label_on_ray(new_job: Callable[[], Job], config: TridentConfig, checkpoint:
     try:
         low, high, gpus = _pool(ray, settings)
         job = new_job()
+        job.write_manifest()
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = settings.verbose
         context.target_max_block_size = 1  # one row a block: each shard its own task, to whichever actor is free

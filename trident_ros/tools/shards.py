@@ -318,7 +318,9 @@ class Job:
             if not resume:
                 raise ConfigError(f'{output} holds an earlier run: pass --resume to continue it, or choose another '
                                f'output')
-            recorded = json.loads(self.manifest.read_text()).get('settings') if self.manifest.exists() else None
+            if not self.manifest.exists():
+                raise ConfigError(f'cannot resume into {output}: it holds bag outputs or parts but no {MANIFEST}')
+            recorded = json.loads(self.manifest.read_text()).get('settings')
             if recorded != settings:
                 raise ConfigError(f'cannot resume into {output}: {self.manifest} was made with other settings '
                                f'({recorded}); now: {settings}')
@@ -328,7 +330,7 @@ class Job:
                     self.bags[name] = _Bag(status='complete', recorded=record, result=BagResult(
                         output=output / name, selected=record['selected'], resumed=record['selected'],
                         refused=record['refused'], complete=True))
-        self.progress = tqdm(total=0, unit='frame', disable=None, desc='frames')  # the manifest: at the first plan
+        self.progress = tqdm(total=0, unit='frame', disable=None, desc='frames')
 
     def todo(self) -> list[tuple[str, str]]:
         """(bag, output path) of the bags not complete yet."""
@@ -408,7 +410,10 @@ class Job:
         return len(attempts)
 
     def write_manifest(self) -> None:
-        """``trident-fleet.json``: the settings, each bag's status, counts and error (temp file, then renamed)."""
+        """``trident-fleet.json``: the settings, each bag's status, counts and error (temp file, then renamed).
+
+        The first call starts the job on disk: it must come before any shard can be published.
+        """
         bags = {}
         for name, record in self.bags.items():
             result = record.result or BagResult(output=self.output / name)
