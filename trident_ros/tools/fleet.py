@@ -31,7 +31,6 @@ from trident_ros.tools.shards import (
     Job,
     Shard,
     ShardResult,
-    find_bags,
     label_shard,
     plan_bag,
 )
@@ -73,13 +72,39 @@ def job_settings(options: BagOptions, checkpoint: int, config: dict) -> dict:
     return json.loads(json.dumps({'options': asdict(options), 'checkpoint': checkpoint, 'config': config}))
 
 
+def find_bags(inputs: list[Path]) -> list[tuple[Path, str]]:
+    """(bag, output path) for every rosbag2 bag among ``inputs`` (bags, or folders searched for bags).
+
+    A bag given itself is written under its name, a bag found in a folder under its path relative to it.
+
+    Raises:
+        ConfigError: an input that is neither, a folder without bags, or two bags with one output path.
+    """
+    found: list[tuple[Path, str]] = []
+    for path in inputs:
+        if (path / 'metadata.yaml').is_file():
+            found.append((path, path.resolve().name))
+        elif path.is_dir():
+            bags = sorted(meta.parent for meta in path.rglob('metadata.yaml'))
+            bags = [bag for bag in bags if not any(other in bag.parents for other in bags)]
+            if not bags:
+                raise ConfigError(f'{path} holds no rosbag2 bag (a folder with metadata.yaml)')
+            found += [(bag, bag.relative_to(path).as_posix()) for bag in bags]
+        else:
+            raise ConfigError(f'{path} is not a rosbag2 bag nor a folder of bags')
+    names = [name for _, name in found]
+    for name in {name for name in names if names.count(name) > 1}:
+        raise ConfigError(f'two inputs would both be written to {name}: pass them in separate runs')
+    return found
+
+
 def label_bags(sources: list[Path], output: Path, options: BagOptions, config: TridentConfig, *,
                ray: RaySettings | None = None, checkpoint: int = 50, resume: bool = False,
                png_dir: Path | None = None) -> FleetResult:
     """Label ``options.topic`` of every bag among ``sources`` into ``output/<bag path>/``.
 
     Args:
-        sources: bags, or folders searched for bags (:func:`shards.find_bags`).
+        sources: bags, or folders searched for bags (:func:`find_bags`).
         output: the job's folder: the labelled bags and ``trident-fleet.json``.
         options: as for :func:`bags.label_bag`.
         config: the pipeline's configuration (loaded once per worker).

@@ -104,8 +104,7 @@ class ShardResult:
         labelled: frames labelled (in the published part).
         refused: frames whose image could not be decoded.
         seconds: time spent labelling.
-        node: the host that labelled it.
-        pid: the process that labelled it.
+        node, pid: the host (on Ray: the node) and the process that labelled it.
         duplicate: another attempt had published the shard first (this one was discarded).
         error: why the shard failed (it then fails its bag).
     """
@@ -136,32 +135,6 @@ class FleetResult:
     bags: dict[str, BagResult] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     interrupted: bool = False
-
-
-def find_bags(inputs: list[Path]) -> list[tuple[Path, str]]:
-    """(bag, output path) for every rosbag2 bag among ``inputs`` (bags, or folders searched for bags).
-
-    A bag given itself is written under its name, a bag found in a folder under its path relative to it.
-
-    Raises:
-        ConfigError: an input that is neither, a folder without bags, or two bags with one output path.
-    """
-    found: list[tuple[Path, str]] = []
-    for path in inputs:
-        if (path / 'metadata.yaml').is_file():
-            found.append((path, path.resolve().name))
-        elif path.is_dir():
-            bags = sorted(meta.parent for meta in path.rglob('metadata.yaml'))
-            bags = [bag for bag in bags if not any(other in bag.parents for other in bags)]
-            if not bags:
-                raise ConfigError(f'{path} holds no rosbag2 bag (a folder with metadata.yaml)')
-            found += [(bag, bag.relative_to(path).as_posix()) for bag in bags]
-        else:
-            raise ConfigError(f'{path} is not a rosbag2 bag nor a folder of bags')
-    names = [name for _, name in found]
-    for name in {name for name in names if names.count(name) > 1}:
-        raise ConfigError(f'two inputs would both be written to {name}: pass them in separate runs')
-    return found
 
 
 def plan_bag(bag: str, name: str, options: BagOptions, checkpoint: int, output: Path) -> BagPlan:
@@ -289,8 +262,8 @@ class _Bag:
     redone: int = 0
     error: str | None = None
     status: str = 'pending'
-    recorded: dict | None = None
-    """The manifest's record of a bag an earlier run completed."""
+    recorded: dict | None = None  # the manifest's record of a bag an earlier run completed
+    early: list[ShardResult] = field(default_factory=list)  # results that came before the plan
 
 
 class Job:
@@ -350,11 +323,16 @@ class Job:
             record.result.refused += counts.refused
             record.done[index] = counts
             self.progress.update(counts.labelled + counts.refused)
+        for shard in record.early:
+            self.add_shard(shard)
         self._finish_bag(plan.name)
 
     def add_shard(self, shard: ShardResult) -> None:
-        """Take one attempt's result (a duplicate or an already-counted shard is not counted again)."""
+        """Count one attempt's result once per shard (one that comes before its bag's plan waits for it)."""
         record = self.bags[shard.name]
+        if record.plan is None:
+            record.early.append(shard)
+            return
         if shard.error is not None:
             record.failed.add(shard.index)
             record.error = record.error or shard.error
