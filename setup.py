@@ -43,6 +43,7 @@ setup(
             'trident-segment = trident_ros.tools.segment:main',
             'trident-bench = trident_ros.tools.bench:main',
             'trident-weights = trident_ros.tools.fetch_weights:main',
+            'trident-export = trident_ros.tools.export:main',
         ],
     },
 )

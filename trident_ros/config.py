@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 SAM_MODELS = ('vit_b', 'vit_l', 'vit_h')
 DEVICES = ('auto', 'cpu', 'cuda')
 MODEL_SCALES = ('full', 'tiny')
+BACKENDS = ('torch', 'onnxruntime')
 DEFAULT_METHOD = 'trident'
 __all__ = ['ConfigError', 'FieldSpec', 'MODEL_FIELDS', 'TridentConfig']
 
@@ -61,6 +62,12 @@ class ModelsConfig:
     bf16: bool = setting(False, 'bfloat16 encoders on the CPU: about 2x faster and half the parameter memory where '
                                 'the CPU has AVX512-BF16 or AMX, results close to fp32 but not equal '
                                 '(docs/performance.md); default fp32')
+    backend: str = setting('torch', "'torch' (eager), or 'onnxruntime': the method's exported encoder graphs "
+                                    '(trident-export) through ONNX Runtime; a stage without a graph stays torch')
+    engine_cache_dir: str = setting('', 'exported graphs and TensorRT engines; empty: the folder engines in '
+                                        'weights_dir')
+    ort_providers: str = setting('tensorrt,cuda,cpu', 'ONNX Runtime execution providers in order of preference '
+                                                      '(tensorrt, cuda, cpu); those missing are dropped')
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,11 @@ class TridentConfig:
             fail('models.model_scale', f'must be one of {", ".join(MODEL_SCALES)}')
         if models.model_scale == 'tiny' and not models.random_weights:
             fail('models.model_scale', "'tiny' architectures have no trained weights: set models.random_weights too")
+        if models.backend not in BACKENDS:
+            fail('models.backend', f'must be one of {", ".join(BACKENDS)}')
+        providers = [name.strip() for name in models.ort_providers.split(',') if name.strip()]
+        if not providers or set(providers) - {'tensorrt', 'cuda', 'cpu'}:
+            fail('models.ort_providers', 'must be a comma-separated list of tensorrt, cuda, cpu')
         if not (models.device in DEVICES or (models.device.startswith('cuda:') and models.device[5:].isdigit())):
             fail('models.device', 'must be auto, cpu, cuda or cuda:N')
         for name in ('windows.slide_crop', 'windows.slide_stride', 'windows.clip_slide_crop',

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -26,6 +26,7 @@ from trident_ros.config import MODEL_FIELDS, ConfigError, TridentConfig
 from trident_ros.labelling import Segmentation, class_masks, class_probabilities
 from trident_ros.methods.base import Frame, Labelling, Method, MethodFeatures
 from trident_ros.models import TridentModels, load_models
+from trident_ros.runtime.onnx_runtime import OnnxGraphs, load_graphs
 from trident_ros.stages.pamr import pamr_affinity, pamr_refine
 from trident_ros.vocabulary import TextFeatureCache, Vocabulary, encode_vocabulary, parse_vocabulary
 
@@ -66,7 +67,11 @@ def crop_multiple(method: Method, models: TridentModels) -> int:
 class TridentPipeline:
     """A method on loaded models. Thread-compatible (one caller at a time), not thread-safe."""
 
-    def __init__(self, config: TridentConfig, models: TridentModels | None = None) -> None:
+    def __init__(self, config: TridentConfig, models: TridentModels | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        """Load the models (unless given) and, with ``models.backend: onnxruntime``, the method's graphs (exported
+        and their engines built where missing; each step told to ``progress``).
+        """
         config.validate()
         self.method = methods.get(config.method)
         self.models = models if models is not None else load_models(config)
@@ -76,6 +81,9 @@ class TridentPipeline:
         self.crop_multiple = crop_multiple(self.method, self.models)
         self._check_crop(config)
         self.config = config
+        self.graphs: OnnxGraphs | None = None
+        if config.models.backend == 'onnxruntime':
+            self.graphs = load_graphs(config, self.method, self.models, progress)
         self.text_cache = TextFeatureCache(self.models.clip.model, self.models.tokenizer, self.models.device,
                                            self.models.dtype, config.labelling.text_cache_size)
         self.image_encoder_calls = 0
@@ -159,7 +167,8 @@ class TridentPipeline:
         self.image_encoder_calls += 1
         with torch.inference_mode():
             frame = Frame(image=image, config=self.config, models=self.models,
-                          stage=lambda name: self._stage(timings, name), patch=self.crop_multiple, timings=timings)
+                          stage=lambda name: self._stage(timings, name), patch=self.crop_multiple, timings=timings,
+                          graphs=self.graphs)
             features = ImageFeatures(method=self.method.encode_image(frame), original_size=image.shape[:2],
                                      timings=timings)
         if self.config.labelling.pamr:
@@ -211,7 +220,7 @@ class TridentPipeline:
                 return drop_small_classes(probs, labelling.area_thd) if labelling.area_thd > 0 else probs
 
         context = Labelling(config=self.config, models=self.models, stage=lambda name: self._stage(timings, name),
-                            original_size=features.original_size, probabilities=probabilities)
+                            original_size=features.original_size, probabilities=probabilities, graphs=self.graphs)
         probs = self.method.class_scores(features.method, vocabulary, context)
         probs, refined = self.method.refine(probs, features.method, context)
         with self._stage(timings, 'masks'):

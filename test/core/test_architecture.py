@@ -156,3 +156,9 @@ def test_no_oversized_files():
     assert not unexplained, f'over {MAX_LINES} lines (split, or say why in LONG_FILES_ALLOWED): {unexplained}'
     stale = set(LONG_FILES_ALLOWED) - set(long)
     assert not stale, f'no longer over {MAX_LINES} lines, remove from LONG_FILES_ALLOWED: {stale}'
+
+
+def test_only_the_fleet_tool_imports_ray():
+    """Ray is an optional extra: the node, the core and the other tools import without it."""
+    users = {name for name in MODULES if any(module.split('.')[0] == 'ray' for module, _ in imports(name))}
+    assert users == {'tools.fleet'}, users

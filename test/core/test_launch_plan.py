@@ -31,7 +31,8 @@ def node(plan: Plan, name: str) -> PlannedNode:
 def test_the_arguments_table_has_every_argument_with_a_description_and_its_default():
     table = {argument.name: argument for argument in arguments(SHARE)}
     assert set(table) == {'image_topic', 'vocabulary', 'device', 'config_file', 'namespace', 'use_rviz', 'autostart',
-                          'random_weights', 'model_scale', 'demo', 'log_level', 'use_depth', 'depth_topic'}
+                          'random_weights', 'model_scale', 'backend', 'demo', 'log_level', 'use_depth',
+                          'depth_topic'}
     assert all(argument.description for argument in table.values())
     assert table['autostart'].default == 'true' and table['autostart'].choices == ('true', 'false')
     assert table['model_scale'].choices == ('', 'full', 'tiny') and table['vocabulary'].choices is None
@@ -67,14 +68,16 @@ def test_defaults_plan_the_lifecycle_node_alone_with_the_yaml_and_the_remaps():
 
 def test_given_arguments_become_typed_overrides_remaps_namespace_and_log_level():
     plan = plan_launch({'vocabulary': '7', 'device': 'cpu', 'model_scale': 'tiny', 'random_weights': 'true',
-                        'use_depth': 'false', 'namespace': 'robot1', 'image_topic': '/cam/rgb/',
+                        'backend': 'onnxruntime', 'use_depth': 'false', 'namespace': 'robot1',
+                        'image_topic': '/cam/rgb/',
                         'depth_topic': '/cam/aligned/depth', 'log_level': 'warn', 'config_file': '/my.yaml',
                         'autostart': 'false'}, SHARE, NO_PROFILE)
     [trident] = plan.nodes
     assert not plan.autostart
     # strings stay strings ('7' too), the true/false arguments become booleans
     assert trident.parameters == {'vocabulary': '7', 'models.device': 'cpu', 'models.model_scale': 'tiny',
-                                  'models.random_weights': True, 'depth.use': False}  # the node's dotted names
+                                  'models.backend': 'onnxruntime', 'models.random_weights': True,
+                                  'depth.use': False}  # the node's dotted names
     assert trident.parameter_files == ('/my.yaml',) and trident.log_level == 'warn'
     assert trident.full_name == '/robot1/trident'
     assert dict(trident.remappings) == {'image': '/cam/rgb/', 'image/compressed': '/cam/rgb/compressed',

@@ -118,7 +118,7 @@ def test_colcon_build_from_scratch(tmp_path):
     assert (site / 'msg' / '_class_mask_array.py').is_file()
     assert (site / 'pipeline.py').is_file() and (site / 'ros' / 'node.py').is_file() and (site / 'methods').is_dir()
     assert 'extend_path' in (site / '__init__.py').read_text()  # ours, not rosidl's empty one
-    for executable in ('trident_node', 'fake_camera'):
+    for executable in ('trident_node', 'fake_camera', 'export_models', 'fetch_weights'):
         assert os.access(prefix / 'lib' / 'trident_ros' / executable, os.X_OK)
     assert (prefix / 'share' / 'trident_ros' / 'launch' / 'trident.launch.py').is_file()
     assert (prefix / 'share' / 'trident_ros' / 'config' / 'trident.yaml').is_file()

@@ -66,6 +66,9 @@ class Frame:
         patch: pixels the resized image and the window boxes are multiples of (the least common multiple of the
             patch sizes of the method's window models).
         timings: seconds per stage so far (``stage`` writes here; a method may split a fused stage).
+        graphs: with ``models.backend: onnxruntime``, the method's open graphs
+            (:class:`~trident_ros.runtime.onnx_runtime.OnnxGraphs`; a stage runs its graph where ``graphs.has`` it);
+            None: torch.
     """
 
     image: np.ndarray
@@ -74,6 +77,7 @@ class Frame:
     stage: Stage
     patch: int
     timings: dict[str, float]
+    graphs: Any = None
 
 
 @dataclass
@@ -87,6 +91,7 @@ class Labelling:
         original_size: ``(H, W)`` of the frame: outputs are at this size.
         probabilities: dense ``(E, hs, ws)`` -> ``(K, H, W)`` class probabilities with the common labelling settings
             (logit scale, PAMR, area threshold), timed as ``labelling``.
+        graphs: as :attr:`Frame.graphs`.
     """
 
     config: Any
@@ -94,6 +99,7 @@ class Labelling:
     stage: Stage
     original_size: tuple[int, int]
     probabilities: Callable[[torch.Tensor], torch.Tensor]
+    graphs: Any = None
 
 
 class Method:
@@ -122,6 +128,12 @@ class Method:
     params: type | None = None
     preset: Mapping[str, Any] = MappingProxyType({})
     summary: str = ''
+
+    def graphs(self, config: Any) -> tuple[tuple[str, int], ...]:
+        """The graphs it exports under ``config`` (``models.backend: onnxruntime``): ``(kind, crop)`` pairs, crop 0
+        where the graph bakes none (:mod:`trident_ros.runtime.graphs`). By default none: it runs on torch.
+        """
+        return ()
 
     def encode_image(self, frame: Frame) -> MethodFeatures:
         """The image side of one frame (every image encoder the method runs): its features dataclass."""

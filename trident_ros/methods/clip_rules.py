@@ -77,8 +77,17 @@ class ClipRuleMethod(ClipWindowMethod):
         self.preset = MappingProxyType(dict(preset))
         self.summary = summary
 
+    def graphs(self, config: Any) -> tuple[tuple[str, int], ...]:
+        """``clip_rule_<name>`` at ``windows.clip_slide_crop``; none in whole-image mode (a grid per frame size)."""
+        return () if self.whole_image(config) else ((f'clip_rule_{self.name}', config.windows.clip_slide_crop),)
+
     def window_features(self, frame: Frame, crops: torch.Tensor, normalised: torch.Tensor, boxes: list[Box],
                         token_grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any]]:
+        kind, crop = f'clip_rule_{self.name}', crops.shape[-1]
+        if (frame.graphs is not None and not self.whole_image(frame.config) and crops.shape[-2] == crop
+                and frame.graphs.has(kind, crop)):
+            patch = frame.models.clip.patch_size
+            return frame.graphs.run(kind, crops)[0], (crop // patch, crop // patch), {}
         return (*clip_only_features(frame.models.clip, normalised, self.name), {})
 
 

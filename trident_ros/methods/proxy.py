@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from trident_ros.methods.base import Frame, Method, MethodFeatures, setting
 from trident_ros.methods.trident import check_beta_gamma, project, spliced_windows
@@ -36,6 +37,9 @@ class ProxyMethod(Method):
                                'labelling.prob_thd': 0.0})
     """mc-lan/ProxyCLIP ``configs``: DINO ViT-B/8, windows 336/112, short side 336."""
     summary = 'CLIP + DINO, ProxyCLIP-style, no SAM'
+
+    def graphs(self, config: Any) -> tuple[tuple[str, int], ...]:
+        return (('dino_patches', config.windows.slide_crop), ('clip_guided', config.windows.slide_crop))
 
     def encode_image(self, frame: Frame) -> MethodFeatures:
         params: ProxyParams = frame.config.section(self.section)

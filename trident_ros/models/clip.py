@@ -69,6 +69,11 @@ class ClipDense:
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``(1 + gh*gw, D)`` position embedding of a ``(gh, gw)`` grid (class token first), DINO's resize rule."""
+        pos = self.visual.positional_embedding
+        return torch.cat([pos[:1], interpolate_pos_embed(pos[1:], grid)], dim=0)
+
     @torch.inference_mode()
     def embed(self, crops: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, 1 + gh*gw, D) tokens entering the first block (after ``ln_pre``, class token first, batch first),
@@ -79,9 +84,7 @@ class ClipDense:
         x = visual.conv1(crops.to(self.dtype))
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
         x = torch.cat([visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        pos = visual.positional_embedding
-        pos = torch.cat([pos[:1], interpolate_pos_embed(pos[1:], grid)], dim=0)
-        x = x + pos.to(x.dtype)
+        x = x + self.position_embedding(grid).to(x.dtype)
         x = visual.patch_dropout(x)
         return visual.ln_pre(x), grid
 

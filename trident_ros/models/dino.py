@@ -83,16 +83,19 @@ class DinoPatches:
     def dtype(self) -> torch.dtype:
         return self.model.patch_embed.proj.weight.dtype
 
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``(1 + gh*gw, C)`` position embedding of a ``(gh, gw)`` patch grid (class token first), DINO's rule."""
+        pos = self.model.pos_embed[0]
+        return torch.cat([pos[:1], interpolate_pos_embed(pos[1:], grid)], dim=0)
+
     def _embed(self, crops: torch.Tensor) -> torch.Tensor:
         """(B, 1 + gh*gw, C) tokens entering the first block (class token first)."""
         model = self.model
         grid = patch_grid(crops, self.patch_size, 'DinoPatches')
         x = model.patch_embed.proj(crops.to(self.dtype))
         x = model.patch_embed.norm(x.flatten(2).transpose(1, 2))
-        pos = model.pos_embed[0]
-        pos = torch.cat([pos[:1], interpolate_pos_embed(pos[1:], grid)], dim=0)
         x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = model.pos_drop(x + pos.to(x.dtype))
+        x = model.pos_drop(x + self.position_embedding(grid).to(x.dtype))
         return model.norm_pre(model.patch_drop(x))
 
     @torch.inference_mode()

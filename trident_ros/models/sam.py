@@ -272,7 +272,8 @@ class SamEncoder:
         input_h, input_w = self.transform.get_preprocess_shape(rounded[0], rounded[1], self.transform.target_length)
         return input_h // self.patch_size, input_w // self.patch_size
 
-    def _encoder_input(self, resized: np.ndarray) -> torch.Tensor:
+    def encoder_input(self, resized: np.ndarray) -> torch.Tensor:
+        """``(1, 3, S, S)`` normalised and padded encoder input of an image :meth:`resize` gave."""
         pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
         return self.model.preprocess(pixels).to(self.dtype)
 
@@ -281,7 +282,7 @@ class SamEncoder:
         """The image encoder's input for an ``(H, W, 3)`` uint8 RGB image: ``(1, 3, S, S)``
         normalised and padded (S = 1024 at full scale), in the encoder's dtype and device.
         """
-        return self._encoder_input(self.resize(image)[0])
+        return self.encoder_input(self.resize(image)[0])
 
     @torch.inference_mode()
     def encode(self, image: np.ndarray, observer: AttentionObserver | None = None) -> SamImage:
@@ -298,7 +299,7 @@ class SamEncoder:
         resized, rounded = self.resize(image)
         self.last_attn.observer = observer
         try:
-            embedding = self.model.image_encoder(self._encoder_input(resized))
+            embedding = self.model.image_encoder(self.encoder_input(resized))
         finally:
             self.last_attn.observer = None
         return SamImage(embedding=embedding.float(), input_size=(resized.shape[0], resized.shape[1]),

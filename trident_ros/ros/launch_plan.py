@@ -89,6 +89,8 @@ def arguments(share: str) -> list[Argument]:
                  ('', 'true', 'false')),
         Argument('model_scale', '', 'tiny: small architectures (needs random_weights); empty: config_file',
                  ('', 'full', 'tiny')),
+        Argument('backend', '', 'torch, or onnxruntime: the exported encoder graphs via ONNX Runtime (TensorRT, '
+                                'CUDA or CPU provider); empty: config_file', ('', 'torch', 'onnxruntime')),
         Argument('demo', 'false', 'also start fake_camera publishing the bundled sample images', ('true', 'false')),
         Argument('log_level', 'info', 'log level of the node'),
         Argument('use_depth', '', 'subscribe registered depth and publish ~/points, 3D masks and ~/detections_3d '
@@ -141,7 +143,8 @@ def plan_launch(values: Mapping[str, str], share: str, environ: Mapping[str, str
     """
     args = argument_values(values, share)
     overrides: dict[str, ParameterValue] = {parameter: args[name] for name, parameter in (
-        ('vocabulary', 'vocabulary'), ('device', 'models.device'), ('model_scale', 'models.model_scale')) if args[name]}
+        ('vocabulary', 'vocabulary'), ('device', 'models.device'), ('model_scale', 'models.model_scale'),
+        ('backend', 'models.backend')) if args[name]}
     overrides.update({parameter: args[name] == 'true' for name, parameter in (
         ('random_weights', 'models.random_weights'), ('use_depth', 'depth.use')) if args[name]})
     image_topic, depth_topic = args['image_topic'], args['depth_topic']

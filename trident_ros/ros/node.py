@@ -67,6 +67,7 @@ class TridentNode(LifecycleNode):
         self._now = Snapshot(MappingProxyType({name: self.get_parameter(name).value for name in parameter_defaults()}))
         self._health = NodeHealth(self.get_logger())
         self._state = 'unconfigured'
+        self._engine_build = ''  # models.backend onnxruntime: the graph export/engine build step under way
         self._vocabulary_topics: VocabularyTopics | None = None
         self._frames = FramePath(self, lambda: self._now, self._health)
         self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
@@ -220,7 +221,8 @@ class TridentNode(LifecycleNode):
                 raise ConfigError('; '.join(self._bad_overrides.values()))
             config = config_from_values(self._now.values, self._given)
             self.get_logger().info('loading models ...')
-            pipeline = TridentPipeline(config)
+            self._engine_build = ''
+            pipeline = TridentPipeline(config, progress=self._engine_progress)
         except (ConfigError, WeightsError) as error:
             return self._fail_configure(str(error))
         except Exception as error:  # anything else the model libraries raise: still a clean FAILURE
@@ -241,6 +243,11 @@ class TridentNode(LifecycleNode):
                                   f'vocabulary {text[:80]!r} refused: {error}; send one on ~/vocabulary')
         self._state = 'inactive'
         return TransitionCallbackReturn.SUCCESS
+
+    def _engine_progress(self, message: str) -> None:
+        """A step of the graphs' export and engine build at configure: in the log and on /diagnostics."""
+        self._engine_build = message
+        self.get_logger().info(message)
 
     def _write_back(self, config: TridentConfig) -> None:
         """Make the parameters show what runs (the preset's values of names not given): not given by this."""
@@ -335,7 +342,7 @@ class TridentNode(LifecycleNode):
         now, pending = self._now, self._encoder.pending()
         vocabulary = now.vocabulary
         values = {**pipeline_values(now.pipeline, vocabulary, pending), 'image_decoder': conversions.IMAGE_BACKEND,
-                  **depth_values(self._frames.depth_counts)}
+                  **depth_values(self._frames.depth_counts), 'engine_build': self._engine_build}
         return self._health.status(f'{self.get_fully_qualified_name()}: segmentation', self._state, values,
                                    idle_reason(self._state, vocabulary, pending))
 

@@ -24,7 +24,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from trident_ros import methods
-from trident_ros.config import MODEL_FIELDS, SAM_MODELS, ConfigError, TridentConfig
+from trident_ros.config import BACKENDS, MODEL_FIELDS, SAM_MODELS, ConfigError, TridentConfig
 from trident_ros.pipeline import TridentPipeline
 from trident_ros.vocabulary import parse_vocabulary
 
@@ -110,6 +110,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     'models.sam_model': SAM_MODELS,
     'models.model_scale': ('full', 'tiny'),
     'models.device': ('auto', 'cpu', 'cuda', 'cuda:N'),
+    'models.backend': BACKENDS,
     'image_transport': IMAGE_TRANSPORTS,
     'image_qos': IMAGE_QOS,
 }

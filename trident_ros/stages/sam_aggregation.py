@@ -38,6 +38,12 @@ def aggregation_chunk_bytes(heads: int, valid: tuple[int, int], chunk_size: int,
     return heads * rows * valid[1] * count * element_size
 
 
+def resize_features(features: torch.Tensor, valid: tuple[int, int]) -> torch.Tensor:
+    """The spliced map resized bilinearly to the valid SAM grid: (D, Hg, Wg) -> (D, hs, ws)."""
+    # channels as the batch: the same bilinear resize without the (1, D, Hg, Wg) input's channels-last copy
+    return F.interpolate(features[:, None], size=valid, mode='bilinear', align_corners=False)[:, 0]
+
+
 class SamAggregation:
     """Aggregates a dense feature map with SAM's last-block attention while SAM computes it.
 
@@ -72,10 +78,7 @@ class SamAggregation:
         self.refine_neg_cos = refine_neg_cos
         self.chunk_rows = max(1, chunk_size // valid[1])
         self.seconds = 0.0
-        dim = features.shape[0]
-        # channels as the batch: the same bilinear resize without the (1, D, Hg, Wg) input's channels-last copy
-        resized = F.interpolate(features[:, None], size=valid, mode='bilinear', align_corners=False)
-        self.tokens = resized.reshape(dim, valid[0] * valid[1])  # (D, N)
+        self.tokens = resize_features(features, valid).reshape(features.shape[0], valid[0] * valid[1])  # (D, N)
         self.out = torch.empty_like(self.tokens)
         self.unit: torch.Tensor | None = None
         self.done_rows = 0
@@ -151,3 +154,36 @@ class SamAggregation:
         if self.done_rows < self.valid[0]:
             raise RuntimeError(f'SamAggregation: attention of {self.done_rows} of {self.valid[0]} valid rows seen')
         return self.out.view(-1, *self.valid)
+
+
+def masked_aggregation(attention: torch.Tensor, v: torch.Tensor, features: torch.Tensor, key_mask: torch.Tensor,
+                       cos_fac: torch.Tensor, refine_neg_cos: torch.Tensor) -> torch.Tensor:
+    """:class:`SamAggregation` on the whole padded grid at once, the valid keys given by a mask (exported graphs).
+
+    The same rule with every (heads, N, N) block held whole, so that one static graph serves every aspect ratio:
+    tau from the mean of the unit values over the masked keys, the kept attention multiplied by the key mask. A
+    query outside the valid grid gets a value the caller crops away.
+
+    Args:
+        attention: (heads, N, N) softmax attention over the padded grid (N = G * G').
+        v: (heads, N, hd) values.
+        features: (D, N) features resized to the valid grid, zero-padded to the padded grid.
+        key_mask: (N,) 1.0 for a valid key, else 0.0.
+        cos_fac: (1,) threshold factor.
+        refine_neg_cos: (1,) 1.0 to keep a negative tau, 0.0 for the fallback.
+
+    Returns:
+        (D, N) aggregated features.
+    """
+    heads = v.shape[0]
+    unit = F.normalize(v, dim=-1)
+    key_mean = (unit * key_mask[:, None]).sum(dim=1, keepdim=True) / key_mask.sum()  # (heads, 1, hd)
+    tau = (unit * key_mean).sum(dim=-1).sum(dim=0) * (cos_fac / heads)  # (N,)
+    tau = torch.where((tau < 0) & (refine_neg_cos < 0.5), torch.full_like(tau, NEGATIVE_TAU_FALLBACK), tau)
+    tau = tau.clamp(max=TAU_CAP)
+    kept = (unit @ unit.transpose(1, 2) > tau[None, :, None]).to(attention.dtype) * attention
+    weights = (kept * key_mask).sum(dim=0)  # (N, N)
+    total = weights.sum(dim=-1, keepdim=True)
+    empty = (total == 0).to(weights.dtype)
+    weights = weights / (total + empty)
+    return features @ weights.t() + features * empty[:, 0]

@@ -30,6 +30,7 @@ encoder is vmapped over the classes, each seeing the same (1, S, S) input as in 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,11 +190,17 @@ def decode_batch(device: torch.device) -> int:
     return DECODE_BATCH_CUDA if device.type == 'cuda' else DECODE_BATCH_CPU
 
 
+Decoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""An exported prompt encoder + mask decoder: ``(embedding (1, C, G, G), points (R, 3, 2) in SAM's input frame (the
+peak point, then the box corners), dense prompts (R, C, G, G)) -> (low-res logits (R, 1, S, S), IoU (R, 1))``."""
+
+
 def _decode(sam: Sam, image_embedding: torch.Tensor, regions: Regions, prompts: torch.Tensor, slot: torch.Tensor,
-            prompt_frame: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            prompt_frame: tuple[int, int], decoder: Decoder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All regions through SAM's prompt encoder in one batch, then its mask decoder in batches.
 
-    Batches of :func:`decode_batch` regions (each region's output does not depend on the batch).
+    Batches of :func:`decode_batch` regions (each region's output does not depend on the batch); with ``decoder``
+    (an exported graph) its prompt encoder and mask decoder run there, all regions in one call.
 
     Args:
         sam: the segment-anything model.
@@ -202,6 +209,7 @@ def _decode(sam: Sam, image_embedding: torch.Tensor, regions: Regions, prompts: 
         prompts: (C, 1, S, S) mask prompt of each class present in ``regions``.
         slot: (R,) which of the C prompts each region uses.
         prompt_frame: (h, w) the regions' coordinates refer to; mapped to SAM's input frame.
+        decoder: the exported prompt encoder and mask decoder, or None (torch).
 
     Returns:
         low-resolution mask logits (R, 1, S, S) and predicted IoUs (R,).
@@ -212,10 +220,13 @@ def _decode(sam: Sam, image_embedding: torch.Tensor, regions: Regions, prompts: 
     count = regions.classes.shape[0]
     coords = transform.apply_coords_torch(regions.points[:, None], prompt_frame)  # (R, 1, 2)
     boxes = transform.apply_boxes_torch(regions.boxes, prompt_frame)  # (R, 4)
-    point_labels = torch.ones(count, 1, device=coords.device)
-    sparse, _ = sam.prompt_encoder(points=(coords, point_labels), boxes=boxes, masks=None)
     # (1, S, S) per class, as the reference feeds it (see the module docstring)
     dense_per_class = torch.func.vmap(sam.prompt_encoder.mask_downscaling)(prompts.to(encoder_dtype))
+    if decoder is not None:
+        low_res, iou = decoder(image_embedding, torch.cat([coords, boxes.view(-1, 2, 2)], dim=1), dense_per_class[slot])
+        return low_res, iou[:, 0]
+    point_labels = torch.ones(count, 1, device=coords.device)
+    sparse, _ = sam.prompt_encoder(points=(coords, point_labels), boxes=boxes, masks=None)
     embedding = image_embedding.to(decoder_dtype)
     position = sam.prompt_encoder.get_dense_pe().to(decoder_dtype)
     low_res, iou = [], []
@@ -234,7 +245,8 @@ def _decode(sam: Sam, image_embedding: torch.Tensor, regions: Regions, prompts: 
 
 @torch.inference_mode()
 def refine_with_sam(probs: torch.Tensor, sam: Sam, image_embedding: torch.Tensor, input_size: tuple[int, int],
-                    original_size: tuple[int, int], params: RefinementParams) -> Refinement:
+                    original_size: tuple[int, int], params: RefinementParams,
+                    decoder: Decoder | None = None) -> Refinement:
     """Refine coarse class probabilities with SAM masks (see the module docstring).
 
     Args:
@@ -247,6 +259,7 @@ def refine_with_sam(probs: torch.Tensor, sam: Sam, image_embedding: torch.Tensor
             bilinearly to (H, W) when that differs (the reference encodes the image with sides
             rounded up to multiples of 16).
         params: thresholds.
+        decoder: SAM's prompt encoder and mask decoder as an exported graph (:data:`Decoder`), or None (torch).
 
     Returns:
         Refinement: (K, H, W) scores, dtype of ``probs``, whose argmax is the refined label
@@ -257,12 +270,13 @@ def refine_with_sam(probs: torch.Tensor, sam: Sam, image_embedding: torch.Tensor
     Work is done in float32 whatever the dtype of ``probs`` (as in the reference): the mask
     prompt's tiny values are normalised by the mask encoder, so fp16 rounding would show.
     """
-    scores, refined = _refine(probs.float(), sam, image_embedding, input_size, original_size, params)
+    scores, refined = _refine(probs.float(), sam, image_embedding, input_size, original_size, params, decoder)
     return Refinement(scores.to(probs.dtype), refined)
 
 
 def _refine(probs: torch.Tensor, sam: Sam, image_embedding: torch.Tensor, input_size: tuple[int, int],
-            original_size: tuple[int, int], params: RefinementParams) -> tuple[torch.Tensor, torch.Tensor]:
+            original_size: tuple[int, int], params: RefinementParams,
+            decoder: Decoder | None) -> tuple[torch.Tensor, torch.Tensor]:
     """refine_with_sam on float32 probabilities: (scores (K, H, W), refined pixels (H, W))."""
     classes, height, width = probs.shape
     unrefined = torch.zeros(height, width, dtype=torch.bool, device=probs.device)
@@ -282,7 +296,7 @@ def _refine(probs: torch.Tensor, sam: Sam, image_embedding: torch.Tensor, input_
     present, slot = torch.unique(regions.classes, return_inverse=True)
     prompts = mask_prompts(probs_down[present], (height, width), sam.prompt_encoder.mask_input_size,
                            params.coarse_thresh, params.sam_mask_coff)
-    low_res, iou = _decode(sam, image_embedding, regions, prompts, slot, (down_h, down_w))
+    low_res, iou = _decode(sam, image_embedding, regions, prompts, slot, (down_h, down_w), decoder)
     kept = iou > params.sam_iou_thresh
     logger.debug('SAM refinement: %d regions, %d masks kept', kept.numel(), int(kept.sum()))
     if not bool(kept.any()):

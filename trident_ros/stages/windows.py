@@ -188,13 +188,31 @@ def dino_guided_attention(dino: torch.Tensor, values: torch.Tensor, clip_grid: t
     Returns:
         (B, Nd, heads * hd), heads concatenated, dtype of ``values``.
     """
-    batch, heads, tokens, head_dim = values.shape
-    if tokens != clip_grid[0] * clip_grid[1] or dino.shape[1] != dino_grid[0] * dino_grid[1]:
-        raise ValueError(f'grids {clip_grid}/{dino_grid} do not match {tokens}/{dino.shape[1]} tokens')
     unit = F.normalize(dino, dim=-1)
     similarity = unit @ unit.transpose(1, 2)  # (B, Nd, Nd)
     mean = similarity.mean(dim=(1, 2), keepdim=True) if mean_per_crop else similarity.mean()
-    logits = (similarity - mean * beta) * gamma
+    return guided_attention(similarity, values, clip_grid, dino_grid, mean * beta, gamma)
+
+
+def guided_attention(similarity: torch.Tensor, values: torch.Tensor, clip_grid: tuple[int, int],
+                     dino_grid: tuple[int, int], offset: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+    """:func:`dino_guided_attention` from the DINO similarity and its offset (``beta * mean(S)``).
+
+    Args:
+        similarity: (B, Nd, Nd) cosine similarity of the DINO patches of each crop.
+        values: (B, heads, Nc, hd) CLIP last-block values, Nc = gh * gw.
+        clip_grid: (gh, gw) token grid of the values.
+        dino_grid: (dh, dw) token grid of the DINO features.
+        offset: ``beta * mean(S)``, a scalar or (B, 1, 1) (one per crop).
+        gamma: sharpening factor (a float, or a tensor that broadcasts).
+
+    Returns:
+        (B, Nd, heads * hd), heads concatenated, dtype of ``values``.
+    """
+    batch, heads, tokens, head_dim = values.shape
+    if tokens != clip_grid[0] * clip_grid[1] or similarity.shape[1] != dino_grid[0] * dino_grid[1]:
+        raise ValueError(f'grids {clip_grid}/{dino_grid} do not match {tokens}/{similarity.shape[1]} tokens')
+    logits = (similarity - offset) * gamma
     floor = logits.amax(dim=-1, keepdim=True).clamp(max=0)
     logits = logits.masked_fill(logits < floor, float('-inf'))
     weights = logits.softmax(dim=-1).to(values.dtype)

@@ -103,7 +103,7 @@ class BagResult:
     complete: bool = False
 
 
-class _Parts:
+class Parts:
     """The part bags of one output: a part is opened at its first frame and closed every ``checkpoint`` frames."""
 
     def __init__(self, folder: Path, store: Typestore, storage: Any, settings: str, options: BagOptions,
@@ -177,14 +177,14 @@ def _write_pngs(folder: Path, timestamp: int, rgb: np.ndarray, segmentation: Seg
     cv2.imwrite(str(folder / f'{timestamp}_labels.png'), segmentation.labels)
 
 
-def _settings(options: BagOptions, source: Path) -> str:
+def bag_settings(options: BagOptions, source: Path) -> str:
     """The settings a resumed run must share with the earlier one (JSON, in the bag's custom_data)."""
     recorded = asdict(options)
     recorded.pop('storage')
     return json.dumps({'source': source.resolve().name, **recorded}, sort_keys=True)
 
 
-def _parts_dir(output: Path) -> Path:
+def parts_dir(output: Path) -> Path:
     return output.with_name(output.name + '.parts')
 
 
@@ -206,7 +206,7 @@ def _complete_frames(part: Path) -> set[int]:
     return set.intersection(*per_topic.values()) if per_topic else set()
 
 
-def _bag_info(bag: Path) -> dict:
+def bag_info(bag: Path) -> dict:
     """``rosbag2_bagfile_information`` of a bag's metadata.yaml."""
     from ruamel.yaml import YAML
 
@@ -214,7 +214,7 @@ def _bag_info(bag: Path) -> dict:
 
 
 def _custom_of(bag: Path) -> str | None:
-    return (_bag_info(bag).get('custom_data') or {}).get(CUSTOM_KEY)
+    return (bag_info(bag).get('custom_data') or {}).get(CUSTOM_KEY)
 
 
 def _prepare_parts(output: Path, resume: bool, settings: str) -> Path:
@@ -222,7 +222,7 @@ def _prepare_parts(output: Path, resume: bool, settings: str) -> Path:
 
     Nothing is changed before the earlier run is known to be resumable with ``settings``.
     """
-    parts = _parts_dir(output)
+    parts = parts_dir(output)
     if not resume:
         for existing in (output, parts):
             if existing.exists():
@@ -245,11 +245,11 @@ def _prepare_parts(output: Path, resume: bool, settings: str) -> Path:
     return parts
 
 
-def _merge(parts: list[Path], output: Path, store: Typestore, storage: Any, settings: str) -> None:
+def merge_parts(parts: list[Path], output: Path, store: Typestore, storage: Any, settings: str) -> None:
     """Write the complete frames of every closed part into one new bag at ``output`` (then moved into place)."""
     from rosbags.rosbag2 import Reader, Writer
 
-    staging = _parts_dir(output) / 'merging' / output.name  # the storage file is named after the folder
+    staging = parts_dir(output) / 'merging' / output.name  # the storage file is named after the folder
     if staging.parent.exists():
         shutil.rmtree(staging.parent)
     writer = Writer(staging, version=BAG_VERSION, storage_plugin=storage)
@@ -297,44 +297,21 @@ def label_bag(pipeline: TridentPipeline, vocabulary: Vocabulary, source: Path, o
             output closed), a missing or non-image topic, or an output that cannot be resumed.
         KeyboardInterrupt: after the output was closed with the frames done so far.
     """
-    from rosbags.highlevel import AnyReader
-    from rosbags.rosbag2 import StoragePlugin
-
-    if options.every < 1:
-        raise BagError(f'--every {options.every}: must be >= 1')
     if checkpoint < 1:
         raise BagError(f'checkpoint {checkpoint}: must be >= 1')
     store = make_typestore()
-    settings = _settings(options, source)
-    try:
-        reader = AnyReader([source], default_typestore=store)
-        reader.open()
-    except Exception as error:  # rosbags raises assorted types for missing or broken bags
-        raise BagError(f'cannot open the bag {source} (nothing of {options.topic} read, offset 0): '
-                       f'{type(error).__name__}: {error}') from error
+    settings = bag_settings(options, source)
+    reader, connections, storage = open_topic(source, options)
     result = BagResult(output=output)
     try:
-        connections = [c for c in reader.connections if c.topic == options.topic]
-        if not connections:
-            images = sorted({c.topic for c in reader.connections if c.msgtype in IMAGE_TYPES})
-            raise BagError(f'{source} has no topic {options.topic!r}; its image topics: {", ".join(images) or "none"}')
-        msgtypes = {c.msgtype for c in connections}
-        if not msgtypes <= set(IMAGE_TYPES):
-            raise BagError(f'{options.topic} carries {", ".join(sorted(msgtypes))}, not {" or ".join(IMAGE_TYPES)}')
-        storage = StoragePlugin[(options.storage or _bag_info(source)['storage_identifier']).upper()]
-        parts_dir = _prepare_parts(output, resume, settings)
-        done = set().union(*map(_complete_frames, _closed_parts(parts_dir)))
-        begin = reader.start_time
-        start = begin + int(options.start * 1e9) if options.start is not None else None
-        stop = begin + int(options.end * 1e9) if options.end is not None else None
+        folder = _prepare_parts(output, resume, settings)
+        done = set().union(*map(_complete_frames, _closed_parts(folder)))
         total = sum(c.msgcount for c in connections)
-        frames = tqdm(total=-(-total // options.every) if start is None and stop is None else None,
+        frames = tqdm(total=-(-total // options.every) if options.start is None and options.end is None else None,
                       unit='frame', disable=None, desc=options.topic)
-        parts = _Parts(parts_dir, store, storage, settings, options, checkpoint)
+        parts = Parts(folder, store, storage, settings, options, checkpoint)
         try:
-            for index, (connection, timestamp, data) in enumerate(_read(reader, connections, start, stop, options)):
-                if index % options.every:
-                    continue
+            for connection, timestamp, data in selected_messages(reader, connections, options):
                 if timestamp in done:
                     result.selected += 1
                     result.resumed += 1
@@ -345,34 +322,96 @@ def label_bag(pipeline: TridentPipeline, vocabulary: Vocabulary, source: Path, o
                 result.selected += 1
                 frames.update()
                 began = time.monotonic()
-                try:
-                    msg = reader.deserialize(data, connection.msgtype)
-                    rgb = decode_image(msg, connection.msgtype)
-                except Exception as error:  # a corrupt message or image: warned, skipped, counted
+                if label_frame(pipeline, vocabulary, reader, (connection, timestamp, data), parts, png_dir):
+                    result.labelled += 1
+                    result.seconds += time.monotonic() - began
+                else:
                     result.refused += 1
-                    logger.warning('%s at bag time %d: image refused: %s', options.topic, timestamp, error)
-                    continue
-                segmentation = pipeline.label(pipeline.encode_image(rgb), vocabulary)
-                header = new_message(store, 'std_msgs/msg/Header', stamp=msg.header.stamp,
-                                     frame_id=msg.header.frame_id)
-                parts.write(timestamp, header, rgb, segmentation)
-                if png_dir is not None:
-                    _write_pngs(png_dir, timestamp, rgb, segmentation)
-                result.labelled += 1
-                result.seconds += time.monotonic() - began
             else:
                 result.complete = True
         finally:
             frames.close()
             parts.close()
-            closed = _closed_parts(parts_dir)
+            closed = _closed_parts(folder)
             if closed:
-                _merge(closed, output, store, storage, settings)
+                merge_parts(closed, output, store, storage, settings)
             if result.complete:
-                shutil.rmtree(parts_dir)
+                shutil.rmtree(folder)
     finally:
         reader.close()
     return result
+
+
+def open_topic(source: Path, options: BagOptions) -> tuple[Any, list, Any]:
+    """The open reader of ``source``, the connections of ``options.topic`` and the output's storage plugin.
+
+    Raises:
+        BagError: a bad ``every``, an unreadable bag, a missing or non-image topic (the reader closed).
+    """
+    from rosbags.highlevel import AnyReader
+    from rosbags.rosbag2 import StoragePlugin
+
+    if options.every < 1:
+        raise BagError(f'--every {options.every}: must be >= 1')
+    try:
+        reader = AnyReader([source], default_typestore=make_typestore())
+        reader.open()
+    except Exception as error:  # rosbags raises assorted types for missing or broken bags
+        raise BagError(f'cannot open the bag {source} (nothing of {options.topic} read, offset 0): '
+                       f'{type(error).__name__}: {error}') from error
+    try:
+        connections = [c for c in reader.connections if c.topic == options.topic]
+        if not connections:
+            images = sorted({c.topic for c in reader.connections if c.msgtype in IMAGE_TYPES})
+            raise BagError(f'{source} has no topic {options.topic!r}; its image topics: {", ".join(images) or "none"}')
+        msgtypes = {c.msgtype for c in connections}
+        if not msgtypes <= set(IMAGE_TYPES):
+            raise BagError(f'{options.topic} carries {", ".join(sorted(msgtypes))}, not {" or ".join(IMAGE_TYPES)}')
+        storage = StoragePlugin[(options.storage or bag_info(source)['storage_identifier']).upper()]
+    except BaseException:
+        reader.close()
+        raise
+    return reader, connections, storage
+
+
+def selected_messages(reader: Any, connections: list, options: BagOptions,
+                      window: tuple[int, int] | None = None) -> Iterator[tuple[Any, int, bytes]]:
+    """The selected raw messages (``start``/``end``, then every ``every``-th) in bag-time order.
+
+    Args:
+        reader: the open reader of :func:`open_topic`.
+        connections: the topic's connections.
+        options: the selection (a read error raises a :class:`BagError` naming the topic and where).
+        window: (first, last) bag times: every message in between, both included (a shard of an
+            earlier selection, which the caller picks out); None: the selection of ``options``.
+    """
+    if window is not None:
+        yield from _read(reader, connections, window[0], window[1] + 1, options)
+        return
+    begin = reader.start_time
+    start = begin + int(options.start * 1e9) if options.start is not None else None
+    stop = begin + int(options.end * 1e9) if options.end is not None else None
+    for index, item in enumerate(_read(reader, connections, start, stop, options)):
+        if index % options.every == 0:
+            yield item
+
+
+def label_frame(pipeline: TridentPipeline, vocabulary: Vocabulary, reader: Any, item: tuple[Any, int, bytes],
+                parts: Parts, png_dir: Path | None) -> bool:
+    """Label one raw message into ``parts`` (and PNGs); False when its image is refused (warned)."""
+    connection, timestamp, data = item
+    try:
+        msg = reader.deserialize(data, connection.msgtype)
+        rgb = decode_image(msg, connection.msgtype)
+    except Exception as error:  # a corrupt message or image: warned, skipped, counted
+        logger.warning('%s at bag time %d: image refused: %s', connection.topic, timestamp, error)
+        return False
+    segmentation = pipeline.label(pipeline.encode_image(rgb), vocabulary)
+    header = new_message(parts.store, 'std_msgs/msg/Header', stamp=msg.header.stamp, frame_id=msg.header.frame_id)
+    parts.write(timestamp, header, rgb, segmentation)
+    if png_dir is not None:
+        _write_pngs(png_dir, timestamp, rgb, segmentation)
+    return True
 
 
 def _read(reader: Any, connections: list, start: int | None, stop: int | None,

@@ -7,6 +7,10 @@ For every input frame it writes ``<name>_overlay.png`` (class colours + legend),
 A rosbag2 bag (sqlite3 or MCAP) with ``--topic`` is labelled into a new bag (``<prefix>/labels``,
 ``/confidence``, ``/masks``, optionally ``/segmentation``) at the input's stamps:
 ``trident-segment run1/ --topic /camera/color/image_raw -v 'door, stairs, person' -o run1_labeled/``.
+Several bags, or folders searched for bags, go to ``-o DIR/<bag path>/`` with a manifest
+``DIR/trident-fleet.json``: one after another here, or on a Ray cluster with ``--ray``
+(``pip install 'trident_ros[fleet]'``): ``trident-segment bags/ --topic ... -o labelled/ --ray auto``.
+Exit status: 0 done, 1 a bag failed (the others finish), 2 bad configuration, 130 interrupted (--resume).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from trident_ros.config import ConfigError, TridentConfig
+from trident_ros.config import BACKENDS, ConfigError, TridentConfig
 from trident_ros.labelling import Segmentation
 from trident_ros.models.weights import RANDOM_WEIGHTS_BANNER, WeightsError
 from trident_ros.vocabulary import VocabularyError
@@ -53,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--no-refine', action='store_true', help='skip SAM refinement')
     parser.add_argument('--bf16', action='store_true',
                         help='bfloat16 encoders on the CPU (about 2x faster with AVX512-BF16/AMX; close to fp32)')
+    parser.add_argument('--backend', choices=BACKENDS,
+                        help="torch, or onnxruntime: the method's exported graphs (trident-export) via ONNX Runtime")
+    parser.add_argument('--engine-cache-dir', help='graphs and TensorRT engines (default: weights_dir/engines)')
     parser.add_argument('--video-stride', type=int, default=1, help='use every Nth video frame')
     bag = parser.add_argument_group('recorded bags (rosbag2, sqlite3 or MCAP)')
     bag.add_argument('--topic', help='image topic of the bag (sensor_msgs/Image or CompressedImage)')
@@ -67,6 +74,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bag.add_argument('--max-frames', type=int, help='stop after labelling this many frames (resume later)')
     bag.add_argument('--checkpoint', type=int, default=50,
                      help='frames per closed part of the output (at most this many are redone after a kill)')
+    fleet = parser.add_argument_group('several bags (-o DIR/<bag path>/, DIR/trident-fleet.json), on Ray or here')
+    fleet.add_argument('--ray', metavar='auto|local|ADDRESS',
+                       help='label on a Ray cluster: auto (RAY_ADDRESS or a local `ray start`), local (a private '
+                            'instance), or the head address; needs the fleet extra')
+    fleet.add_argument('--workers', metavar='MIN[:MAX]',
+                       help='Ray workers, each with its own pipeline (default: 1 up to what the cluster fits)')
+    fleet.add_argument('--gpus-per-worker', type=float,
+                       help='GPUs per worker, fractions share a GPU (default 1 on a cluster with GPUs, else 0)')
+    fleet.add_argument('--cpus-per-worker', type=float, default=1.0,
+                       help='CPUs per worker, also its thread count (default 1)')
+    fleet.add_argument('--verbose', action='store_true', help="Ray Data's progress bars and the workers' logs")
     parser.add_argument('--random-weights', action='store_true',
                         help='SMOKE TEST: random weights, no files needed; labels are meaningless')
     parser.add_argument('--tiny', action='store_true',
@@ -90,6 +108,10 @@ def build_config(args: argparse.Namespace) -> TridentConfig:
         changes['refinement.refine'] = False
     if args.bf16:
         changes['models.bf16'] = True
+    if args.backend:
+        changes['models.backend'] = args.backend
+    if args.engine_cache_dir:
+        changes['models.engine_cache_dir'] = args.engine_cache_dir
     if args.random_weights:
         changes['models.random_weights'] = True
     if args.tiny:
@@ -162,20 +184,55 @@ def summarize(name: str, segmentation: Segmentation) -> str:
 
 
 def bag_to_label(args: argparse.Namespace) -> Path | None:
-    """The rosbag2 bag to label (a folder with metadata.yaml), or None for images and videos.
+    """The one rosbag2 bag to label alone (a folder with metadata.yaml), or None for images, videos and fleets.
 
     Raises:
-        ConfigError: a bag without ``--topic``, or ``--topic`` without exactly one bag.
+        ConfigError: a bag without ``--topic``.
     """
     bags = [path for path in args.inputs if path.is_dir() and (path / 'metadata.yaml').is_file()]
     if args.topic is None:
         if bags:
             raise ConfigError(f'{bags[0]} is a rosbag2 bag: pass --topic with its image topic')
         return None
-    if len(args.inputs) != 1 or not bags:
-        raise ConfigError(f'--topic labels one rosbag2 bag (a folder with metadata.yaml); got '
-                          f'{", ".join(map(str, args.inputs))}')
-    return bags[0]
+    return bags[0] if len(args.inputs) == 1 and bags and args.ray is None else None
+
+
+def label_fleet(args: argparse.Namespace, config: TridentConfig) -> int:
+    """Run :func:`fleet.label_bags` for the command line; the exit status."""
+    from trident_ros.tools.bags import BagOptions
+    from trident_ros.tools.fleet import RaySettings, label_bags
+
+    if args.output is None:
+        raise ConfigError('several bags (or --ray) need -o DIR: each bag goes to DIR/<bag path>/')
+    if args.max_frames is not None:
+        raise ConfigError('--max-frames labels one bag: with several bags or --ray, stop with Ctrl-C and --resume')
+    ray = None
+    if args.ray is not None:
+        low, colon, high = (args.workers or '1:').partition(':')
+        try:
+            workers = (int(low), int(high) if high else None if colon else int(low))
+        except ValueError as error:
+            raise ConfigError(f'--workers {args.workers}: expected MIN or MIN:MAX') from error
+        ray = RaySettings(address=args.ray, workers=workers, gpus_per_worker=args.gpus_per_worker,
+                          cpus_per_worker=args.cpus_per_worker, verbose=args.verbose)
+    options = BagOptions(topic=args.topic, vocabulary=args.vocabulary, prefix=args.prefix, every=args.every,
+                         start=args.start, end=args.end, segmentation=args.segmentation, storage=args.storage)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # parts are kept as for Ctrl-C
+    try:
+        result = label_bags(args.inputs, args.output, options, config, ray=ray, checkpoint=args.checkpoint,
+                            resume=args.resume, png_dir=args.png)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if result.interrupted:
+        logger.warning('interrupted: the published shards are kept in %s; run the same command with --resume '
+                       'to continue', args.output)
+        return 130
+    done = sum(bag.complete for bag in result.bags.values())
+    logger.info('%d of %d bag(s) complete -> %s (%s)', done, len(result.bags), args.output,
+                args.output / 'trident-fleet.json')
+    for name, error in result.errors.items():
+        logger.error('%s: %s', name, error)
+    return 1 if result.errors else 0
 
 
 def label_recorded_bag(args: argparse.Namespace, pipeline: Any, vocabulary: Any, bag: Path) -> int:
@@ -217,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(yaml.safe_dump(config.flat(), sort_keys=False))
             return 0
         bag = bag_to_label(args)
+        if args.topic is not None and bag is None:
+            if config.models.random_weights:
+                logger.warning(RANDOM_WEIGHTS_BANNER)
+            return label_fleet(args, config)
         if config.models.random_weights:
             logger.warning(RANDOM_WEIGHTS_BANNER)
         from trident_ros.pipeline import TridentPipeline
