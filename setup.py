@@ -5,7 +5,7 @@ ROS users build this package with colcon (ament_cmake, see CMakeLists.txt); this
 """
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name='trident_ros',
@@ -13,8 +13,7 @@ setup(
     description='Training-free open-vocabulary semantic segmentation (Trident) for robots',
     license='Apache-2.0',
     python_requires='>=3.10',
-    packages=['trident_ros', 'trident_ros.models', 'trident_ros.stages', 'trident_ros.methods', 'trident_ros.ros',
-              'trident_ros.tools'],
+    packages=find_packages(include=['trident_ros', 'trident_ros.*']),  # every room, new ones included
     package_data={'trident_ros': ['data/*.png']},
     # the message definitions, read at run time by bag_labelling (rosbags' typestore)
     data_files=[('share/trident_ros/msg', sorted(str(p) for p in Path('msg').glob('*.msg')))],
