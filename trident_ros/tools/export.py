@@ -19,6 +19,7 @@ from trident_ros.models import load_models
 from trident_ros.runtime.export import engine_cache_dir, export_graph
 from trident_ros.runtime.graphs import spec
 from trident_ros.runtime.onnx_runtime import load_graphs
+from trident_ros.tools.segment import config_from
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,13 +44,7 @@ def build_config(args: argparse.Namespace) -> TridentConfig:
                          ('engine_cache_dir', 'models.engine_cache_dir')):
         if getattr(args, option):
             changes[name] = getattr(args, option)
-    if args.random_weights:
-        changes['models.random_weights'] = True
-    if args.tiny:
-        if not args.random_weights:
-            raise ConfigError('--tiny needs --random-weights (tiny architectures have no trained weights)')
-        changes['models.model_scale'] = 'tiny'
-    return TridentConfig.from_yaml(args.config, changes) if args.config else TridentConfig.from_mapping(changes)
+    return config_from(args, changes)
 
 
 def main(argv: list[str] | None = None) -> int:

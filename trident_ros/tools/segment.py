@@ -112,6 +112,13 @@ def build_config(args: argparse.Namespace) -> TridentConfig:
         changes['models.backend'] = args.backend
     if args.engine_cache_dir:
         changes['models.engine_cache_dir'] = args.engine_cache_dir
+    return config_from(args, changes)
+
+
+def config_from(args: argparse.Namespace, changes: dict[str, object]) -> TridentConfig:
+    """``--config``'s file (if given) with ``changes`` and the smoke options (``--random-weights``, ``--tiny``) over
+    it; the method's preset fills in what none of them gives. Shared by the commands that load models.
+    """
     if args.random_weights:
         changes['models.random_weights'] = True
     if args.tiny:
