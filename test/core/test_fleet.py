@@ -32,12 +32,15 @@ ALONE = {'run1': 'a/run1', 'run2': 'b/run2'}
 OPTIONS = BagOptions(topic=TOPIC, vocabulary=VOCABULARY, every=2)
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='module')
 def ray_address():
-    """The address of this session's local Ray instance (shut down at the end: no Ray process outlives the tests)."""
+    """The address of this module's local Ray instance, shut down after its tests: no Ray process outlives them or
+    runs beside the other tests (its object store would share /dev/shm with Fast DDS). Its object store is small:
+    images never enter it.
+    """
     previous = os.environ.get('RAY_AUTH_MODE')
     os.environ['RAY_AUTH_MODE'] = 'disabled'  # else a local ray.init writes ~/.ray/auth_token
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

@@ -367,7 +367,7 @@ def test_parameters_describe_their_ranges_and_choices_the_ros_way(active, client
     assert (prob_thd.from_value, prob_thd.to_value) == (0.0, 1.0)
     [slide_crop] = described['windows.slide_crop'].integer_range
     assert slide_crop.from_value == 1 and slide_crop.step == 1  # patch sizes come from the loaded models
-    assert 'one of: trident, trident_fast, proxy' in described['method'].additional_constraints
+    assert 'one of: corrclip, trident, trident_fast, proxy' in described['method'].additional_constraints
     for name, value in (('labelling.prob_thd', 1.5), ('windows.reuse_threshold', 300.0)):
         result = client.set_parameters(NODE, {name: value})[0]
         assert not result.successful and 'Min' in result.reason, (name, result)  # rclpy enforces the range

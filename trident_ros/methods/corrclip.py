@@ -26,6 +26,7 @@ correction (:func:`map_correction`): every mask but the smallest id takes its mo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -77,6 +78,9 @@ class CorrclipParams:
             raise ParamError('tau', 'must be > 0')
         if self.merge_threshold < 0:
             raise ParamError('merge_threshold', 'must be >= 0')
+        for name in ('spatial_weight', 'semantic_weight'):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ParamError(name, 'must be finite and >= 0')
         if self.spatial_blocks < 0:
             raise ParamError('spatial_blocks', 'must be >= 0 (0: the authors\' count)')
 

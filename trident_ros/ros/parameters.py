@@ -95,6 +95,16 @@ RANGES: dict[str, tuple[float, float, float]] = {
     'proxy.gamma': (0.0, math.inf, 0.0),
     'cliptrase.eps': (0.0, math.inf, 0.0),
     'cliptrase.min_samples': (0, INT64_MAX, 1),
+    'corrclip.points_per_side': (1, INT64_MAX, 1),
+    'corrclip.points_per_batch': (1, INT64_MAX, 1),
+    'corrclip.pred_iou_thresh': (0.0, 1.0, 0.0),
+    'corrclip.stability_score_thresh': (0.0, 1.0, 0.0),
+    'corrclip.box_nms_thresh': (0.0, 1.0, 0.0),
+    'corrclip.tau': (0.0, math.inf, 0.0),  # > 0: CorrclipParams.validate refuses 0 itself
+    'corrclip.merge_threshold': (0.0, math.inf, 0.0),
+    'corrclip.spatial_weight': (0.0, math.inf, 0.0),
+    'corrclip.semantic_weight': (0.0, math.inf, 0.0),
+    'corrclip.spatial_blocks': (0, INT64_MAX, 1),
     'resclip.rcs_lambda': (0.0, 1.0, 0.0),
     'resclip.sfr_tau': (0.0, math.inf, 0.0),  # > 0: TridentConfig.validate refuses 0 itself
     'resclip.sfr_lambda': (0.0, 1.0, 0.0),
