@@ -22,6 +22,7 @@ from typing import Any
 from trident_ros import methods
 from trident_ros.errors import ConfigError
 from trident_ros.methods.base import ParamError, setting
+from trident_ros.runtime.onnx_runtime import PROVIDERS, parse_providers
 
 logger = logging.getLogger(__name__)
 
@@ -249,9 +250,10 @@ class TridentConfig:
             fail('models.model_scale', "'tiny' architectures have no trained weights: set models.random_weights too")
         if models.backend not in BACKENDS:
             fail('models.backend', f'must be one of {", ".join(BACKENDS)}')
-        providers = [name.strip() for name in models.ort_providers.split(',') if name.strip()]
-        if not providers or set(providers) - {'tensorrt', 'cuda', 'cpu'}:
-            fail('models.ort_providers', 'must be a comma-separated list of tensorrt, cuda, cpu')
+        try:
+            parse_providers(models.ort_providers)
+        except ValueError:
+            fail('models.ort_providers', f'must be a comma-separated list of {", ".join(PROVIDERS)}')
         if not (models.device in DEVICES or (models.device.startswith('cuda:') and models.device[5:].isdigit())):
             fail('models.device', 'must be auto, cpu, cuda or cuda:N')
         for name in ('windows.slide_crop', 'windows.slide_stride', 'windows.clip_slide_crop',

@@ -44,7 +44,7 @@ def parse_providers(names: str) -> list[str]:
     Raises:
         ValueError: an unknown name, or none.
     """
-    wanted = [name.strip().lower() for name in names.split(',') if name.strip()]
+    wanted = [name.strip() for name in names.split(',') if name.strip()]
     unknown = [name for name in wanted if name not in PROVIDERS]
     if unknown or not wanted:
         raise ValueError(f'ort_providers={names!r}: a comma-separated list of {", ".join(PROVIDERS)}')
