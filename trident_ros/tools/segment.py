@@ -204,9 +204,16 @@ def bag_to_label(args: argparse.Namespace) -> Path | None:
     return bags[0] if len(args.inputs) == 1 and bags and args.ray is None else None
 
 
+def bag_options(args: argparse.Namespace) -> Any:
+    """The bag options of the command line (:class:`~trident_ros.tools.bags.BagOptions`), for one bag or many."""
+    from trident_ros.tools.bags import BagOptions
+
+    return BagOptions(topic=args.topic, vocabulary=args.vocabulary, prefix=args.prefix, every=args.every,
+                      start=args.start, end=args.end, segmentation=args.segmentation, storage=args.storage)
+
+
 def label_fleet(args: argparse.Namespace, config: TridentConfig) -> int:
     """Run :func:`fleet.label_bags` for the command line; the exit status."""
-    from trident_ros.tools.bags import BagOptions
     from trident_ros.tools.fleet import RaySettings, label_bags
 
     if args.output is None:
@@ -222,8 +229,7 @@ def label_fleet(args: argparse.Namespace, config: TridentConfig) -> int:
             raise ConfigError(f'--workers {args.workers}: expected MIN or MIN:MAX') from error
         ray = RaySettings(address=args.ray, workers=workers, gpus_per_worker=args.gpus_per_worker,
                           cpus_per_worker=args.cpus_per_worker, verbose=args.verbose)
-    options = BagOptions(topic=args.topic, vocabulary=args.vocabulary, prefix=args.prefix, every=args.every,
-                         start=args.start, end=args.end, segmentation=args.segmentation, storage=args.storage)
+    options = bag_options(args)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # parts are kept as for Ctrl-C
     try:
         result = label_bags(args.inputs, args.output, options, config, ray=ray, checkpoint=args.checkpoint,
@@ -244,11 +250,10 @@ def label_fleet(args: argparse.Namespace, config: TridentConfig) -> int:
 
 def label_recorded_bag(args: argparse.Namespace, pipeline: Any, vocabulary: Any, bag: Path) -> int:
     """Run :func:`bag_labelling.label_bag` for the command line; the exit status."""
-    from trident_ros.tools.bags import BagError, BagOptions, label_bag
+    from trident_ros.tools.bags import BagError, label_bag
 
     output = args.output or bag.with_name(bag.name.rstrip('/') + '_labeled')
-    options = BagOptions(topic=args.topic, vocabulary=args.vocabulary, prefix=args.prefix, every=args.every,
-                         start=args.start, end=args.end, segmentation=args.segmentation, storage=args.storage)
+    options = bag_options(args)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # closes the output as Ctrl-C does
     try:
         result = label_bag(pipeline, vocabulary, bag, output, options, resume=args.resume,
